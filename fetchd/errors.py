@@ -1,0 +1,147 @@
+"""The few error kinds of fetchd, each with a stable machine code.
+
+Errors are raised where the fact is known, with a message a person can act on
+(what happened, which image/digest/registry, what to do next). They are
+translated in exactly two places: the server's error middleware (to JSON
+``{"code", "message"}`` plus an HTTP status) and the clients (to an exit code
+and one line, or to bitbake's FetchError family).
+
+Messages never contain credentials, tokens or URL userinfo.
+"""
+
+from __future__ import annotations
+
+
+class FetchdError(Exception):
+    """Base of every error fetchd raises on purpose."""
+
+    code: str = "internal"
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidReference(FetchdError, ValueError):
+    code = "invalid-reference"
+    http_status = 400
+
+
+class InvalidPlatform(FetchdError, ValueError):
+    code = "invalid-platform"
+    http_status = 400
+
+
+class InvalidRequest(FetchdError, ValueError):
+    code = "invalid-request"
+    http_status = 400
+
+
+class ConfigError(FetchdError, ValueError):
+    code = "invalid-config"
+    http_status = 500
+
+
+class PlatformNotFound(FetchdError):
+    code = "platform-not-found"
+    http_status = 404
+
+
+class NameUnknown(FetchdError):
+    code = "name-unknown"
+    http_status = 404
+
+
+class ManifestUnknown(FetchdError):
+    code = "manifest-unknown"
+    http_status = 404
+
+
+class BlobUnknown(FetchdError):
+    code = "blob-unknown"
+    http_status = 404
+
+
+class UnsupportedManifest(FetchdError):
+    code = "unsupported-manifest"
+    http_status = 422
+
+
+class ManifestInvalid(FetchdError):
+    code = "manifest-invalid"
+    http_status = 502
+
+
+class DigestMismatch(FetchdError):
+    code = "digest-mismatch"
+    http_status = 502
+
+
+class SizeMismatch(FetchdError):
+    code = "size-mismatch"
+    http_status = 502
+
+
+class DiffIdMismatch(FetchdError):
+    code = "diffid-mismatch"
+    http_status = 502
+
+
+class Unauthorized(FetchdError):
+    code = "unauthorized"
+    http_status = 502
+
+
+class Denied(FetchdError):
+    code = "denied"
+    http_status = 502
+
+
+class RateLimited(FetchdError):
+    code = "rate-limited"
+    http_status = 503
+
+
+class RegistryError(FetchdError):
+    """The registry failed in a way retries did not fix (5xx, cut connections, timeouts)."""
+
+    code = "registry-error"
+    http_status = 502
+
+
+class InsecureRegistry(FetchdError):
+    code = "insecure-registry"
+    http_status = 502
+
+
+class NetworkDisabled(FetchdError):
+    """An offline request needed something that is not in the store or tag cache."""
+
+    code = "network-disabled"
+    http_status = 409
+
+
+class StoreError(FetchdError):
+    """The store cannot take a write (disk full, read-only, permissions)."""
+
+    code = "store-error"
+    http_status = 507
+
+
+class PermissionRefused(FetchdError):
+    code = "permission-refused"
+    http_status = 403
+
+
+class CompressionLevelInvalid(FetchdError, ValueError):
+    code = "invalid-level"
+    http_status = 400
+
+
+class ShuttingDown(FetchdError):
+    code = "shutting-down"
+    http_status = 503

@@ -1,0 +1,488 @@
+"""The meeting point: one request, from image reference to a packed archive in the store.
+
+``Puller.submit`` turns a request into a job; identical requests (same reference, platform,
+level, name:tag and offline flag) share one job, so a layer crosses the network once however
+many builds ask at the same moment. Jobs run as the Puller's own tasks: a client that goes away
+never cancels work that others still wait for.
+
+Flow of a job: resolve the tag (tag cache, then HEAD) -> top manifest (store first) -> platform
+entry of an index -> manifest -> config -> layers whose zstd frame at this level is not cached
+yet (each fetched once into the store, single-flight per digest) -> ``pack_image`` under a lease
+-> ``FetchResult``. Every manifest and blob is kept in the store by digest, so an offline request
+can be answered from the store alone; a miss says exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .digest import Digest
+from .errors import FetchdError, NetworkDisabled, RateLimited, RegistryError, ShuttingDown
+from .layer_store import LayerStore
+from .manifest import (
+    ImageIndex,
+    ImageManifest,
+    parse_config,
+    parse_manifest,
+    select_platform,
+)
+from .pack import archive_key, check_level, pack_image
+from .platform import Platform
+from .reference import Reference
+from .registry_async import RegistryClient
+
+log = logging.getLogger("fetchd.pull")
+
+_PROGRESS_INTERVAL = 0.25  # seconds between progress events per layer
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    reference: Reference
+    platform: Platform
+    level: int = 3
+    repo_tag: str | None = None
+    offline: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int, str, bool]:
+        return (str(self.reference), str(self.platform), self.level, self.archive_name, self.offline)
+
+    @property
+    def archive_name(self) -> str:
+        """The fully qualified ``name:tag`` written into RepoTags, as skopeo writes it."""
+        return normalize_repo_tag(self.repo_tag, self.reference)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    reference: str
+    platform: str
+    index_digest: str | None
+    manifest_digest: str
+    archive_digest: str
+    archive_path: Path
+    size: int
+    level: int
+    repo_tag: str
+    blobs_downloaded: int = 0
+    frames_compressed: int = 0
+    frames_reused: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "platform": self.platform,
+            "index_digest": self.index_digest,
+            "manifest_digest": self.manifest_digest,
+            "archive_digest": self.archive_digest,
+            "store_path": str(self.archive_path),
+            "size": self.size,
+            "level": self.level,
+            "repo_tag": self.repo_tag,
+            "blobs_downloaded": self.blobs_downloaded,
+            "frames_compressed": self.frames_compressed,
+            "frames_reused": self.frames_reused,
+        }
+
+
+def normalize_repo_tag(repo_tag: str | None, reference: Reference) -> str:
+    """``name:tag`` fully qualified (``debian:12`` -> ``docker.io/library/debian:12``)."""
+    if not repo_tag:
+        return f"{reference.name}:{reference.tag_or_default}"
+    parsed = Reference.parse(repo_tag)
+    if parsed.digest is not None:
+        from .errors import InvalidRequest
+
+        raise InvalidRequest(f"repo_tag {repo_tag!r} must be name:tag, without a digest")
+    return f"{parsed.name}:{parsed.tag_or_default}"
+
+
+@dataclass
+class _Resolved:
+    top_digest: Digest
+    media_type: str
+    from_cache: bool
+
+
+class Job:
+    """One running fetch. Subscribers see every event from the start; ``wait`` gives the result.
+
+    Events are pushed from the event loop's thread only (threads use ``call_soon_threadsafe``).
+    """
+
+    def __init__(self, request: FetchRequest) -> None:
+        self.request = request
+        self.key = request.key
+        self.started = time.time()
+        self.state = "queued"
+        self._events: list[dict[str, Any]] = []
+        self._wakeups: list[asyncio.Future[None]] = []
+        self._done = False
+        self._future: asyncio.Future[FetchResult] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+        self.waiters = 0
+
+    def push(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeups, self._wakeups = self._wakeups, []
+        for fut in wakeups:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event of this job, from its first, until it ends."""
+        index = 0
+        while True:
+            while index < len(self._events):
+                yield self._events[index]
+                index += 1
+            if self._done:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            self._wakeups.append(fut)
+            await fut
+
+    async def wait(self) -> FetchResult:
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self._future)
+        finally:
+            self.waiters -= 1
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def describe(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "reference": str(r.reference),
+            "platform": str(r.platform),
+            "level": r.level,
+            "repo_tag": r.archive_name,
+            "offline": r.offline,
+            "state": self.state,
+            "age": round(time.time() - self.started, 3),
+            "waiters": self.waiters,
+        }
+
+
+
+
+class Puller:
+    """Runs fetch jobs against one store and one registry client (both shared by the daemon)."""
+
+    def __init__(self, store: LayerStore, registry: RegistryClient, config: Config) -> None:
+        self.store = store
+        self.registry = registry
+        self.config = config
+        self._jobs: dict[tuple[str, str, int, str, bool], Job] = {}
+        self._slots = asyncio.Semaphore(max(1, int(getattr(config.server, "max_jobs", 8))))
+        self._closing = False
+        self.tag_cache_ttl = float(getattr(config.network, "tag_cache_ttl", 60.0))
+        self.completed = 0
+        self.failed = 0
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit(self, request: FetchRequest) -> Job:
+        """Join the running job for an identical request, or start one."""
+        if self._closing:
+            raise ShuttingDown("fetchd is shutting down; retry when it is back")
+        check_level(request.level)
+        job = self._jobs.get(request.key)
+        if job is not None and not job.done():
+            return job
+        job = Job(request)
+        self._jobs[request.key] = job
+        job.task = asyncio.create_task(self._run(job), name=f"fetch {request.reference}")
+        return job
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return [job.describe() for job in self._jobs.values() if not job.done()]
+
+    async def close(self) -> None:
+        """Stop taking jobs; cancel running ones (partials stay in ingest/ for a resume)."""
+        self._closing = True
+        tasks = [job.task for job in self._jobs.values() if job.task and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, job: Job) -> None:
+        try:
+            async with self._slots:
+                job.state = "running"
+                result = await self._fetch(job)
+        except asyncio.CancelledError:
+            job.state = "cancelled"
+            if not job._future.done():
+                job._future.set_exception(ShuttingDown("fetchd stopped before the job finished; retry"))
+            job._finish()
+            self._forget(job)
+            raise
+        except FetchdError as e:
+            self.failed += 1
+            job.state = "failed"
+            log.warning("fetch %s for %s failed: %s", job.request.reference, job.request.platform, e.message)
+            job._future.set_exception(e)
+        except Exception as e:  # keep the daemon alive; report it as an internal error
+            self.failed += 1
+            job.state = "failed"
+            log.exception("fetch %s failed unexpectedly", job.request.reference)
+            job._future.set_exception(FetchdError(f"internal error while fetching {job.request.reference}: {e!r}"))
+        else:
+            self.completed += 1
+            job.state = "done"
+            job._future.set_result(result)
+        job._finish()
+        self._forget(job)
+        # a failed job's exception counts as retrieved even when every client went away
+        if job._future.done() and not job._future.cancelled():
+            job._future.exception()
+
+    def _forget(self, job: Job) -> None:
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+
+    # -- one fetch ----------------------------------------------------------------------------
+
+    async def _fetch(self, job: Job) -> FetchResult:
+        req = job.request
+        ref = req.reference
+        where = str(ref)
+        resolved = await self.resolve_digest(ref, offline=req.offline, job=job)
+        top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline)
+        top = parse_manifest(top_body, resolved.media_type, where)
+        index_digest: Digest | None = None
+        manifest_digest = resolved.top_digest
+        chosen = None
+        if isinstance(top, ImageIndex):
+            index_digest = resolved.top_digest
+            entry = select_platform(top, req.platform, where)
+            chosen = entry.platform
+            manifest_digest = entry.digest
+            body = await self._manifest_bytes(ref, entry.digest, req.offline)
+            image = parse_manifest(body, entry.media_type, where)
+            if isinstance(image, ImageIndex):  # nested index: one more level
+                entry = select_platform(image, req.platform, where)
+                chosen = entry.platform
+                manifest_digest = entry.digest
+                body = await self._manifest_bytes(ref, entry.digest, req.offline)
+                image = parse_manifest(body, entry.media_type, where)
+            if not isinstance(image, ImageManifest):
+                from .errors import ManifestInvalid
+
+                raise ManifestInvalid(f"{where}: index nesting deeper than two levels is not supported")
+        else:
+            image = top
+        job.push({"event": "manifest", "index_digest": _s(index_digest),
+                        "manifest_digest": str(manifest_digest),
+                        "platform": str(chosen or req.platform), "layers": len(image.layers)})
+
+        config_raw = await self._config_bytes(ref, image, req.offline)
+        config = parse_config(config_raw, where)
+        if chosen is None:
+            chosen = config.platform
+            if chosen is not None and req.platform.accepts(chosen) is None:
+                from .errors import PlatformNotFound
+
+                raise PlatformNotFound(
+                    f"{where} is a single-platform image for {chosen}, not {req.platform}"
+                )
+        repo_tag = req.archive_name
+        key = archive_key(manifest_digest, repo_tag, req.level)
+        archive = self.store.get_alias("archive", key)
+        downloaded = 0
+        pack_stats = (0, len(image.layers))
+        if archive is None:
+            downloaded = await self._ensure_layers(job, ref, image, config.diff_ids, req)
+            with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers)],
+                                  f"pack {where}"):
+                job.push({"event": "pack", "state": "start", "level": req.level})
+                packed = await pack_image(self.store, image, config_raw, repo_tag, req.level,
+                                          progress=_PackProgress(job), image_name=where)
+            archive = packed.digest
+            pack_stats = (packed.frames_compressed, packed.frames_reused)
+        path = self.store.blob_path(archive)
+        size = path.stat().st_size
+        self.store.record_image(str(ref), str(chosen or req.platform), manifest_digest, archive, req.level)
+        return FetchResult(
+            reference=str(ref.with_digest(resolved.top_digest)),
+            platform=str(chosen or req.platform),
+            index_digest=_s(index_digest),
+            manifest_digest=str(manifest_digest),
+            archive_digest=str(archive),
+            archive_path=path,
+            size=size,
+            level=req.level,
+            repo_tag=repo_tag,
+            blobs_downloaded=downloaded,
+            frames_compressed=pack_stats[0],
+            frames_reused=pack_stats[1],
+        )
+
+    async def resolve(self, reference: Reference, offline: bool = False,
+                      max_age: float | None = None) -> dict[str, Any]:
+        """Tag -> digest for clients (BitBake's checksum logic). ``max_age=0`` forces a HEAD."""
+        resolved = await self.resolve_digest(reference, offline=offline, max_age=max_age)
+        return {"digest": str(resolved.top_digest), "media_type": resolved.media_type,
+                "cached": resolved.from_cache}
+
+    async def resolve_digest(self, ref: Reference, *, offline: bool, job: Job | None = None,
+                             max_age: float | None = None) -> _Resolved:
+        if ref.digest is not None:
+            info = self.store.blob_info(ref.digest) if self.store.has(ref.digest) else None
+            media = (info.media_type if info is not None else None) or ""
+            return _Resolved(ref.digest, media, True)
+        tag = ref.tag_or_default
+        cached = self.store.lookup_tag(ref.name, tag)
+        ttl = self.tag_cache_ttl if max_age is None else max_age
+        if cached is not None and (offline or time.time() - cached.resolved_at < ttl):
+            return _Resolved(cached.digest, cached.media_type, True)
+        if offline:
+            raise NetworkDisabled(
+                f"{ref} is not in the tag cache and network access is disabled; "
+                "fetch it once with network access, or pin it by digest"
+            )
+        try:
+            head = await self.registry.head_manifest(ref)
+        except (RegistryError, RateLimited) as e:
+            if cached is None:
+                raise
+            warning = (f"{ref.registry} did not answer ({e.code}); using the last known digest "
+                       f"{cached.digest} resolved {_age(cached.resolved_at)} ago")
+            log.warning("%s", warning)
+            if job is not None:
+                job.push({"event": "warning", "message": warning})
+            return _Resolved(cached.digest, cached.media_type, True)
+        self.store.record_tag(ref.name, tag, head.digest, head.media_type)
+        return _Resolved(head.digest, head.media_type, False)
+
+    async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool) -> bytes:
+        if self.store.has(digest):
+            return await asyncio.to_thread(_read, self.store.blob_path(digest))
+        if offline:
+            raise NetworkDisabled(
+                f"manifest {digest} of {ref.name} is not in the store and network access is disabled"
+            )
+        fetched = await self.registry.get_manifest(ref.with_digest(digest))
+        await asyncio.to_thread(self._commit_bytes, fetched.body, digest, fetched.media_type)
+        return fetched.body
+
+    async def _config_bytes(self, ref: Reference, image: ImageManifest, offline: bool) -> bytes:
+        desc = image.config
+        if self.store.has(desc.digest):
+            return await asyncio.to_thread(_read, self.store.blob_path(desc.digest))
+        if offline:
+            raise NetworkDisabled(
+                f"config {desc.digest} of {ref.name} is not in the store and network access is disabled"
+            )
+        body = await self.registry.get_blob_bytes(ref, desc)
+        await asyncio.to_thread(self._commit_bytes, body, desc.digest, desc.media_type)
+        return body
+
+    def _commit_bytes(self, body: bytes, digest: Digest, media_type: str) -> None:
+        tmp = self.store.temp_path(".json")
+        tmp.write_bytes(body)
+        self.store.commit_file(tmp, digest=digest, media_type=media_type or None)
+
+    async def _ensure_layers(self, job: Job, ref: Reference, image: ImageManifest,
+                             diff_ids: tuple[Digest, ...], req: FetchRequest) -> int:
+        """Bring into the store every layer whose frame at this level is not cached. Returns the
+        number of blobs that had to be downloaded."""
+        needed = []
+        for i, layer in enumerate(image.layers):
+            if i < len(diff_ids):
+                self.store.record_blob_info(layer.digest, media_type=layer.media_type, diff_id=diff_ids[i])
+                if self.store.get_alias("frame", f"{diff_ids[i]}@{req.level}") is not None:
+                    job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
+                                    "state": "frame-cached"})
+                    continue
+            if self.store.has(layer.digest):
+                job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
+                                "state": "cached"})
+                continue
+            needed.append(layer)
+        if needed and req.offline:
+            missing = ", ".join(str(layer.digest) for layer in needed)
+            raise NetworkDisabled(
+                f"{ref}: layers not in the store and network access is disabled: {missing}"
+            )
+        unique = {layer.digest: layer for layer in needed}
+        await asyncio.gather(*(self._download(job, ref, layer) for layer in unique.values()))
+        return len(unique)
+
+    async def _download(self, job: Job, ref: Reference, layer: Any) -> None:
+        digest, size = layer.digest, layer.size
+        job.push({"event": "layer", "digest": str(digest), "size": size, "state": "downloading"})
+        progress = _LayerProgress(job, str(digest), size)
+
+        async def fetch(sink: Any) -> None:
+            progress.done = sink.offset
+            await self.registry.fetch_blob(ref, layer, sink, progress=progress)
+
+        await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)
+        job.push({"event": "layer", "digest": str(digest), "size": size, "state": "done"})
+
+
+class _LayerProgress:
+    """Turns byte counts from the registry client into throttled progress events."""
+
+    def __init__(self, job: Job, digest: str, total: int) -> None:
+        self.job, self.digest, self.total = job, digest, total
+        self.done = 0
+        self._last = 0.0
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_INTERVAL or self.done >= self.total:
+            self._last = now
+            self.job.push({"event": "progress", "digest": self.digest,
+                           "bytes": self.done, "total": self.total})
+
+
+class _PackProgress:
+    """Pack events may come from worker threads: hop onto the loop before touching the job."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.job.push, {"event": "pack", **event})
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _s(digest: Digest | None) -> str | None:
+    return None if digest is None else str(digest)
+
+
+def _age(ts: float) -> str:
+    seconds = max(0, int(time.time() - ts))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
+
+

@@ -1,0 +1,93 @@
+"""The dependency direction of docs/DESIGN.md, checked on the real imports of every module.
+
+A module may import only from layers above it; the clients never import the package.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "fetchd"
+
+LAYERS: dict[str, int] = {
+    # pure, stdlib only
+    "errors": 0, "digest": 1, "reference": 2, "platform": 2, "manifest": 3, "config": 3,
+    # I/O, one concern each
+    "auth": 4, "registry_async": 5, "layer_store": 4, "archive_format": 4, "decompress": 4,
+    "pack": 5, "deliver": 4, "sdnotify": 4,
+    # the meeting point
+    "pull": 6,
+    # wiring
+    "server": 7, "cli": 8, "__main__": 9,
+}
+PURE = {"errors", "digest", "reference", "platform", "manifest", "config"}
+IO_NEIGHBOURS_FORBIDDEN = {
+    "registry_async": {"layer_store", "pack", "pull", "deliver"},
+    "layer_store": {"registry_async", "auth", "pack", "pull", "aiohttp"},
+    "pack": {"registry_async", "auth", "pull", "aiohttp", "server"},
+    "deliver": {"registry_async", "pack", "pull", "layer_store"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names imported by a module: fetchd siblings by module name, others by package."""
+    names: set[str] = set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level and node.module:
+                names.add(node.module.split(".")[0])
+            elif node.level:
+                names.update(alias.name for alias in node.names)
+            elif node.module:
+                parts = node.module.split(".")
+                names.add(parts[1] if parts[0] == "fetchd" and len(parts) > 1 else parts[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                names.add(parts[1] if parts[0] == "fetchd" and len(parts) > 1 else parts[0])
+    return names
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: p.stem)
+def test_module_imports_only_from_layers_above(path: Path) -> None:
+    own = LAYERS.get(path.stem)
+    assert own is not None, f"fetchd/{path.name} is not placed in a layer: add it to docs/DESIGN.md and LAYERS"
+    siblings = {p.stem for p in _modules()}
+    for name in _imports(path) & siblings:
+        assert LAYERS[name] < own, (
+            f"fetchd/{path.name} imports {name}, which is not above it in the dependency direction"
+        )
+
+
+@pytest.mark.parametrize("path", [p for p in _modules() if p.stem in PURE], ids=lambda p: p.stem)
+def test_pure_modules_use_only_the_standard_library(path: Path) -> None:
+    third_party = {"aiohttp", "aiofiles", "zstandard", "isal", "yarl", "multidict"}
+    assert not (_imports(path) & third_party), f"fetchd/{path.name} must stay pure (stdlib only)"
+
+
+@pytest.mark.parametrize("module,forbidden", sorted(IO_NEIGHBOURS_FORBIDDEN.items()))
+def test_io_modules_do_not_reach_across(module: str, forbidden: set[str]) -> None:
+    path = PACKAGE / f"{module}.py"
+    if not path.exists():
+        pytest.fail(f"fetchd/{module}.py is missing")
+    assert not (_imports(path) & forbidden), f"fetchd/{module}.py imports {_imports(path) & forbidden}"
+
+
+def test_client_library_is_standard_library_only() -> None:
+    client = ROOT / "client" / "fetchd_client"
+    files = sorted(client.glob("*.py"))
+    assert files, "client/fetchd_client has no modules"
+    for path in files:
+        names = _imports(path)
+        assert not names & {"fetchd", "aiohttp", "aiofiles", "zstandard", "isal"}, (
+            f"{path.relative_to(ROOT)} must use the standard library only"
+        )

@@ -1,0 +1,60 @@
+"""Session fixtures shared by every test: a real registry, the image catalog, proxies.
+
+- ``registry``: a ``LocalRegistry`` (Debian's docker-registry) for the whole session.
+- ``images``: the small catalog (``support.images.CATALOG_NAMES``) pushed once into ``registry``.
+- ``big_image``: the ~175 MB image, pushed on first use (generated once, cached on disk).
+- ``registry_factory``: fresh registries for one test (e.g. ``proxy_remote=`` pull-through).
+- ``proxy_factory`` / ``proxy``: fault-injecting HTTP proxies in front of ``registry``.
+Every process and thread started here is stopped at the end, also when tests fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from support.images import (
+    Catalog,
+    CatalogImage,
+    build_big_layer,
+    make_big_image,
+    push_catalog,
+    push_image,
+)
+from support.registry import LocalRegistry
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[LocalRegistry]:
+    reg = LocalRegistry()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def images(registry: LocalRegistry) -> Catalog:
+    return push_catalog(registry)
+
+
+@pytest.fixture(scope="session")
+def big_image(registry: LocalRegistry) -> CatalogImage:
+    return push_image(registry, make_big_image(build_big_layer()))
+
+
+@pytest.fixture
+def registry_factory() -> Iterator[Callable[..., LocalRegistry]]:
+    started: list[LocalRegistry] = []
+
+    def make(**kwargs: Any) -> LocalRegistry:
+        reg = LocalRegistry(**kwargs)
+        started.append(reg)
+        return reg
+
+    try:
+        yield make
+    finally:
+        for reg in reversed(started):
+            reg.stop()

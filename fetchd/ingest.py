@@ -1,0 +1,383 @@
+"""The ingest writer: a partial blob in ``ingest/`` that hashes itself as it grows.
+
+Invariants:
+- ``offset`` is the length of the contiguous prefix that is written *and* hashed;
+  bytes beyond it (parallel ranges written out of order) are hashed by reading them
+  back from the file once the prefix reaches them, in a thread.
+- A write never changes bytes inside the hashed prefix (such writes are trimmed), so
+  the hash always describes the bytes on disk.
+- The sidecar ``.state`` file records the hashed prefix length (rewritten atomically
+  every few MiB and on suspend); after a crash the next ingest re-hashes that prefix
+  and resumes from there. Bytes beyond it are dropped.
+- ``commit`` is the only way into ``blobs/``: fsync, size and digest check, chmod 0444,
+  rename, fsync of the directory.
+
+File I/O runs in threads (``asyncio.to_thread``); the event loop only keeps books.
+Only ``layer_store`` uses this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .digest import Digest
+from .errors import DigestMismatch, SizeMismatch, StoreError
+
+_READ_CHUNK = 4 << 20
+_STATE_EVERY = 2 << 20  # bytes of progress between sidecar updates (lost on SIGKILL at most)
+
+# errno values that mean "the store cannot take writes": reported as StoreError.
+STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def store_error(exc: OSError, root: Path, what: str) -> StoreError:
+    """A StoreError that names the store, the failed operation and the remedy."""
+    code = exc.errno or 0
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = (
+            "the filesystem is full: free space, run `fetchd gc` or lower store.max_size"
+        )
+    elif code == errno.EROFS:
+        hint = "the filesystem is mounted read-only: remount it read-write or move the store"
+    elif code in (errno.EACCES, errno.EPERM):
+        hint = "permission denied: run fetchd as the store's owner or fix the ownership"
+    else:
+        hint = "check the disk and the kernel log"
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StoreError(f"store {root}: cannot {what}{where}: {exc.strerror or exc}; {hint}")
+
+
+class FileLock:
+    """An exclusive ``flock`` on a lock file, polled so that waiting stays cancellable.
+
+    The inode check after locking makes it safe for gc to unlink lock files it holds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # unlinked by gc between open and flock: lock the new file
+
+    async def acquire(self) -> None:
+        delay = 0.002
+        while not self.try_acquire():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def release(self, unlink: bool = False) -> None:
+        if self._fd is None:
+            return
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+
+def hash_file(path: Path, algorithm: str = "sha256") -> tuple[Digest, int]:
+    """(digest, size) of a file, read in chunks (blocking: run it in a thread)."""
+    h = hashlib.new(algorithm)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return Digest(algorithm, h.hexdigest()), size
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Ingest:
+    """A partial blob; implements the ``BlobSink`` protocol for fetchers.
+
+    Create with ``await Ingest.open(...)`` while holding the digest's lock.
+    """
+
+    def __init__(self, root: Path, part: Path, digest: Digest, size: int, fsync: bool) -> None:
+        self.root = root
+        self.part = part
+        self.state_path = part.with_suffix(".state")
+        self.digest = digest
+        self.size = size
+        self._fsync = fsync
+        self._fd = -1
+        self._hash = digest.hasher()
+        # Contiguous bytes held (written and hashed): where a resumed fetch starts.
+        # Fetchers read it; only this class changes it.
+        self.offset = 0
+        # Bytes below the floor are held or being hashed right now: writes never touch them.
+        self._floor = 0
+        self._state_at = 0
+        self._extents: list[tuple[int, int]] = []  # disjoint, sorted, all above _hashed
+        self._advancing = False
+        self._writes = 0  # writes in flight
+        self.resumed_from = 0
+        self.bytes_written = 0
+        self.failure: BaseException | None = None  # a StoreError/SizeMismatch raised to the fetcher
+        self._changed = asyncio.Event()
+        self.on_change: Callable[[], None] | None = None  # the store's flight listens here
+
+    # -- BlobSink ----------------------------------------------------------------------
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            exc = SizeMismatch(
+                f"blob {self.digest}: write of {len(data)} bytes at {offset} goes past the "
+                f"expected size {self.size}; the source serves a different blob"
+            )
+            self.failure = exc
+            raise exc
+        if offset < self._floor:  # already held (and hashed): never rewrite those bytes
+            data = data[self._floor - offset :]
+            offset = self._floor
+        if not data:
+            return
+        n = len(data)
+        self._writes += 1
+        try:
+            if offset == self.offset and not self._advancing:
+                self._advancing = True  # fast path: write and hash in one thread hop
+                self._floor = offset + n
+                try:
+                    await self._io(self._write_and_hash, offset, data)
+                    self.offset += n
+                finally:
+                    self._advancing = False
+            else:
+                await self._io(self._pwrite, offset, data)
+                self._add_extent(offset, offset + n)
+            self.bytes_written += n
+            await self._advance()
+        finally:
+            self._writes -= 1
+            self._notify()
+
+    async def truncate(self, size: int) -> None:
+        """Drop everything at and beyond ``size`` (a fetcher restarting without Range)."""
+        size = max(0, min(size, self.size))
+        while self._advancing:
+            await self._wait_changed()
+        self._extents = [(a, min(b, size)) for a, b in self._extents if a < size]
+        if size < self.offset:
+            self._advancing = True
+            try:
+                self._hash = self.digest.hasher()
+                self.offset = self._floor = 0
+                await self._io(self._hash_range, 0, size)
+                self.offset = size
+            finally:
+                self._advancing = False
+        self._floor = self.offset
+        await self._io(os.ftruncate, self._fd, size)
+        await self._io(self._save_state)
+        self._notify()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, root: Path, part: Path, digest: Digest, size: int, fsync: bool) -> Ingest:
+        """Open (or resume) the partial; the hashed prefix is re-hashed from disk."""
+        ing = cls(root, part, digest, size, fsync)
+        try:
+            await asyncio.to_thread(ing._open_sync)
+        except OSError as e:
+            ing.close()
+            raise store_error(e, root, f"open the ingest file for {digest}") from e
+        return ing
+
+    def _open_sync(self) -> None:
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        held = 0
+        try:
+            state = json.loads(self.state_path.read_text())
+            if state.get("digest") == str(self.digest) and state.get("size") == self.size:
+                held = min(int(state["offset"]), os.fstat(self._fd).st_size, self.size)
+        except (OSError, ValueError, KeyError, TypeError):
+            held = 0  # no usable record of what is valid: start over
+        # Bytes past the recorded prefix may hold holes (out-of-order parts): drop them.
+        os.ftruncate(self._fd, held)
+        self._hash_range(0, held)
+        self.offset = self._floor = self.resumed_from = self._state_at = held
+        self._save_state()
+
+    async def commit(self, dest: Path) -> None:
+        """Verify and move the partial to ``dest``; raise Size/DigestMismatch or StoreError."""
+        while self._writes or self._advancing:
+            await self._wait_changed()
+        if self.failure is not None:
+            raise self.failure
+        if self.offset != self.size:
+            held = self.offset + sum(b - a for a, b in self._extents)
+            raise SizeMismatch(
+                f"blob {self.digest}: the fetch ended with {held} of {self.size} bytes "
+                f"({self.offset} contiguous); nothing was kept"
+            )
+        actual = Digest(self.digest.algorithm, self._hash.hexdigest())
+        if actual != self.digest:
+            raise DigestMismatch(
+                f"blob {self.digest}: content hashes to {actual}; the source served wrong "
+                "bytes, nothing was kept"
+            )
+        try:
+            await asyncio.to_thread(self._commit_sync, dest)
+        except OSError as e:
+            raise store_error(e, self.root, f"commit blob {self.digest}") from e
+        self._notify()
+
+    def _commit_sync(self, dest: Path) -> None:
+        if self._fsync:
+            os.fsync(self._fd)
+        os.fchmod(self._fd, 0o444)  # read-only before it becomes visible
+        os.replace(self.part, dest)
+        if self._fsync:
+            fsync_dir(dest.parent)
+        self.close()
+        try:
+            os.unlink(self.state_path)
+        except FileNotFoundError:
+            pass
+
+    def suspend(self) -> None:
+        """Keep the partial for a later resume (the fetch failed in a retryable way)."""
+        try:
+            self._save_state()
+        except OSError:
+            pass  # the next open starts from 0 then; nothing unverified is trusted
+        self.close()
+        self._notify()
+
+    def discard(self) -> None:
+        """Remove the partial and its sidecar (mismatch, store error)."""
+        self.close()
+        for p in (self.part, self.state_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # gc reaps it later; it is never visible under blobs/
+        self._notify()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- progress for followers --------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    async def wait_progress(self, seen: int) -> None:
+        """Return once ``offset`` moved past ``seen`` or the ingest changed state."""
+        if self.offset <= seen:
+            await self._changed.wait()
+
+    # -- internals (the sync ones run in threads) --------------------------------------
+
+    async def _io(self, fn: object, *args: object) -> object:
+        try:
+            return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
+        except OSError as e:
+            exc = store_error(e, self.root, f"write the ingest file for {self.digest}")
+            self.failure = exc
+            raise exc from e
+
+    def _pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def _write_and_hash(self, offset: int, data: bytes) -> None:
+        self._pwrite(offset, data)
+        self._hash.update(data)
+        self._maybe_save_state(offset + len(data))
+
+    def _hash_range(self, start: int, end: int) -> None:
+        pos = start
+        while pos < end:
+            chunk = os.pread(self._fd, min(_READ_CHUNK, end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, f"ingest file shorter than expected at {pos}")
+            self._hash.update(chunk)
+            pos += len(chunk)
+
+    def _maybe_save_state(self, hashed: int) -> None:
+        if hashed - self._state_at >= _STATE_EVERY:
+            self._save_state(hashed)
+
+    def _save_state(self, hashed: int | None = None) -> None:
+        held = self.offset if hashed is None else hashed
+        tmp = self.state_path.with_suffix(".state.tmp")
+        tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "offset": held}))
+        os.replace(tmp, self.state_path)
+        self._state_at = held
+
+    def _add_extent(self, start: int, end: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for a, b in self._extents:
+            if b < start or a > end:
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        merged.append((start, end))
+        merged.sort()
+        self._extents = merged
+
+    async def _advance(self) -> None:
+        """Hash parts that became contiguous with the prefix (read back in a thread)."""
+        if self._advancing:
+            return  # the task that holds it loops until nothing is left
+        self._advancing = True
+        try:
+            while self._extents and self._extents[0][0] <= self.offset:
+                start, end = self._extents.pop(0)
+                if end > self.offset:
+                    self._floor = max(self._floor, end)
+                    await self._io(self._hash_range, self.offset, end)
+                    self.offset = end
+                    await self._io(self._maybe_save_state, end)
+        finally:
+            self._advancing = False

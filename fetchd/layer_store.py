@@ -1,0 +1,543 @@
+"""The content-addressed layer store shared by every build on the host.
+
+Layout under ``root``::
+
+    blobs/sha256/<hex>   complete, verified, mode 0444 -- nothing else ever appears here
+    ingest/              partial downloads (<alg>-<hex>.part) and their .state sidecars
+    tmp/                 locally produced files before commit_file
+    locks/               per-digest flock files (single-flight across processes), gc.lock
+    quarantine/          blobs that failed verify, moved aside
+    index.sqlite         metadata (WAL); see store_index
+
+Invariants:
+- A path under ``blobs/`` holds exactly the bytes its name promises: every file got
+  there by a rename after fsync and a size and digest check (``ingest.Ingest.commit``,
+  ``commit_file``).
+- ``fetch`` of a digest runs at most once at a time on the host: one flight per digest
+  in this process (tasks share its result or error), a ``flock`` on
+  ``locks/<alg>-<hex>.lock`` across processes.
+- A blob under a live lease is never removed by ``gc``.
+
+The store knows files and digests, nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, TypeVar
+
+from .digest import Digest
+from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError
+from .ingest import FileLock, Ingest, fsync_dir, hash_file, store_error
+from .store_gc import GcReport, VerifyReport, collect, verify_all
+from .store_index import ImageRow, StoreIndex
+
+_T = TypeVar("_T")
+_CHUNK = 1 << 20
+_TOUCH_FLUSH_COUNT = 256
+_TOUCH_FLUSH_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Store tuning; ``config`` builds it from the TOML file.
+
+    ``max_size`` None means unbounded (gc then only reaps ingests, tmp files and stale
+    metadata). Above ``high_watermark * max_size`` gc evicts least recently used blobs
+    down to ``low_watermark * max_size``. ``tag_cache_ttl`` is how long a resolved tag
+    counts as fresh (the caller revalidates after that); ``tag_cache_max_age`` is when
+    gc forgets it entirely (offline builds may still use a stale entry until then).
+    """
+
+    max_size: int | None = None
+    high_watermark: float = 0.9
+    low_watermark: float = 0.7
+    stale_ingest_age: float = 7 * 24 * 3600.0
+    tag_cache_ttl: float = 300.0
+    tag_cache_max_age: float = 30 * 24 * 3600.0
+    fsync: bool = True
+
+
+class BlobSink(Protocol):
+    """Where a fetcher writes a blob's bytes (``ingest.Ingest`` implements it).
+
+    ``offset`` is the contiguous prefix already held: the fetch writes [offset, size).
+    """
+
+    offset: int
+
+    async def write_at(self, offset: int, data: bytes) -> None: ...
+
+    async def truncate(self, size: int) -> None: ...
+
+
+Fetch = Callable[[BlobSink], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    digest: Digest
+    media_type: str
+    resolved_at: float
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: Digest
+    size: int | None  # None: known metadata, blob not (or no longer) in the store
+    media_type: str | None
+    diff_id: Digest | None
+    last_used: float | None
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    reference: str
+    platform: str
+    level: int
+    manifest_digest: Digest
+    archive_digest: Digest
+    created: float
+    present: bool
+
+
+class _Flight:
+    """One in-process ingest of a digest: the task, its writer, a change signal."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Path] | None = None
+        self.ingest: Ingest | None = None
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+
+def _digest(value: Digest | str) -> Digest:
+    return value if isinstance(value, Digest) else Digest.parse(value)
+
+
+class LayerStore:
+    """Files and digests under one root; see the module docstring for the invariants."""
+
+    def __init__(self, root: Path, settings: StoreSettings | None = None) -> None:
+        self.root = Path(root)
+        self.settings = settings or StoreSettings()
+        self._blobs = self.root / "blobs"
+        self.ingest_dir = self.root / "ingest"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+        self.quarantine_dir = self.root / "quarantine"
+        try:
+            for d in (self._blobs / "sha256", self.ingest_dir, self.tmp_dir, self.locks_dir,
+                      self.quarantine_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store_error(e, self.root, "create the store directories") from e
+        try:
+            self.index = StoreIndex(self.root / "index.sqlite")
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"store {self.root}: cannot open index.sqlite: {e}; check that the store is "
+                "writable and on a local filesystem"
+            ) from e
+        self._flights: dict[Digest, _Flight] = {}
+        self._touches: dict[str, float] = {}
+        self._touch_lock = threading.Lock()
+        self._touched_at = time.monotonic()
+        self._gc_lock = asyncio.Lock()
+        self._gc_task: asyncio.Task[GcReport] | None = None
+        self._usage = self._index(lambda: self.index.usage())[0]
+        self._closed = False
+
+    # -- paths and presence ------------------------------------------------------------
+
+    def blob_path(self, digest: Digest | str) -> Path:
+        d = _digest(digest)
+        return self._blobs / d.algorithm / d.hex
+
+    def has(self, digest: Digest | str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path in tmp/ (same filesystem as blobs/, so commit_file renames)."""
+        return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+
+    def _lock(self, digest: Digest) -> FileLock:
+        return FileLock(self.locks_dir / f"{digest.algorithm}-{digest.hex}.lock")
+
+    def _part(self, digest: Digest) -> Path:
+        return self.ingest_dir / f"{digest.algorithm}-{digest.hex}.part"
+
+    # -- ingest ------------------------------------------------------------------------
+
+    async def ensure_blob(
+        self, digest: Digest | str, size: int, fetch: Fetch, media_type: str | None = None
+    ) -> Path:
+        """Return the path of the complete, verified blob, fetching it if needed.
+
+        Single-flight: concurrent callers in this process share one fetch and its error;
+        other processes wait on the digest's flock and then find the blob. A partial left
+        by an earlier failure or crash is resumed: ``fetch`` sees ``sink.offset > 0``.
+        """
+        d = _digest(digest)
+        path = self.blob_path(d)
+        if path.is_file():
+            self._touch(d)
+            if media_type:
+                self.record_blob_info(d, media_type=media_type)
+            return path
+        flight = self._flights.get(d)
+        if flight is None:
+            flight = _Flight()
+            task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type))
+            flight.task = task
+            self._flights[d] = flight
+            task.add_done_callback(lambda t: self._flight_done(d, flight, t))
+        assert flight.task is not None
+        return await asyncio.shield(flight.task)
+
+    def _flight_done(self, d: Digest, flight: _Flight, task: asyncio.Task[Path]) -> None:
+        if self._flights.get(d) is flight:
+            del self._flights[d]
+        if not task.cancelled():
+            task.exception()  # retrieved here: waiters may all have gone
+        flight.notify()
+
+    async def _run_flight(
+        self, flight: _Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
+    ) -> Path:
+        path = self.blob_path(d)
+        try:
+            lock = self._lock(d)
+            await lock.acquire()
+        except OSError as e:
+            raise store_error(e, self.root, f"lock {d} for ingest") from e
+        try:
+            if path.is_file():  # another process finished it while we waited
+                self._touch(d)
+                return path
+            ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync)
+            ing.on_change = flight.notify
+            flight.ingest = ing
+            flight.notify()
+            try:
+                await fetch(ing)
+                await ing.commit(path)
+            except (DigestMismatch, SizeMismatch, StoreError):
+                ing.discard()
+                raise
+            except BaseException:
+                if ing.failure is not None:  # the store failed under the fetcher
+                    ing.discard()
+                    raise ing.failure from None
+                ing.suspend()
+                raise
+        finally:
+            lock.release()
+        self._committed(d, size, media_type)
+        return path
+
+    def _committed(self, d: Digest, size: int, media_type: str | None,
+                   alias: tuple[str, str] | None = None) -> None:
+        self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias))
+        if media_type:
+            self.record_blob_info(d, media_type=media_type)
+        self._usage += size
+        self._maybe_autogc()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def open_blob(self, digest: Digest | str) -> BinaryIO:
+        """Open a complete, verified blob for reading; records its use (batched)."""
+        d = _digest(digest)
+        try:
+            f = open(self.blob_path(d), "rb")  # noqa: SIM115 -- the caller closes it
+        except FileNotFoundError:
+            raise BlobUnknown(
+                f"blob {d} is not in the store at {self.root}; fetch it again"
+            ) from None
+        self._touch(d)
+        return f
+
+    async def read_following(self, digest: Digest | str) -> AsyncIterator[bytes]:
+        """Yield the blob's bytes, following an ingest in progress in this process.
+
+        Bytes are yielded as the ingest's hashed prefix grows, before the commit; the
+        iterator hashes what it yields and raises (DigestMismatch, or the ingest's error)
+        unless the whole blob verified: trust the bytes only if iteration ends cleanly.
+        """
+        d = _digest(digest)
+        flight = self._flights.get(d)
+        if flight is None and not self.has(d):
+            await asyncio.sleep(0)  # let a just-created ensure_blob task register
+            flight = self._flights.get(d)
+        if flight is None:
+            with self.open_blob(d) as f:
+                while chunk := await asyncio.to_thread(f.read, _CHUNK):
+                    yield chunk
+            return
+        hasher = d.hasher()
+        pos = 0
+        fd = -1
+        try:
+            while True:
+                ing = flight.ingest
+                task = flight.task
+                assert task is not None
+                if fd < 0 and ing is not None and ing.offset > pos:
+                    fd = await asyncio.to_thread(os.open, ing.part, os.O_RDONLY | os.O_CLOEXEC)
+                if fd >= 0 and ing is not None and ing.offset > pos:
+                    want = min(ing.offset - pos, _CHUNK)
+                    chunk = await asyncio.to_thread(_pread_hash, fd, want, pos, hasher)
+                    pos += len(chunk)
+                    yield chunk
+                    continue
+                if task.done():
+                    path = task.result()  # raises the ingest's error
+                    if fd < 0:
+                        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+                    while chunk := await asyncio.to_thread(_pread_hash, fd, _CHUNK, pos, hasher):
+                        pos += len(chunk)
+                        yield chunk
+                    actual = Digest(d.algorithm, hasher.hexdigest())
+                    if actual != d:
+                        raise DigestMismatch(
+                            f"blob {d}: the bytes read while it downloaded hash to {actual}; "
+                            "discard them and read the blob again"
+                        )
+                    return
+                await flight.wait()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    # -- local files -------------------------------------------------------------------
+
+    def commit_file(
+        self,
+        tmp: Path,
+        digest: Digest | None = None,
+        alias: tuple[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> Digest:
+        """Move a locally produced file into blobs/ and record ``alias`` -> its digest.
+
+        Hashes the file (and checks ``digest`` when given): blocking, so call it from a
+        thread (``asyncio.to_thread``) for big files. ``tmp`` is gone afterwards, also on
+        a digest mismatch.
+        """
+        try:
+            d, size = hash_file(tmp, digest.algorithm if digest else "sha256")
+            if digest is not None and d != digest:
+                tmp.unlink(missing_ok=True)
+                raise DigestMismatch(
+                    f"local file {tmp.name}: hashes to {d}, expected {digest}; nothing was kept"
+                )
+            dest = self.blob_path(d)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            if dest.is_file():
+                tmp.unlink()  # same content already there: "already exists" is success
+            else:
+                if self.settings.fsync:
+                    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.replace(tmp, dest)
+                if self.settings.fsync:
+                    fsync_dir(dest.parent)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise store_error(e, self.root, f"commit {tmp.name}") from e
+        self._committed(d, size, media_type, alias)
+        return d
+
+    async def acommit_file(
+        self,
+        tmp: Path,
+        digest: Digest | None = None,
+        alias: tuple[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> Digest:
+        """``commit_file`` in a thread."""
+        return await asyncio.to_thread(self.commit_file, tmp, digest, alias, media_type)
+
+    # -- metadata ----------------------------------------------------------------------
+
+    def _index(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"store {self.root}: index.sqlite failed: {e}; check that the store is "
+                "writable, then retry (run `fetchd verify` if it persists)"
+            ) from e
+
+    def put_alias(self, kind: str, key: str, digest: Digest) -> None:
+        self._index(lambda: self.index.put_alias(kind, key, str(digest), time.time()))
+
+    def get_alias(self, kind: str, key: str) -> Digest | None:
+        """The digest recorded for (kind, key), or None if unknown or its blob is gone."""
+        text = self._index(lambda: self.index.get_alias(kind, key))
+        if text is None:
+            return None
+        d = Digest.parse(text)
+        return d if self.has(d) else None
+
+    def record_tag(self, name: str, tag: str, digest: Digest, media_type: str) -> None:
+        self._index(lambda: self.index.put_tag(name, tag, str(digest), media_type, time.time()))
+
+    def lookup_tag(self, name: str, tag: str) -> TagEntry | None:
+        row = self._index(lambda: self.index.get_tag(name, tag))
+        if row is None:
+            return None
+        return TagEntry(Digest.parse(row[0]), row[1], row[2])
+
+    def record_blob_info(
+        self, digest: Digest, media_type: str | None = None, diff_id: Digest | None = None
+    ) -> None:
+        self._index(lambda: self.index.set_info(
+            str(digest), media_type, str(diff_id) if diff_id else None))
+
+    def blob_info(self, digest: Digest) -> BlobInfo | None:
+        """What the index knows of ``digest`` (None if nothing)."""
+        row = self._index(lambda: self.index.blob_row(str(digest)))
+        media_type, diff_id = self._index(lambda: self.index.info(str(digest)))
+        if row is None and media_type is None and diff_id is None:
+            return None
+        return BlobInfo(
+            digest=_digest(digest),
+            size=row.size if row else None,
+            media_type=media_type,
+            diff_id=Digest.parse(diff_id) if diff_id else None,
+            last_used=row.last_used if row else None,
+        )
+
+    def digests_with_diff_id(self, diff_id: Digest) -> list[Digest]:
+        rows = self._index(lambda: self.index.digests_by_diff_id(str(diff_id)))
+        return [Digest.parse(r) for r in rows]
+
+    def record_image(
+        self, reference: str, platform: str, manifest_digest: Digest,
+        archive_digest: Digest, level: int,
+    ) -> None:
+        row = ImageRow(reference, platform, level, str(manifest_digest),
+                       str(archive_digest), time.time())
+        self._index(lambda: self.index.put_image(row))
+
+    def list_images(self) -> list[ImageEntry]:
+        out = []
+        for r in self._index(self.index.images):
+            archive = Digest.parse(r.archive_digest)
+            out.append(ImageEntry(r.reference, r.platform, r.level,
+                                  Digest.parse(r.manifest_digest), archive, r.created,
+                                  self.has(archive)))
+        return out
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, count) of the blobs the index knows (gc reconciles it with the disk)."""
+        return self._index(self.index.usage)
+
+    @contextlib.contextmanager
+    def lease(self, digests: Iterable[Digest], holder: str = "") -> Iterator[str]:
+        """Protect ``digests`` from gc (in every process) while the block runs.
+
+        A lease of a digest not yet in the store is fine: take it before ensure_blob.
+        Leases of a process that died are ignored and dropped.
+        """
+        lease_id = uuid.uuid4().hex
+        keys = [str(d) for d in digests]
+        self._index(lambda: self.index.add_lease(lease_id, holder, keys, time.time()))
+        try:
+            yield lease_id
+        finally:
+            self._index(lambda: self.index.drop_lease(lease_id))
+
+    def _touch(self, d: Digest) -> None:
+        with self._touch_lock:
+            self._touches[str(d)] = time.time()
+            due = (len(self._touches) >= _TOUCH_FLUSH_COUNT
+                   or time.monotonic() - self._touched_at >= _TOUCH_FLUSH_SECONDS)
+        if due:
+            self.flush_uses()
+
+    def flush_uses(self) -> None:
+        """Write the batched last-use times to the index."""
+        with self._touch_lock:
+            pending, self._touches = self._touches, {}
+            self._touched_at = time.monotonic()
+        if pending:
+            try:
+                self.index.touch(pending.items())
+            except sqlite3.Error:
+                pass  # last use is a hint for LRU only; never fail a read for it
+
+    # -- gc and verify (store_gc does the work in a thread) ----------------------------
+
+    def _maybe_autogc(self) -> None:
+        limit = self.settings.max_size
+        if limit is None or self._usage <= limit * self.settings.high_watermark:
+            return
+        if self._gc_task is not None and not self._gc_task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # commit_file from a thread: the next commit on the loop triggers it
+        self._gc_task = loop.create_task(self.gc())
+        self._gc_task.add_done_callback(
+            lambda t: None if t.cancelled() else t.exception())
+
+    async def gc(self, max_size: int | None = None) -> GcReport:
+        """Evict LRU unleased blobs (see StoreSettings), reap stale ingests and metadata."""
+        async with self._gc_lock:
+            self.flush_uses()
+            report = await asyncio.to_thread(collect, self, max_size)
+            self._usage = report.remaining_bytes
+            return report
+
+    async def verify(self) -> VerifyReport:
+        """Re-hash every blob; corrupt ones move to quarantine/ (and will be re-fetched)."""
+        return await verify_all(self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for flight in list(self._flights.values()):
+            if flight.task is not None:
+                flight.task.cancel()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+        self.flush_uses()
+        self.index.close()
+
+
+def _pread_hash(fd: int, n: int, pos: int, hasher: hashlib._Hash) -> bytes:
+    data = os.pread(fd, n, pos)
+    hasher.update(data)
+    return data
+
+
+__all__ = [
+    "BlobInfo", "BlobSink", "Fetch", "GcReport", "ImageEntry", "LayerStore",
+    "StoreSettings", "TagEntry", "VerifyReport",
+]

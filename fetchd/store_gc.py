@@ -1,0 +1,239 @@
+"""Garbage collection and verification of the layer store (``LayerStore.gc/verify``).
+
+gc invariants:
+- A blob under a live lease is never removed: the lease check and the unlink happen
+  inside one write transaction of the index, so a lease taken concurrently either
+  sees the blob gone (and its ensure_blob fetches it again) or protects it.
+- A blob whose digest lock is held (an ingest or commit in progress) is skipped.
+- Eviction is least-recently-used first; the ``blobs`` table is reconciled with the
+  directory first, so files committed by a crashed process are accounted too.
+- Only one gc runs at a time on the host (``locks/gc.lock``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .digest import Digest
+from .ingest import FileLock, hash_file
+
+if TYPE_CHECKING:
+    from .layer_store import LayerStore
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: int
+    freed_bytes: int
+    remaining_bytes: int
+    remaining_count: int
+    skipped_leased: int
+    reaped_ingests: int
+    reaped_tmp: int
+    dropped_tags: int
+    dropped_aliases: int
+    dropped_images: int
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    checked: int
+    bytes_checked: int
+    corrupt: tuple[Digest, ...]
+    quarantined: tuple[Path, ...]
+
+
+def scan_blobs(store: LayerStore) -> dict[Digest, os.stat_result]:
+    """Every file under blobs/<alg>/ whose name is a valid digest."""
+    found: dict[Digest, os.stat_result] = {}
+    base = store.blob_path(Digest("sha256", "0" * 64)).parent.parent
+    for alg_dir in os.scandir(base):
+        if not alg_dir.is_dir():
+            continue
+        for entry in os.scandir(alg_dir.path):
+            try:
+                d = Digest.parse(f"{alg_dir.name}:{entry.name}")
+                found[d] = entry.stat(follow_symlinks=False)
+            except (ValueError, OSError):
+                continue  # not ours (or vanished): never touch it
+    return found
+
+
+def _lock_of(store: LayerStore, d: Digest) -> FileLock:
+    return FileLock(store.locks_dir / f"{d.algorithm}-{d.hex}.lock")
+
+
+def collect(store: LayerStore, max_size: int | None) -> GcReport:
+    """The whole gc, synchronous (runs in a thread)."""
+    settings = store.settings
+    index = store.index
+    gc_lock = FileLock(store.locks_dir / "gc.lock")
+    while not gc_lock.try_acquire():
+        time.sleep(0.05)
+    try:
+        now = time.time()
+        on_disk = scan_blobs(store)
+        rows = index.all_blob_rows()
+        with index.transaction() as c:
+            for d, st in on_disk.items():
+                if str(d) not in rows:
+                    c.execute(
+                        "INSERT OR IGNORE INTO blobs(digest, size, added, last_used) "
+                        "VALUES (?, ?, ?, ?)",
+                        (str(d), st.st_size, st.st_mtime, st.st_mtime),
+                    )
+            keys = {str(d) for d in on_disk}
+            for key in rows:
+                if key not in keys:
+                    index.remove_blob_row(c, key)
+        rows = index.all_blob_rows()
+        total = sum(st.st_size for st in on_disk.values())
+
+        target: int | None = None
+        if max_size is not None:
+            target = max_size
+        elif settings.max_size is not None and total > settings.max_size * settings.high_watermark:
+            target = int(settings.max_size * settings.low_watermark)
+
+        removed = freed = skipped = 0
+        if target is not None and total > target:
+            leased = index.live_leased()
+
+            def last_use(d: Digest) -> float:
+                row = rows.get(str(d))
+                return row.last_used if row else on_disk[d].st_mtime
+
+            for d in sorted(on_disk, key=last_use):
+                if total <= target:
+                    break
+                if str(d) in leased:
+                    skipped += 1
+                    continue
+                size = on_disk[d].st_size
+                if _evict(store, d):
+                    total -= size
+                    removed += 1
+                    freed += size
+                else:
+                    skipped += 1
+
+        reaped_ingests = _reap_ingests(store, now - settings.stale_ingest_age)
+        reaped_tmp = _reap_dir(store.tmp_dir, now - settings.stale_ingest_age)
+        tags, aliases, images = index.drop_dangling(now - settings.tag_cache_max_age)
+        remaining_bytes, remaining_count = index.usage()
+        return GcReport(removed, freed, remaining_bytes, remaining_count, skipped,
+                        reaped_ingests, reaped_tmp, tags, aliases, images)
+    finally:
+        gc_lock.release()
+
+
+def _evict(store: LayerStore, d: Digest) -> bool:
+    lock = _lock_of(store, d)
+    if not lock.try_acquire():
+        return False  # being ingested or committed right now
+    try:
+        with store.index.transaction() as c:
+            if store.index.is_leased(c, d.__str__()):
+                return False
+            try:
+                os.unlink(store.blob_path(d))
+            except FileNotFoundError:
+                pass
+            store.index.remove_blob_row(c, str(d))
+        return True
+    finally:
+        lock.release(unlink=True)
+
+
+def _reap_ingests(store: LayerStore, cutoff: float) -> int:
+    reaped = 0
+    for entry in os.scandir(store.ingest_dir):
+        name = entry.name
+        try:
+            if entry.stat().st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        if name.endswith(".part"):
+            alg, _, hexpart = name[: -len(".part")].partition("-")
+            try:
+                d = Digest.parse(f"{alg}:{hexpart}")
+            except ValueError:
+                continue
+            lock = _lock_of(store, d)
+            if not lock.try_acquire():
+                continue  # someone is resuming it
+            try:
+                for p in (Path(entry.path), Path(entry.path).with_suffix(".state")):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                reaped += 1
+            finally:
+                lock.release(unlink=True)
+        elif name.endswith((".state", ".tmp")):
+            part = Path(entry.path).with_suffix(".part")
+            if name.endswith(".state") and part.exists():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    return reaped
+
+
+def _reap_dir(directory: Path, cutoff: float) -> int:
+    reaped = 0
+    for entry in os.scandir(directory):
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                reaped += 1
+        except FileNotFoundError:
+            continue
+    return reaped
+
+
+async def verify_all(store: LayerStore, concurrency: int = 2) -> VerifyReport:
+    """Re-hash every blob in threads; move corrupt ones to quarantine/."""
+    found = await asyncio.to_thread(scan_blobs, store)
+    sem = asyncio.Semaphore(concurrency)
+    corrupt: list[Digest] = []
+    moved: list[Path] = []
+    checked = 0
+    nbytes = 0
+
+    async def check(d: Digest, st: os.stat_result) -> None:
+        nonlocal checked, nbytes
+        path = store.blob_path(d)
+        async with sem:
+            try:
+                actual, size = await asyncio.to_thread(hash_file, path, d.algorithm)
+            except FileNotFoundError:
+                return  # collected meanwhile
+        checked += 1
+        nbytes += size
+        if actual == d:
+            return
+        corrupt.append(d)
+        lock = _lock_of(store, d)
+        await lock.acquire()
+        try:
+            # Only move the file we hashed: a fresh ingest may have replaced it meanwhile.
+            if os.stat(path).st_ino != st.st_ino:
+                return
+            dest = store.quarantine_dir / f"{d.algorithm}-{d.hex}.{time.time_ns()}"
+            os.replace(path, dest)
+            moved.append(dest)
+            with store.index.transaction() as c:
+                store.index.remove_blob_row(c, str(d))
+        except FileNotFoundError:
+            pass
+        finally:
+            lock.release()
+
+    await asyncio.gather(*(check(d, st) for d, st in found.items()))
+    return VerifyReport(checked, nbytes, tuple(sorted(corrupt)), tuple(moved))

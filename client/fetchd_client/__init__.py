@@ -1,0 +1,350 @@
+"""Client of the fetchd daemon: HTTP/1.1 over its Unix socket, standard library only.
+
+Works on Python >= 3.9 and imports nothing from ``fetchd``, so that BitBake fetchers and
+scripts can use it as they are. Every failure is a ``FetchdClientError`` with a stable
+``code`` (the daemon's codes, plus ``daemon-unreachable``, ``protocol`` and
+``digest-mismatch`` from this side) and a message that says what to do.
+
+Example::
+
+    from fetchd_client import Client
+    result = Client().fetch("debian:bookworm", arch="armhf", dest="/abs/path/debian.zst")
+    result["path"], result["delivery"], result["archive_digest"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "Client",
+    "DaemonUnreachable",
+    "FetchdClientError",
+    "copy_atomic",
+    "parse_size",
+    "socket_path_default",
+    "verify_file",
+]
+
+DEFAULT_SOCKET = "/run/fetchd/fetchd.sock"
+API = "/v1"
+# Seconds without a line from the daemon before a fetch is given up. The daemon sends a
+# heartbeat event every few seconds while a job runs, so this only trips on a hung daemon.
+FETCH_IDLE_TIMEOUT = 300.0
+CONNECT_TIMEOUT = 10.0
+_CHUNK = 1 << 20
+
+Event = dict[str, Any]
+
+
+class FetchdClientError(Exception):
+    """An error reported by the daemon or found by the client; ``code`` is stable."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DaemonUnreachable(FetchdClientError):
+    """Nothing answers on the socket (daemon not running, wrong path)."""
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(
+            "daemon-unreachable",
+            f"cannot reach the fetchd daemon at {socket_path} ({reason}): start it with "
+            "'systemctl start fetchd.socket' or 'fetchd serve', or set FETCHD_SOCKET to its socket",
+        )
+        self.socket_path = socket_path
+
+
+def socket_path_default() -> str:
+    return os.environ.get("FETCHD_SOCKET") or DEFAULT_SOCKET
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        self.sock = sock
+
+
+class Client:
+    """One daemon, one socket path. Each call opens its own connection (thread-safe)."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 600.0) -> None:
+        self.socket_path = socket_path or socket_path_default()
+        self.timeout = timeout
+
+    # -- the API -------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        reference: str,
+        *,
+        platform: str | None = None,
+        arch: str | None = None,
+        level: int = 3,
+        repo_tag: str | None = None,
+        dest: str | None = None,
+        offline: bool = False,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Event:
+        """Ask for one platform of an image as a zstd docker-archive, placed at ``dest``.
+
+        Progress events go to ``on_event`` as they arrive. Returns the result dict (path,
+        delivery, store_path, reference, platform, index_digest, manifest_digest,
+        archive_digest, size, level, repo_tag). When the daemon may not write ``dest``
+        (delivery ``client-copy``) this copies the store file itself, atomically, checking
+        its digest. A relative ``dest`` is taken relative to this process' directory.
+        """
+        body: Event = {"reference": reference, "level": level, "offline": offline}
+        if platform is not None:
+            body["platform"] = platform
+        if arch is not None:
+            body["arch"] = arch
+        if repo_tag is not None:
+            body["repo_tag"] = repo_tag
+        if dest is not None:
+            dest = os.path.abspath(dest)
+            body["dest"] = dest
+        result: Event | None = None
+        for line in self._stream("POST", API + "/fetch", body):
+            if "result" in line:
+                result = line["result"]
+            elif "error" in line:
+                raise _error_of(line["error"], None)
+            elif on_event is not None:
+                on_event(line)
+        if not isinstance(result, dict):
+            raise FetchdClientError(
+                "protocol", "the daemon closed the stream before sending a result: see its log"
+            )
+        return self._finish_delivery(result, dest)
+
+    def resolve(self, reference: str, *, offline: bool = False) -> Event:
+        """Tag -> digest: ``{"digest", "media_type", "cached"}``."""
+        return self._json("POST", API + "/resolve", {"reference": reference, "offline": offline})
+
+    def deliver(self, archive_digest: str, dest: str) -> Event:
+        """Place an archive the daemon already has at ``dest`` (hard link when possible)."""
+        dest = os.path.abspath(dest)
+        result = self._json("POST", API + "/deliver", {"archive_digest": archive_digest, "dest": dest})
+        return self._finish_delivery(result, dest)
+
+    def status(self) -> Event:
+        return self._json("GET", API + "/status")
+
+    def ls(self) -> Event:
+        return self._json("GET", API + "/images")
+
+    def gc(self, max_size: int | str | None = None) -> Event:
+        body: Event = {}
+        if max_size is not None:
+            body["max_size"] = parse_size(max_size) if isinstance(max_size, str) else max_size
+        return self._json("POST", API + "/gc", body, timeout=None)
+
+    def verify(self) -> Event:
+        return self._json("POST", API + "/verify", {}, timeout=None)
+
+    def health(self) -> Event:
+        return self._json("GET", API + "/health")
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _finish_delivery(self, result: Event, dest: str | None) -> Event:
+        if dest is not None and result.get("delivery") == "client-copy":
+            store_path = result.get("store_path")
+            if not isinstance(store_path, str):
+                raise FetchdClientError("protocol", "client-copy result without store_path")
+            digest = result.get("archive_digest")
+            copy_atomic(store_path, dest, digest if isinstance(digest, str) else None)
+            result = dict(result, path=dest)
+        return result
+
+    def _request(
+        self, method: str, path: str, body: Event | None, timeout: float | None
+    ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(self.socket_path, timeout)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Host": "fetchd", "Accept": "application/json, application/x-ndjson"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            return conn, conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            conn.close()
+            raise DaemonUnreachable(self.socket_path, e.strerror or type(e).__name__) from None
+        except PermissionError:
+            conn.close()
+            raise FetchdClientError(
+                "permission-refused",
+                f"not allowed to connect to {self.socket_path}: add your user to the group that "
+                "owns the socket (usually 'fetchd'), then log in again",
+            ) from None
+        except socket.timeout:  # noqa: UP041 - not TimeoutError on Python 3.9
+            conn.close()
+            raise FetchdClientError(
+                "timeout", f"the fetchd daemon at {self.socket_path} did not answer in time"
+            ) from None
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            conn.close()
+            raise FetchdClientError(
+                "daemon-disconnected",
+                f"the fetchd daemon at {self.socket_path} closed the connection: {e}; see its log",
+            ) from None
+
+    def _json(
+        self, method: str, path: str, body: Event | None = None, timeout: float | None = -1.0
+    ) -> Event:
+        conn, resp = self._request(method, path, body, self.timeout if timeout == -1.0 else timeout)
+        try:
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            obj = json.loads(raw) if raw else {}
+        except ValueError:
+            raise FetchdClientError(
+                "protocol", f"the daemon answered {resp.status} with something that is not JSON"
+            ) from None
+        if resp.status >= 400:
+            raise _error_of(obj, resp.status)
+        if not isinstance(obj, dict):
+            raise FetchdClientError("protocol", "the daemon answered with a non-object")
+        return obj
+
+    def _stream(self, method: str, path: str, body: Event) -> Iterator[Event]:
+        conn, resp = self._request(method, path, body, FETCH_IDLE_TIMEOUT)
+        try:
+            if resp.status >= 400:
+                raw = resp.read()
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    obj = {"code": "protocol", "message": raw.decode(errors="replace")[:500]}
+                raise _error_of(obj, resp.status)
+            while True:
+                try:
+                    line = resp.readline()
+                except socket.timeout:  # noqa: UP041 - not TimeoutError on Python 3.9
+                    raise FetchdClientError(
+                        "timeout", f"no word from the daemon for {FETCH_IDLE_TIMEOUT:.0f}s"
+                    ) from None
+                except (ConnectionError, http.client.HTTPException, OSError) as e:
+                    raise FetchdClientError(
+                        "daemon-disconnected", f"the fetchd daemon went away mid-request: {e}"
+                    ) from None
+                if not line:
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    raise FetchdClientError("protocol", "the daemon sent a line that is not JSON") from None
+                if isinstance(obj, dict):
+                    yield obj
+        finally:
+            conn.close()
+
+
+def _error_of(obj: Any, status: int | None) -> FetchdClientError:
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        obj = obj["error"]
+    if isinstance(obj, dict) and isinstance(obj.get("message"), str):
+        return FetchdClientError(str(obj.get("code") or "error"), obj["message"], status)
+    return FetchdClientError("protocol", f"the daemon answered {status} without an error message", status)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"10G"`` -> bytes (binary units; ``10GiB``, ``512M``, ``1.5T`` and plain bytes work)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise FetchdClientError(
+            "invalid-request", f"invalid size {text!r}: give bytes or a number with K, M, G or T"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def verify_file(path: str, digest: str) -> None:
+    """Raise ``FetchdClientError("digest-mismatch")`` unless the file at ``path`` hashes to ``digest``."""
+    algorithm, _, want = digest.partition(":")
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    if h.hexdigest() != want:
+        raise FetchdClientError(
+            "digest-mismatch", f"{path} does not match {digest}: it is damaged; fetch it again"
+        )
+
+
+def copy_atomic(source: str, dest: str, digest: str | None = None) -> None:
+    """Copy ``source`` to ``dest`` under a temporary name, check ``digest``, then rename.
+
+    ``dest`` is either absent or replaced whole; a symlink at ``dest`` is refused.
+    """
+    if os.path.islink(dest):
+        raise FetchdClientError(
+            "permission-refused", f"refusing to write {dest}: a symlink is there; remove it first"
+        )
+    directory, name = os.path.split(dest)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.fetchd-tmp")
+    algorithm = digest.partition(":")[0] if digest else "sha256"
+    h = hashlib.new(algorithm)
+    try:
+        with open(source, "rb") as src, open(tmp, "xb") as out:
+            while True:
+                chunk = src.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest and f"{algorithm}:{h.hexdigest()}" != digest:
+            raise FetchdClientError(
+                "digest-mismatch", f"the store file {source} does not match {digest}: run 'fetchd verify'"
+            )
+        os.rename(tmp, dest)
+    except OSError as e:
+        raise FetchdClientError(
+            "permission-refused" if isinstance(e, PermissionError) else "io-error",
+            f"cannot copy {source} to {dest}: {e.strerror or e}",
+        ) from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,444 @@
+"""The ``fetchd`` command: ``serve`` runs the daemon; the other commands ask it over its socket.
+
+Client commands go through ``fetchd_client`` (the same library builds use) and import
+nothing heavy, so they start fast. Expected failures print one line, ``fetchd: error: ...``
+with what to do, and exit non-zero; there are no tracebacks for them.
+
+Exit codes: 0 success, 1 an error the daemon or the client reported, 2 bad usage,
+3 daemon not reachable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket", metavar="PATH", default=None,
+        help="the daemon's socket (default: $FETCHD_SOCKET or /run/fetchd/fetchd.sock)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="fetchd",
+        description="Container images for embedded Linux builds: one shared layer store, "
+                    "per-architecture docker-archive .zst files handed back as hard links.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
+    serve.add_argument("--store", metavar="DIR", help="the layer store directory (default from the config)")
+    serve.add_argument("--config", metavar="FILE", help="config file (default $FETCHD_CONFIG or /etc/fetchd/config.toml)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    pull = sub.add_parser("pull", parents=[common],
+                          help="fetch one platform of an image as a zstd docker-archive")
+    pull.add_argument("reference", metavar="REFERENCE",
+                      help="image, e.g. debian:bookworm, quay.io/x/y:1@sha256:..., docker://host/img;tag=T")
+    which = pull.add_mutually_exclusive_group()
+    which.add_argument("--arch", metavar="DEBIAN_ARCH", help="Debian architecture, e.g. armhf, arm64, i386")
+    which.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="OCI platform, e.g. linux/arm/v7")
+    pull.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1-19 (default 3)")
+    pull.add_argument("--tag", metavar="NAME:TAG", help="name:tag written into RepoTags (default: the reference's)")
+    pull.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="where to put the .zst file")
+    pull.add_argument("--offline", action="store_true", help="use only the store and the tag cache")
+    pull.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    resolve = sub.add_parser("resolve", parents=[common], help="tag -> digest")
+    resolve.add_argument("reference", metavar="REFERENCE")
+    resolve.add_argument("--offline", action="store_true", help="answer from the tag cache only")
+    resolve.add_argument("--json", action="store_true")
+
+    deliver = sub.add_parser("deliver", parents=[common], help="place an archive the daemon has at OUTPUT")
+    deliver.add_argument("archive_digest", metavar="DIGEST")
+    deliver.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    deliver.add_argument("--json", action="store_true")
+
+    for name, text in (("status", "jobs, store usage, registry counters"),
+                       ("ls", "images in the store"),
+                       ("verify", "re-hash every blob of the store")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    gc = sub.add_parser("gc", parents=[common], help="remove unused blobs")
+    gc.add_argument("--max-size", metavar="SIZE", help="shrink the store to at most SIZE (e.g. 10G)")
+    gc.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"fetchd {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "serve":
+        return _serve(args)
+    _ensure_client_importable()
+    from fetchd_client import DaemonUnreachable, FetchdClientError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except DaemonUnreachable as e:
+        _fail(e.message)
+        return EXIT_UNREACHABLE
+    except FetchdClientError as e:
+        _fail(_with_hint(e.code, e.message))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+def _ensure_client_importable() -> None:
+    """Running from a source checkout: the client library sits beside the package."""
+    try:
+        import fetchd_client  # noqa: F401
+    except ImportError:
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "client")
+        if os.path.isdir(os.path.join(here, "fetchd_client")):
+            sys.path.append(here)
+
+
+def _fail(message: str) -> None:
+    print(f"fetchd: error: {message}", file=sys.stderr)
+
+
+_HINTS = {
+    "platform-not-found": "choose one of the platforms the image offers (see 'skopeo inspect --raw')",
+    "network-disabled": "run once without --offline (with network access) to fill the store",
+    "permission-refused": "choose an OUTPUT in a directory you may write",
+    "rate-limited": "wait, or configure a mirror or credentials for that registry",
+}
+
+
+def _with_hint(code: str, message: str) -> str:
+    hint = _HINTS.get(code)
+    if hint and hint not in message:
+        return f"{message} ({hint})"
+    return message
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from fetchd_client import Client
+
+    return Client(args.socket)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .config import Config
+    from .errors import FetchdError
+
+    _setup_logging(args.log_level)
+    try:
+        from .server import serve, with_overrides
+
+        config = with_overrides(Config.load(args.config), socket_path=args.socket, store=args.store)
+        asyncio.run(serve(config))
+    except FetchdError as e:
+        logging.getLogger("fetchd").error("%s", e.message)
+        _fail(e.message)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    # Under systemd the journal stamps the time itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# -- pull -----------------------------------------------------------------------------------------
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from fetchd_client import FetchdClientError, verify_file
+
+    output = os.path.abspath(args.output)
+    progress = Progress(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        result = _client(args).fetch(
+            args.reference,
+            platform=args.platform,
+            arch=args.arch,
+            level=args.zstd_level,
+            repo_tag=args.tag,
+            dest=output,
+            offline=args.offline,
+            on_event=progress.on_event if progress else _warnings_only,
+        )
+    finally:
+        if progress:
+            progress.close()
+    # Exit 0 only for a complete, verified OUTPUT: hash what is actually there.
+    size = os.stat(output).st_size
+    if size != result.get("size"):
+        raise FetchdClientError("size-mismatch", f"{output} has {size} bytes, expected {result.get('size')}")
+    verify_file(output, str(result["archive_digest"]))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"{output}: {result['repo_tag']} {result['platform']} "
+              f"{_human(int(result['size']))} ({result['delivery']}) {result['archive_digest']}")
+    return 0
+
+
+def _warnings_only(event: dict[str, Any]) -> None:
+    if event.get("event") == "warning":
+        print(f"fetchd: warning: {event.get('message')}", file=sys.stderr)
+
+
+class Progress:
+    """Per-layer and total progress bars (bytes, rate, ETA) redrawn in place on a terminal."""
+
+    def __init__(self, stream: TextIO, interval: float = 0.2) -> None:
+        self.stream = stream
+        self.interval = interval
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.status = "resolving"
+        self.started = time.monotonic()
+        self._drawn = 0
+        self._last = 0.0
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "warning":
+            self._clear()
+            print(f"fetchd: warning: {event.get('message')}", file=self.stream)
+        elif kind == "manifest":
+            self.status = f"{event.get('platform')}: {event.get('layers')} layers"
+        elif kind == "layer":
+            digest = str(event.get("digest"))
+            layer = self.layers.setdefault(digest, {"bytes": 0, "total": int(event.get("size") or 0),
+                                                    "t0": time.monotonic(), "b0": 0})
+            layer["state"] = event.get("state")
+            if event.get("state") in ("done", "cached", "frame-cached"):
+                layer["bytes"] = layer["total"]
+        elif kind == "progress":
+            digest = str(event.get("digest"))
+            layer = self.layers.setdefault(digest, {"bytes": 0, "total": 0, "t0": time.monotonic(),
+                                                    "state": "downloading"})
+            if "b0" not in layer:
+                layer["b0"] = int(event.get("bytes") or 0)
+            layer["bytes"] = int(event.get("bytes") or 0)
+            layer["total"] = int(event.get("total") or layer["total"])
+        elif kind == "pack":
+            self.status = "packing" + (f" ({event['state']})" if isinstance(event.get("state"), str) else "")
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._draw()
+
+    def _lines(self) -> list[str]:
+        now = time.monotonic()
+        lines = []
+        done = total = 0
+        for digest, layer in self.layers.items():
+            done += layer["bytes"]
+            total += layer["total"]
+            state = layer.get("state") or ""
+            if state in ("cached", "frame-cached"):
+                lines.append(f"  {digest[7:19]}  {'cached':>42}")
+                continue
+            fetched = layer["bytes"] - layer.get("b0", 0)
+            lines.append(f"  {digest[7:19]}  " + _bar(layer["bytes"], layer["total"], fetched,
+                                                        now - layer["t0"]))
+        head = f"fetchd: {self.status}"
+        lines.append(f"  {'total':12}  " + _bar(done, total, done, now - self.started) if self.layers else "")
+        return [head, *[line for line in lines if line]]
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        lines = self._lines()
+        self._clear()
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+        self._drawn = len(lines)
+
+    def close(self) -> None:
+        self._draw()
+
+
+def _bar(done: int, total: int, fetched: int, elapsed: float, width: int = 20) -> str:
+    share = min(1.0, done / total) if total else 0.0
+    filled = int(share * width)
+    rate = fetched / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 and total > done else 0.0
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {_human(done):>9} / {_human(total):<9} "
+            f"{_human(int(rate)):>9}/s  ETA {_duration(eta)}")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+# -- the small commands ---------------------------------------------------------------------------
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    result = _client(args).resolve(args.reference, offline=args.offline)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"{result['digest']}{' (cached)' if result.get('cached') else ''}")
+    return 0
+
+
+def _deliver(args: argparse.Namespace) -> int:
+    from fetchd_client import verify_file
+
+    output = os.path.abspath(args.output)
+    result = _client(args).deliver(args.archive_digest, output)
+    verify_file(output, args.archive_digest)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"{output}: {args.archive_digest} ({result.get('delivery')})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _client(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"fetchd {status.get('version')} pid {status.get('pid')} on {status.get('socket')}, "
+          f"up {_duration(float(status.get('uptime') or 0))}, store {status.get('store_path')}")
+    jobs = status.get("jobs") or []
+    print(f"jobs: {len(jobs)} running, {status.get('completed')} completed, {status.get('failed')} failed")
+    for job in jobs:
+        print(f"  {job.get('reference')} {job.get('platform')} level {job.get('level')}: "
+              f"{job.get('state')} ({job.get('waiters')} waiting)")
+    print("store:")
+    _print_mapping(status.get("store"), "  ")
+    registries = status.get("registries")
+    if registries:
+        print("registries:")
+        _print_mapping(registries, "  ")
+    return 0
+
+
+def _print_mapping(obj: Any, indent: str) -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, dict):
+                print(f"{indent}{key}:")
+                _print_mapping(value, indent + "  ")
+            else:
+                shown = _human(value) if _is_size(key, value) else value
+                print(f"{indent}{key}: {shown}")
+    elif obj is not None:
+        print(f"{indent}{obj}")
+
+
+def _is_size(key: str, value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (
+        key.endswith("bytes") or key.endswith("size"))
+
+
+def _ls(args: argparse.Namespace) -> int:
+    answer = _client(args).ls()
+    images = answer.get("images") or []
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    if not images:
+        print("no images in the store")
+        return 0
+    for image in images:
+        if not isinstance(image, dict):
+            print(image)
+            continue
+        size = image.get("size")
+        parts = [str(image.get(k)) for k in ("reference", "platform") if image.get(k) is not None]
+        if image.get("level") is not None:
+            parts.append(f"zstd-{image['level']}")
+        if isinstance(size, int):
+            parts.append(_human(size))
+        digest = image.get("archive_digest") or image.get("archive")
+        if digest:
+            parts.append(str(digest))
+        print("  ".join(parts) if parts else json.dumps(image, sort_keys=True))
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from fetchd_client import parse_size
+
+    max_size = parse_size(args.max_size) if args.max_size else None
+    report = _client(args).gc(max_size)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_mapping(report, "")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = _client(args).verify()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_mapping(report, "")
+    bad = [k for k in ("corrupt", "bad", "damaged", "errors", "missing")
+           if isinstance(report, dict) and report.get(k)]
+    if bad:
+        _fail("the store has damaged entries (" + ", ".join(bad) + "); they were removed: fetch again")
+        return EXIT_ERROR
+    return 0
+
+
+_COMMANDS = {
+    "pull": _pull,
+    "resolve": _resolve,
+    "deliver": _deliver,
+    "status": _status,
+    "ls": _ls,
+    "gc": _gc,
+    "verify": _verify,
+}

@@ -1,0 +1,634 @@
+"""The daemon: an aiohttp application on a Unix socket. Wiring only.
+
+Handlers validate the request strictly, turn it into plain values and call ``pull``,
+``deliver`` or the store; they hold no protocol or file logic. Errors are translated in one
+place, the error middleware: ``FetchdError`` -> its ``http_status`` with ``{"code",
+"message"}``; anything unexpected -> 500 with a message, logged, and the daemon keeps serving.
+
+``/v1/fetch`` answers with NDJSON: progress events while the job runs (a heartbeat every few
+seconds when nothing else happens), then exactly one final line, ``{"result": {...}}`` or
+``{"error": {"code", "message"}}``. The HTTP status is 200 once the stream has started;
+anything refused before the job starts gets a 4xx JSON answer instead. docs/API.md is the
+reference for clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import grp
+import inspect
+import json
+import logging
+import os
+import platform as host_platform
+import signal
+import socket
+import stat
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from . import __version__, sdnotify
+from .config import Config
+from .deliver import Peer, check_destination, deliver
+from .digest import Digest
+from .errors import (
+    BlobUnknown,
+    ConfigError,
+    FetchdError,
+    InvalidPlatform,
+    InvalidRequest,
+    PermissionRefused,
+)
+from .platform import Platform
+from .pull import FetchRequest, FetchResult, Job
+from .reference import Reference
+
+log = logging.getLogger("fetchd.server")
+
+API = "/v1"
+MAX_BODY = 64 * 1024  # every request body is a small JSON object
+HEARTBEAT = 5.0  # seconds of silence on a fetch stream before a heartbeat line
+SHUTDOWN_GRACE = 10.0
+
+
+class PullerLike(Protocol):
+    def submit(self, request: FetchRequest) -> Job: ...
+    async def resolve(self, reference: Reference, offline: bool = False) -> dict[str, Any]: ...
+    def jobs(self) -> list[dict[str, Any]]: ...
+    async def close(self) -> None: ...
+
+
+class StoreLike(Protocol):
+    def has(self, digest: Digest) -> bool: ...
+    def blob_path(self, digest: Digest) -> Path: ...
+    def lease(self, digests: Any, reason: str = ...) -> contextlib.AbstractContextManager[Any]: ...
+    def usage(self) -> Any: ...
+    def list_images(self) -> Any: ...
+    def gc(self, *args: Any, **kwargs: Any) -> Any: ...
+    def verify(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class RegistryLike(Protocol):
+    def stats(self) -> Any: ...
+
+
+@dataclasses.dataclass
+class Services:
+    """What the handlers route to; the daemon owns and closes them."""
+
+    puller: PullerLike
+    store: StoreLike
+    registry: RegistryLike
+    config: Config
+    socket_path: str = ""
+    started: float = dataclasses.field(default_factory=time.time)
+    requests: Counter[tuple[str, int]] = dataclasses.field(default_factory=Counter)
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+# -- request validation -------------------------------------------------------------------------
+
+# field -> (accepted type, required)
+Schema = Mapping[str, tuple[type, bool]]
+FETCH_SCHEMA: Schema = {
+    "reference": (str, True), "platform": (str, False), "arch": (str, False),
+    "level": (int, False), "repo_tag": (str, False), "dest": (str, False), "offline": (bool, False),
+}
+RESOLVE_SCHEMA: Schema = {"reference": (str, True), "offline": (bool, False)}
+DELIVER_SCHEMA: Schema = {"archive_digest": (str, True), "dest": (str, True)}
+GC_SCHEMA: Schema = {"max_size": (int, False)}
+VERIFY_SCHEMA: Schema = {}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
+    """The request's JSON object, checked against ``schema`` (no unknown fields, exact types)."""
+    raw = await request.read()
+    if not raw.strip():
+        obj: Any = {}
+    else:
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    unknown = sorted(set(obj) - set(schema))
+    if unknown:
+        allowed = ", ".join(sorted(schema)) or "none"
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
+    out: dict[str, Any] = {}
+    for name, (kind, required) in schema.items():
+        value = obj.get(name)
+        if value is None:
+            if required:
+                raise InvalidRequest(f"field {name!r} is required")
+            continue
+        # bool is an int in Python; JSON true is never a number here.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidRequest(f"field {name!r} must be {_TYPE_NAMES[kind]}")
+        out[name] = value
+    return out
+
+
+def request_platform(body: Mapping[str, Any]) -> Platform:
+    """``platform`` (os/arch[/variant] or a Debian arch) or ``arch`` (Debian); default: this host."""
+    if "platform" in body and "arch" in body:
+        raise InvalidRequest("give either 'platform' or 'arch', not both")
+    if "arch" in body:
+        return Platform.from_debian(body["arch"])
+    if "platform" in body:
+        return Platform.from_user(body["platform"])
+    return host_default_platform()
+
+
+def host_default_platform() -> Platform:
+    try:
+        return Platform.parse("linux/" + host_platform.machine())
+    except InvalidPlatform:
+        return Platform("linux", "amd64")
+
+
+def peer_of(request: web.Request) -> Peer:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise PermissionRefused("cannot identify the client: deliveries are served on the Unix socket only")
+    return Peer.of_socket(sock)
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+async def handle_fetch(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    body = await read_body(request, FETCH_SCHEMA)
+    reference = Reference.parse(body["reference"])
+    fetch_request = FetchRequest(
+        reference=reference,
+        platform=request_platform(body),
+        level=body.get("level", 3),
+        repo_tag=body.get("repo_tag"),
+        offline=body.get("offline", False),
+    )
+    _ = fetch_request.key  # normalizes repo_tag: a malformed one is a 400 before any work
+    dest, peer = None, None
+    if "dest" in body:
+        peer = peer_of(request)
+        dest = check_destination(body["dest"], peer)
+    job = services.puller.submit(fetch_request)
+    log.info("fetch %s %s level %d for pid %s", reference, fetch_request.platform,
+             fetch_request.level, peer.pid if peer else "?")
+
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
+        async for event in with_heartbeat(job.events(), HEARTBEAT):
+            await _write_line(response, event)
+        try:
+            result = await job.wait()
+            final = {"result": await _hand_back(services, result, dest, peer)}
+        except FetchdError as e:
+            final = {"error": e.to_json()}
+        except Exception as e:  # the stream has started: report on it, never a half answer
+            log.exception("fetch %s failed unexpectedly", reference)
+            final = {"error": {"code": "internal", "message": f"internal error: {e!r}; see the daemon log"}}
+        await _write_line(response, final)
+        await response.write_eof()
+    except ConnectionError:
+        # The client went away. The job goes on for the others (the Puller owns it).
+        log.info("client of fetch %s disconnected", reference)
+    return response
+
+
+async def _hand_back(
+    services: Services, result: FetchResult, dest: Path | None, peer: Peer | None
+) -> dict[str, Any]:
+    out = result.to_json()
+    if dest is None or peer is None:
+        out.update(path=str(result.archive_path), delivery="store")
+        return out
+    delivery = await _deliver(services, Digest.parse(result.archive_digest), result.archive_path, dest, peer)
+    out.update(delivery)
+    return out
+
+
+async def _deliver(
+    services: Services, digest: Digest, source: Path, dest: Path | str, peer: Peer
+) -> dict[str, str]:
+    # The lease keeps gc away from the archive between the check and the link.
+    with services.store.lease([digest], f"deliver {dest}"):
+        delivery = await asyncio.to_thread(deliver, source, str(dest), peer)
+    log.info("delivered %s to %s (%s) for uid %d", digest, delivery.path, delivery.mode, peer.uid)
+    return delivery.to_json()
+
+
+async def with_heartbeat(
+    events: AsyncIterator[dict[str, Any]], interval: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Pass events through; yield ``{"event": "heartbeat"}`` after ``interval`` s of silence."""
+    iterator = aiter(events)
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield {"event": "heartbeat"}
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        closer = getattr(iterator, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+async def _write_line(response: web.StreamResponse, obj: Mapping[str, Any]) -> None:
+    await response.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+async def handle_resolve(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_body(request, RESOLVE_SCHEMA)
+    reference = Reference.parse(body["reference"])
+    return web.json_response(await services.puller.resolve(reference, offline=body.get("offline", False)))
+
+
+async def handle_deliver(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_body(request, DELIVER_SCHEMA)
+    digest = Digest.parse(body["archive_digest"])
+    peer = peer_of(request)
+    dest = check_destination(body["dest"], peer)
+    if not services.store.has(digest):
+        raise BlobUnknown(f"archive {digest} is not in the store (collected?): fetch the image again")
+    source = services.store.blob_path(digest)
+    out = {"archive_digest": str(digest), "size": source.stat().st_size}
+    out.update(await _deliver(services, digest, source, dest, peer))
+    return web.json_response(out)
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response({
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime": round(time.time() - services.started, 3),
+        "socket": services.socket_path,
+        "store_path": services.config.store.path,
+        "jobs": services.puller.jobs(),
+        "completed": getattr(services.puller, "completed", None),
+        "failed": getattr(services.puller, "failed", None),
+        "store": store_usage(await _call(services.store.usage)),
+        "registries": jsonable(services.registry.stats()),
+    })
+
+
+async def handle_images(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response({"images": jsonable(await _call(services.store.list_images))})
+
+
+async def handle_gc(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_body(request, GC_SCHEMA)
+    max_size = body.get("max_size")
+    if max_size is not None and max_size < 0:
+        raise InvalidRequest("field 'max_size' must be at least 0")
+    kwargs = {} if max_size is None else {"max_size": max_size}
+    report = await _call(services.store.gc, **kwargs)
+    log.info("gc: %s", _short(report))
+    return web.json_response(jsonable(report))
+
+
+async def handle_verify(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    await read_body(request, VERIFY_SCHEMA)
+    report = await _call(services.store.verify)
+    log.info("verify: %s", _short(report))
+    return web.json_response(jsonable(report))
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
+
+    metric("fetchd_up", "gauge", "1 while the daemon serves", [("", 1)])
+    metric("fetchd_uptime_seconds", "gauge", "seconds since the daemon started",
+           [("", time.time() - services.started)])
+    metric("fetchd_http_requests_total", "counter", "HTTP requests by route and status",
+           [(f'{{route="{_label(route)}",status="{status}"}}', n)
+            for (route, status), n in sorted(services.requests.items())])
+    metric("fetchd_jobs_running", "gauge", "fetch jobs running or queued",
+           [("", len(services.puller.jobs()))])
+    for attr in ("completed", "failed"):
+        value = getattr(services.puller, attr, None)
+        if isinstance(value, (int, float)):
+            metric(f"fetchd_jobs_{attr}_total", "counter", f"fetch jobs {attr}", [("", value)])
+    usage = store_usage(await _call(services.store.usage))
+    for key, value in _numbers(usage):
+        metric(f"fetchd_store_{key}", "gauge", f"store {key.replace('_', ' ')}", [("", value)])
+    stats = jsonable(services.registry.stats())
+    per_key: dict[str, list[tuple[str, float]]] = {}
+    if isinstance(stats, dict):
+        hosts = stats.get("registries", stats)
+        if isinstance(hosts, dict):
+            for host, counters in hosts.items():
+                for key, value in _numbers(counters):
+                    per_key.setdefault(key, []).append((f'{{registry="{_label(str(host))}"}}', value))
+    for key, samples in sorted(per_key.items()):
+        metric(f"fetchd_registry_{key}", "gauge", f"registry {key.replace('_', ' ')}", samples)
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                        headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a store method that may be a coroutine function or a plain (quick) function."""
+    value = fn(*args, **kwargs)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, paths, digests and tuples as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_json = getattr(value, "to_json", None)
+        if callable(to_json):
+            return jsonable(to_json())
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def store_usage(usage: Any) -> Any:
+    """The store's usage as a JSON object (the store gives ``(bytes, count)``)."""
+    if isinstance(usage, tuple) and len(usage) == 2:
+        return {"bytes": usage[0], "blobs": usage[1]}
+    return jsonable(usage)
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            name = "".join(c if c.isalnum() else "_" for c in f"{prefix}{key}").strip("_").lower()
+            if isinstance(value, bool):
+                out.append((name, int(value)))
+            elif isinstance(value, (int, float)):
+                out.append((name, value))
+            elif isinstance(value, dict):
+                out.extend(_numbers(value, name + "_"))
+    return out
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
+def _label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _short(report: Any) -> str:
+    text = json.dumps(jsonable(report))
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+_HTTP_CODES = {404: "not-found", 405: "method-not-allowed", 413: "request-too-large",
+               415: "unsupported-media-type"}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
+    try:
+        response = await handler(request)
+    except FetchdError as e:
+        if e.http_status >= 500:
+            log.warning("%s %s: %s: %s", request.method, request.path, e.code, e.message)
+        response = web.json_response(e.to_json(), status=e.http_status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 413:
+            message = f"request body too large: at most {MAX_BODY} bytes of JSON"
+        elif e.status == 404:
+            message = f"no such endpoint {request.path}: see docs/API.md (paths start with {API}/)"
+        elif e.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = e.reason
+        response = web.json_response(
+            {"code": _HTTP_CODES.get(e.status, "http-error"), "message": message}, status=e.status
+        )
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as e:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        response = web.json_response(
+            {"code": "internal", "message": f"internal error in {request.path}: {e!r}; see the daemon log"},
+            status=500,
+        )
+    services.requests[(route, response.status)] += 1
+    return response
+
+
+def make_app(services: Services) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app[SERVICES] = services
+    app.router.add_post(API + "/fetch", handle_fetch)
+    app.router.add_post(API + "/resolve", handle_resolve)
+    app.router.add_post(API + "/deliver", handle_deliver)
+    app.router.add_get(API + "/status", handle_status)
+    app.router.add_get(API + "/images", handle_images)
+    app.router.add_post(API + "/gc", handle_gc)
+    app.router.add_post(API + "/verify", handle_verify)
+    app.router.add_get(API + "/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+# -- the listening socket -----------------------------------------------------------------------
+
+
+def listen_unix(path: str, mode: int = 0o660, group: str | None = None) -> socket.socket:
+    """Bind a pathname Unix socket: create the parent, remove a stale socket, refuse a live one."""
+    target = Path(path)
+    if not target.is_absolute():
+        raise ConfigError(f"socket path {path!r} must be absolute")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    gid = None
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket group {group!r} does not exist: create it or change server.socket_group") from None
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{path} exists and is not a socket: remove it or choose another --socket")
+        if _answers(path):
+            raise FetchdError(
+                f"another fetchd already answers on {path}: stop it first "
+                "('systemctl stop fetchd.socket fetchd.service') or choose another --socket"
+            )
+        log.info("removing stale socket %s", path)
+        target.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {e.strerror}") from e
+    sock.setblocking(False)
+    return sock
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), if any."""
+    fds = sdnotify.listen_fds()
+    if not fds:
+        return None
+    if len(fds) > 1:
+        log.warning("systemd passed %d sockets; using fd %d only", len(fds), fds[0])
+    sock = socket.socket(fileno=fds[0])
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ConfigError("the socket passed by systemd is not a Unix stream socket: fix fetchd.socket")
+    sock.setblocking(False)
+    return sock
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+def with_overrides(config: Config, *, socket_path: str | None = None, store: str | None = None) -> Config:
+    if socket_path:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, socket=socket_path))
+    if store:
+        config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=store))
+    return config
+
+
+def store_settings(config: Config) -> Any:
+    """The store's settings from the config: the fields both share, by name."""
+    from .layer_store import StoreSettings
+
+    names = {f.name for f in dataclasses.fields(StoreSettings)}
+    values = {f.name: getattr(config.store, f.name) for f in dataclasses.fields(config.store)
+              if f.name in names}
+    if "tag_cache_ttl" in names:
+        values["tag_cache_ttl"] = config.network.tag_cache_ttl
+    return StoreSettings(**values)
+
+
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT; then stop taking work, park jobs and return.
+
+    Partial downloads stay in the store's ingest area, so the next daemon resumes them.
+    """
+    from .layer_store import LayerStore
+    from .pull import Puller
+    from .registry_async import RegistryClient
+
+    sock = inherited_socket()
+    activated = sock is not None
+    if sock is None:
+        sock = listen_unix(config.server.socket, config.server.socket_mode, config.server.socket_group)
+    socket_path = str(sock.getsockname())
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        if not activated:
+            stack.callback(_remove_socket, socket_path, os.stat(socket_path).st_ino)
+        stack.callback(sock.close)
+        store = LayerStore(Path(config.store.path), store_settings(config))
+        stack.push_async_callback(_call, store.close)
+        registry = RegistryClient(config)
+        stack.push_async_callback(_call, registry.close)
+        puller = Puller(store, registry, config)
+        services = Services(puller, store, registry, config, socket_path=socket_path)
+        runner = web.AppRunner(make_app(services), handle_signals=False, access_log=None,
+                               shutdown_timeout=SHUTDOWN_GRACE)
+        # Exit order (reverse): park the jobs first so that waiting handlers answer and end,
+        # then let the runner close the connections.
+        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(puller.close)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+            stack.callback(loop.remove_signal_handler, signum)
+        await runner.setup()
+        await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE).start()
+        log.info("fetchd %s serving on %s%s, store %s", __version__, socket_path,
+                 " (socket activation)" if activated else "", config.store.path)
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {socket_path}\nMAINPID={os.getpid()}")
+        if ready is not None:
+            ready(socket_path)
+        await stop.wait()
+        log.info("stopping: no new jobs; running jobs are parked, partial downloads kept")
+        sdnotify.notify("STOPPING=1")
+    log.info("stopped")
+
+
+def _remove_socket(path: str, inode: int) -> None:
+    # Only our own socket: a daemon started after us may already have bound a new one there.
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+            os.unlink(path)

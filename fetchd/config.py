@@ -1,0 +1,317 @@
+"""fetchd's configuration: one optional TOML file turned into frozen values.
+
+Every setting has a default, so no file is needed. Where the file comes from:
+``--config`` (the ``path`` argument), else ``$FETCHD_CONFIG``, else
+``/etc/fetchd/config.toml``. A missing default file is fine; a missing file
+that was named explicitly is an error. Unknown keys are errors naming the key,
+so a typo never silently falls back to a default.
+
+Invariant: ``Config.load`` either returns a complete, validated ``Config`` or
+raises ``ConfigError``. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/fetchd/config.toml"
+DEFAULT_STORE_PATH = "/var/cache/fetchd"
+DEFAULT_SOCKET_PATH = "/run/fetchd/fetchd.sock"
+
+MiB = 1024 * 1024
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = DEFAULT_STORE_PATH
+    max_size: int | None = None          # bytes; None means no limit (gc only on demand)
+    high_watermark: float = 0.9          # gc starts when the store exceeds this share of max_size
+    low_watermark: float = 0.7           # ... and removes unused blobs down to this share
+    stale_ingest_age: float = 86400.0    # seconds after which an untouched partial download is removed
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = DEFAULT_SOCKET_PATH
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    max_jobs: int = 4
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    max_connections: int = 8             # per registry host, shared by every pull of the daemon
+    range_threshold: int = 32 * MiB      # blobs at least this big are fetched as parallel ranges
+    range_parts: int = 8
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0           # between two reads of a body, not for the whole body
+    retries: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    retry_after_cap: float = 60.0
+    tag_cache_ttl: float = 300.0
+    max_blob_size: int = 64 * 1024 * MiB
+
+
+@dataclass(frozen=True)
+class BasicCredentials:
+    """A user name and password (or token). ``repr`` hides the secret."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    url: str                              # scheme://host[:port][/prefix]; /v2/ is appended
+    digest_only: bool = False             # never ask this mirror for a tag
+    headers: tuple[tuple[str, str], ...] = ()
+    ns: bool = False                      # add ?ns=<upstream registry> (containerd's convention)
+    insecure: bool = False                # allow plain HTTP / skip nothing else
+    credentials: BasicCredentials | None = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str
+    insecure: bool = False
+    auth_file: str | None = None
+    mirrors: tuple[MirrorConfig, ...] = ()
+    max_connections: int | None = None    # overrides network.max_connections for this host
+    requests_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = StoreConfig()
+    server: ServerConfig = ServerConfig()
+    network: NetworkConfig = NetworkConfig()
+    registries: tuple[RegistryConfig, ...] = ()
+    source: str | None = None             # the file it was read from, for messages
+
+    @classmethod
+    def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+        """Read the config file (see the module docstring for where it comes from)."""
+        env = os.environ if env is None else env
+        explicit = path or env.get("FETCHD_CONFIG") or None
+        chosen = explicit or DEFAULT_CONFIG_PATH
+        try:
+            with open(chosen, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            if explicit:
+                raise ConfigError(
+                    f"config file {chosen} does not exist: create it or drop --config/FETCHD_CONFIG"
+                ) from None
+            return cls.from_dict({}, source=None, env=env)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {chosen} is not valid TOML: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {chosen}: {e.strerror}") from e
+        return cls.from_dict(data, source=chosen, env=env)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str | None = None, env: Mapping[str, str] | None = None
+    ) -> Config:
+        env = os.environ if env is None else env
+        where = source or "config"
+        _check_keys(data, {"store", "server", "network", "registries"}, where)
+        store_data = dict(_table(data, "store", where))
+        store_data.setdefault("path", env.get("FETCHD_STORE") or DEFAULT_STORE_PATH)
+        server_data = dict(_table(data, "server", where))
+        server_data.setdefault("socket", env.get("FETCHD_SOCKET") or DEFAULT_SOCKET_PATH)
+        store = _build(StoreConfig, store_data, f"{where} [store]")
+        server = _build(ServerConfig, server_data, f"{where} [server]")
+        network = _build(NetworkConfig, _table(data, "network", where), f"{where} [network]")
+        _validate(store, server, network, where)
+        registries = tuple(
+            _registry(host, value, where) for host, value in _table(data, "registries", where).items()
+        )
+        return cls(store, server, network, registries, source)
+
+    def registry(self, host: str) -> RegistryConfig:
+        """Settings for ``host`` (``host[:port]`` as in the image reference); defaults if absent."""
+        key = _normalize_host(host)
+        for reg in self.registries:
+            if _normalize_host(reg.host) == key:
+                return reg
+        return RegistryConfig(host=host)
+
+
+def parse_size(value: object, what: str) -> int:
+    """``1048576``, ``"32MiB"``, ``"20G"``, ``"512k"`` -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{what}: expected a size such as 1048576, '32MiB' or '20G', got {value!r}")
+
+
+def _normalize_host(host: str) -> str:
+    host = host.lower()
+    return "docker.io" if host in ("registry-1.docker.io", "index.docker.io") else host
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; allowed here: {', '.join(sorted(allowed))}"
+            )
+
+
+_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size"}
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    _check_keys(data, set(known), where)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        what = f"{where} {key}"
+        default = getattr(cls(), key)
+        if key in _SIZE_FIELDS:
+            values[key] = parse_size(value, what)
+        elif key == "socket_mode":
+            values[key] = _mode(value, what)
+        elif isinstance(default, bool):
+            values[key] = _typed(value, bool, what)
+        elif isinstance(default, int):
+            values[key] = _typed(value, int, what)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{what}: expected a number, got {value!r}")
+            values[key] = float(value)
+        else:
+            values[key] = _typed(value, str, what)
+    return cls(**values)
+
+
+def _typed(value: object, kind: type[Any], what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{what}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _mode(value: object, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        mode = int(value.replace("o", ""), 8)
+    else:
+        raise ConfigError(f"{what}: expected an octal mode such as \"0660\" or 0o660, got {value!r}")
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"{what}: mode {mode:o} out of range")
+    return mode
+
+
+def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, where: str) -> None:
+    if not 0 < store.low_watermark <= store.high_watermark <= 1:
+        raise ConfigError(f"{where} [store]: need 0 < low_watermark <= high_watermark <= 1")
+    if server.max_jobs < 1:
+        raise ConfigError(f"{where} [server] max_jobs: must be at least 1")
+    for name in ("max_connections", "range_parts"):
+        if getattr(net, name) < 1:
+            raise ConfigError(f"{where} [network] {name}: must be at least 1")
+    if net.retries < 0:
+        raise ConfigError(f"{where} [network] retries: must not be negative")
+    for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_cap", "retry_after_cap",
+                 "tag_cache_ttl"):
+        if getattr(net, name) < 0:
+            raise ConfigError(f"{where} [network] {name}: must not be negative")
+
+
+def _registry(host: str, value: object, where: str) -> RegistryConfig:
+    what = f'{where} [registries."{host}"]'
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: must be a table")
+    if not host or "/" in host or any(c.isspace() for c in host):
+        raise ConfigError(f"{what}: the key must be a registry host[:port], e.g. \"quay.io\"")
+    _check_keys(value, {"insecure", "auth_file", "mirrors", "max_connections",
+                        "requests_per_second"}, what)
+    mirrors_data = value.get("mirrors", [])
+    if not isinstance(mirrors_data, list):
+        raise ConfigError(f"{what} mirrors: expected a list of tables")
+    max_conn = value.get("max_connections")
+    if max_conn is not None and (_typed(max_conn, int, f"{what} max_connections") < 1):
+        raise ConfigError(f"{what} max_connections: must be at least 1")
+    rps = value.get("requests_per_second")
+    if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float) or rps <= 0):
+        raise ConfigError(f"{what} requests_per_second: expected a positive number, got {rps!r}")
+    auth_file = value.get("auth_file")
+    return RegistryConfig(
+        host=host,
+        insecure=_typed(value.get("insecure", False), bool, f"{what} insecure"),
+        auth_file=None if auth_file is None else _typed(auth_file, str, f"{what} auth_file"),
+        mirrors=tuple(_mirror(m, f"{what} mirrors[{i}]") for i, m in enumerate(mirrors_data)),
+        max_connections=max_conn,
+        requests_per_second=None if rps is None else float(rps),
+    )
+
+
+def _mirror(value: object, what: str) -> MirrorConfig:
+    if isinstance(value, str):
+        value = {"url": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a table with at least url")
+    _check_keys(value, {"url", "digest_only", "headers", "ns", "insecure", "credentials"}, what)
+    url = value.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{what}: 'url' is required, e.g. \"https://mirror.example.com\"")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{what} url {url!r}: expected http(s)://host[:port][/prefix]")
+    if parts.username or parts.password:
+        raise ConfigError(f"{what} url: put credentials in 'credentials', not in the URL")
+    headers = value.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{what} headers: expected a table of strings")
+    creds = value.get("credentials")
+    credentials = None
+    if creds is not None:
+        if not isinstance(creds, dict):
+            raise ConfigError(f"{what} credentials: expected {{username = ..., password = ...}}")
+        _check_keys(creds, {"username", "password"}, f"{what} credentials")
+        credentials = BasicCredentials(
+            _typed(creds.get("username"), str, f"{what} credentials username"),
+            _typed(creds.get("password", ""), str, f"{what} credentials password"),
+        )
+    return MirrorConfig(
+        url=url.rstrip("/"),
+        digest_only=_typed(value.get("digest_only", False), bool, f"{what} digest_only"),
+        headers=tuple(sorted(headers.items())),
+        ns=_typed(value.get("ns", False), bool, f"{what} ns"),
+        insecure=_typed(value.get("insecure", False), bool, f"{what} insecure"),
+        credentials=credentials,
+    )

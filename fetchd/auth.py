@@ -210,7 +210,12 @@ async def fetch_token(
                     if credentials is not None else None)
             ctx = session.get(realm, params=params, auth=auth, timeout=client_timeout)
         async with ctx as resp:
-            body = await resp.content.read(MAX_TOKEN_BODY + 1)
+            body = bytearray()
+            while len(body) <= MAX_TOKEN_BODY:
+                chunk = await resp.content.read(MAX_TOKEN_BODY + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             status = resp.status
     except (TimeoutError, aiohttp.ClientError) as e:
         raise RegistryError(

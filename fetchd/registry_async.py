@@ -63,7 +63,7 @@ from .manifest import (
 )
 from .ranges import content_range_matches, range_header, split
 from .reference import Reference
-from .registry_errors import error_from_response
+from .registry_errors import error_from_response, read_capped
 from .retry import RetryPolicy, parse_ratelimit, parse_retry_after, retryable_status
 
 log = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ class RegistryClient:
             if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"{where}: manifest of {resp.content_length} bytes exceeds "
                                       f"the {MAX_MANIFEST_SIZE} byte limit ({ep.label})")
-            body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+            body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1)
             if len(body) > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"{where}: manifest exceeds the {MAX_MANIFEST_SIZE} byte "
                                       f"limit ({ep.label})")

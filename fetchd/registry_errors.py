@@ -36,6 +36,19 @@ class _Response(Protocol):
     def content(self) -> _Content: ...
 
 
+async def read_capped(content: _Content, cap: int) -> bytes:
+    """Read a body until EOF or ``cap`` bytes, whichever comes first (one read may be short)."""
+    parts: list[bytes] = []
+    held = 0
+    while held < cap:
+        chunk = await content.read(cap - held)
+        if not chunk:
+            break
+        parts.append(chunk)
+        held += len(chunk)
+    return b"".join(parts)
+
+
 def parse_error_body(body: bytes) -> list[tuple[str, str]]:
     """(code, message) pairs of a registry error body; empty when it is not the spec's JSON."""
     try:
@@ -58,7 +71,7 @@ async def error_from_response(
 ) -> FetchdError:
     """The error for a non-success answer; ``source`` names the registry or mirror."""
     try:
-        body = await resp.content.read(MAX_ERROR_BODY)
+        body = await read_capped(resp.content, MAX_ERROR_BODY)
     except Exception:  # noqa: BLE001 - the status alone still makes a useful error
         body = b""
     return error_for(resp.status, parse_error_body(body), source, ref, what, retry_after)

@@ -67,6 +67,14 @@ class StoreSettings:
     tag_cache_max_age: float = 30 * 24 * 3600.0
     fsync: bool = True
 
+    @classmethod
+    def from_config(cls, config: object) -> StoreSettings:
+        """Copy the fields ``config`` has (e.g. config.StoreConfig); defaults for the rest."""
+        if isinstance(config, cls):
+            return config
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+
 
 class BlobSink(Protocol):
     """Where a fetcher writes a blob's bytes (``ingest.Ingest`` implements it).
@@ -74,7 +82,8 @@ class BlobSink(Protocol):
     ``offset`` is the contiguous prefix already held: the fetch writes [offset, size).
     """
 
-    offset: int
+    @property
+    def offset(self) -> int: ...
 
     async def write_at(self, offset: int, data: bytes) -> None: ...
 
@@ -134,9 +143,14 @@ def _digest(value: Digest | str) -> Digest:
 class LayerStore:
     """Files and digests under one root; see the module docstring for the invariants."""
 
-    def __init__(self, root: Path, settings: StoreSettings | None = None) -> None:
+    def __init__(self, root: Path | str, settings: StoreSettings | object | None = None) -> None:
+        """Open (creating if needed) the store at ``root``.
+
+        ``settings`` is a StoreSettings or any object with some of its fields (the
+        daemon passes ``config.StoreConfig``); missing fields take the defaults.
+        """
         self.root = Path(root)
-        self.settings = settings or StoreSettings()
+        self.settings = StoreSettings.from_config(settings) if settings else StoreSettings()
         self._blobs = self.root / "blobs"
         self.ingest_dir = self.root / "ingest"
         self.tmp_dir = self.root / "tmp"
@@ -148,8 +162,10 @@ class LayerStore:
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise store_error(e, self.root, "create the store directories") from e
+        # A store on a read-only filesystem still serves what it holds; writes raise StoreError.
+        self.read_only = bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
         try:
-            self.index = StoreIndex(self.root / "index.sqlite")
+            self.index = StoreIndex(self.root / "index.sqlite", readonly=self.read_only)
         except sqlite3.Error as e:
             raise StoreError(
                 f"store {self.root}: cannot open index.sqlite: {e}; check that the store is "

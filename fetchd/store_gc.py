@@ -18,13 +18,42 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .digest import Digest
 from .ingest import FileLock, hash_file
+from .store_index import StoreIndex
 
-if TYPE_CHECKING:
-    from .layer_store import LayerStore
+
+class GcSettings(Protocol):
+    @property
+    def max_size(self) -> int | None: ...
+    @property
+    def high_watermark(self) -> float: ...
+    @property
+    def low_watermark(self) -> float: ...
+    @property
+    def stale_ingest_age(self) -> float: ...
+    @property
+    def tag_cache_max_age(self) -> float: ...
+
+
+class GcStore(Protocol):
+    """What gc and verify need of ``LayerStore`` (kept structural: no import cycle)."""
+
+    @property
+    def settings(self) -> GcSettings: ...
+    @property
+    def index(self) -> StoreIndex: ...
+    @property
+    def ingest_dir(self) -> Path: ...
+    @property
+    def tmp_dir(self) -> Path: ...
+    @property
+    def locks_dir(self) -> Path: ...
+    @property
+    def quarantine_dir(self) -> Path: ...
+    def blob_path(self, digest: Digest) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +78,7 @@ class VerifyReport:
     quarantined: tuple[Path, ...]
 
 
-def scan_blobs(store: LayerStore) -> dict[Digest, os.stat_result]:
+def scan_blobs(store: GcStore) -> dict[Digest, os.stat_result]:
     """Every file under blobs/<alg>/ whose name is a valid digest."""
     found: dict[Digest, os.stat_result] = {}
     base = store.blob_path(Digest("sha256", "0" * 64)).parent.parent
@@ -65,11 +94,11 @@ def scan_blobs(store: LayerStore) -> dict[Digest, os.stat_result]:
     return found
 
 
-def _lock_of(store: LayerStore, d: Digest) -> FileLock:
+def _lock_of(store: GcStore, d: Digest) -> FileLock:
     return FileLock(store.locks_dir / f"{d.algorithm}-{d.hex}.lock")
 
 
-def collect(store: LayerStore, max_size: int | None) -> GcReport:
+def collect(store: GcStore, max_size: int | None) -> GcReport:
     """The whole gc, synchronous (runs in a thread)."""
     settings = store.settings
     index = store.index
@@ -133,7 +162,7 @@ def collect(store: LayerStore, max_size: int | None) -> GcReport:
         gc_lock.release()
 
 
-def _evict(store: LayerStore, d: Digest) -> bool:
+def _evict(store: GcStore, d: Digest) -> bool:
     lock = _lock_of(store, d)
     if not lock.try_acquire():
         return False  # being ingested or committed right now
@@ -151,7 +180,7 @@ def _evict(store: LayerStore, d: Digest) -> bool:
         lock.release(unlink=True)
 
 
-def _reap_ingests(store: LayerStore, cutoff: float) -> int:
+def _reap_ingests(store: GcStore, cutoff: float) -> int:
     reaped = 0
     for entry in os.scandir(store.ingest_dir):
         name = entry.name
@@ -197,7 +226,7 @@ def _reap_dir(directory: Path, cutoff: float) -> int:
     return reaped
 
 
-async def verify_all(store: LayerStore, concurrency: int = 2) -> VerifyReport:
+async def verify_all(store: GcStore, concurrency: int = 2) -> VerifyReport:
     """Re-hash every blob in threads; move corrupt ones to quarantine/."""
     found = await asyncio.to_thread(scan_blobs, store)
     sem = asyncio.Semaphore(concurrency)

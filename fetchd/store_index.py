@@ -118,14 +118,19 @@ def process_alive(pid: int, start: str) -> bool:
 class StoreIndex:
     """Thread-safe access to ``index.sqlite``; raises ``sqlite3.Error`` (the store translates)."""
 
-    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0, readonly: bool = False) -> None:
+        """``readonly`` opens an existing index on a read-only filesystem (writes then fail)."""
         self.path = path
+        self.readonly = readonly
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
         conn = self._conn()
+        if readonly:
+            conn.execute("SELECT COUNT(*) FROM blobs").fetchone()  # fail now if unusable
+            return
         with self._tx(conn):
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
@@ -138,6 +143,14 @@ class StoreIndex:
         if conn is None:
             if self._closed:
                 raise sqlite3.ProgrammingError("the store index is closed")
+            if self.readonly:
+                # immutable: sqlite creates no -shm/-wal files (impossible on a read-only fs)
+                conn = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+                self._local.conn = conn
+                with self._all_lock:
+                    self._all.append(conn)
+                return conn
             conn = sqlite3.connect(
                 self.path,
                 timeout=self._busy_ms / 1000,

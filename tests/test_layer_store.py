@@ -446,6 +446,15 @@ async def test_gc_drops_dead_leases_and_old_tags(store: LayerStore) -> None:
     assert store.lookup_tag("n", "t") is None
 
 
+def flip_byte(path: Path, pos: int) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 # -- verify ---------------------------------------------------------------------------------
 
 
@@ -454,13 +463,7 @@ async def test_verify_quarantines_a_flipped_byte_and_it_is_fetched_again(store: 
     other, d2 = blob(1000, seed=31)
     await store.ensure_blob(d, len(data), Source(data))
     await store.ensure_blob(d2, len(other), Source(other))
-    path = store.blob_path(d)
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(12345)
-        byte = f.read(1)
-        f.seek(12345)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(store.blob_path(d), 12345)
     report = await store.verify()
     assert report.checked == 2 and report.corrupt == (d,)
     assert not store.has(d) and store.has(d2)
@@ -533,12 +536,16 @@ async def test_real_full_filesystem(small_fs: Path) -> None:
     store.close()
 
 
+def remount_read_only(mnt: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+
+
 async def test_read_only_store(small_fs: Path) -> None:
     store = LayerStore(small_fs / "store")
     data, d = blob(1000, seed=43)
     await store.ensure_blob(d, len(data), Source(data))
     store.close()
-    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    remount_read_only(small_fs)
     ro = LayerStore(small_fs / "store")
     with ro.open_blob(d) as f:  # reading still works
         assert f.read() == data

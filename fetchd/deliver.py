@@ -13,8 +13,9 @@ Invariants:
   through an ACL is refused, which errs on the safe side.)
 * Store files are never modified: a hard link shares the store's read-only (0444) inode.
 * When the daemon itself cannot write the destination directory (another user's home, a
-  read-only view under systemd's ``ProtectSystem``), nothing is written and the result says
-  ``client-copy``: the client copies the read-only store file itself, with its own rights.
+  read-only view under systemd's ``ProtectSystem``, a directory it does not see because of
+  ``PrivateTmp``), nothing is written and the result says ``client-copy``: the client copies
+  the read-only store file itself, with its own rights.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def check_destination(dest: object, peer: Peer) -> Path:
     try:
         dst = os.stat(parent)
     except FileNotFoundError:
-        raise InvalidRequest(f"destination directory {parent} does not exist: create it first") from None
+        # Perhaps only this daemon cannot see it (PrivateTmp, another mount namespace):
+        # the client copies itself and reports a directory that is really missing.
+        return path
     except NotADirectoryError:
         raise InvalidRequest(f"destination {path}: a parent is not a directory") from None
     except PermissionError:
@@ -204,7 +207,7 @@ def deliver(source: Path, dest: object, peer: Peer) -> Delivery:
     try:
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno in _NO_WRITE:
+        if e.errno in _NO_WRITE or e.errno == errno.ENOENT:
             return Delivery(path, CLIENT_COPY, source)
         raise StoreError(f"cannot open destination directory {path.parent}: {e.strerror}") from e
     try:

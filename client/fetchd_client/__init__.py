@@ -322,6 +322,10 @@ def copy_atomic(source: str, dest: str, digest: str | None = None) -> None:
             "permission-refused", f"refusing to write {dest}: a symlink is there; remove it first"
         )
     directory, name = os.path.split(dest)
+    if not os.path.isdir(directory):
+        raise FetchdClientError(
+            "invalid-request", f"destination directory {directory} does not exist: create it first"
+        )
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.fetchd-tmp")
     algorithm = digest.partition(":")[0] if digest else "sha256"
     h = hashlib.new(algorithm)

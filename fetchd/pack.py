@@ -1,0 +1,382 @@
+"""Pack one image into a zstd-compressed docker-archive, reusing per-layer zstd frames.
+
+The archive is a concatenation of zstd frames (a valid stream for zstd, pzstd and
+python-zstandard), whose decompressed bytes are exactly skopeo 1.9's docker-archive
+(see ``archive_format``):
+
+    [layer frame of diff_id_1] [layer frame of diff_id_2] ... [tail frame]
+
+A layer's tar member (header, content, padding) depends on nothing but the layer, so its frame
+is made once per (diff_id, level) and cached in the store under the alias
+``("frame", "<diff_id>@<level>")``. A second image sharing base layers compresses only its new
+layers; another level compresses each layer once more at that level. The tail frame (config,
+legacy entries, manifest.json, repositories, end blocks) is small and made every time.
+
+Design of a layer frame, chosen so each layer blob is read and decompressed exactly once:
+the member header needs the content size, which is known only at the end of the stream. So
+the cached unit is two frames: a fixed-size *raw* zstd frame holding the 512-byte header
+(written by hand: frame header + one raw block, 522 bytes) followed by an ordinary compressed
+frame of content + padding. The worker reserves the 522 bytes, streams blob -> decompress ->
+sha256 + zstd into the file, then writes the header frame into the reserved space. (A layer of
+8 GiB or more needs a PAX header, 1536 bytes: that rare file is rewritten once.)
+
+Invariants:
+- each diff_id is checked against the image config while streaming; a mismatch raises
+  ``DiffIdMismatch`` and nothing is committed for that layer nor any archive for the image;
+- the bytes depend only on (config, layers, name:tag, level): libzstd is pinned through
+  python-zstandard 0.25.0, compression always runs with ``threads >= 1`` (the same bytes for
+  any thread count), frames carry a checksum and never a content size;
+- finished archives are cached under ``("archive", archive_key(...))``; the store commits
+  files atomically, so an alias always names a complete archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import zstandard
+
+from .archive_format import (
+    BLOCK,
+    archive_tail,
+    layer_member_header,
+    padding,
+    qualified_repo_tag,
+)
+from .decompress import decompressed_chunks
+from .digest import Digest
+from .errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch, ManifestInvalid
+from .manifest import Descriptor, ImageManifest, parse_config
+
+MIN_LEVEL = 1
+MAX_LEVEL = 19
+DEFAULT_LEVEL = 3
+ARCHIVE_MEDIA_TYPE = "application/x-docker-archive+zstd"
+FRAME_MEDIA_TYPE = "application/vnd.fetchd.tar-member+zstd"
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
+_PROGRESS_INTERVAL = 0.25
+
+
+class PackStore(Protocol):
+    """What pack needs from the store (``fetchd.layer_store.LayerStore`` implements it)."""
+
+    def open_blob(self, digest: Digest) -> BinaryIO: ...
+
+    def get_alias(self, kind: str, key: str) -> Digest | None: ...
+
+    def temp_path(self, suffix: str = "") -> Path: ...
+
+    def commit_file(self, tmp: Path, digest: Digest | None = None,
+                    alias: tuple[str, str] | None = None,
+                    media_type: str | None = None) -> Digest: ...
+
+    def blob_path(self, digest: Digest) -> Path: ...
+
+    def lease(self, digests: Iterable[Digest], holder: str = "") -> AbstractContextManager[Any]: ...
+
+
+ProgressSink = Callable[[dict[str, Any]], None]
+"""Receives pack events (``{"state": ..., ...}``); may be called from worker threads."""
+
+
+@dataclass(frozen=True)
+class PackResult:
+    digest: Digest
+    path: Path
+    size: int
+    frames_compressed: int
+    frames_reused: int
+    archive_reused: bool = False
+
+
+def check_level(level: object) -> int:
+    """``level`` if it is a zstd level fetchd offers (1-19), else CompressionLevelInvalid."""
+    if isinstance(level, bool) or not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
+        raise CompressionLevelInvalid(
+            f"invalid zstd compression level {level!r}: use an integer from {MIN_LEVEL} to "
+            f"{MAX_LEVEL} (Isar's default is {DEFAULT_LEVEL})"
+        )
+    return level
+
+
+def archive_key(manifest_digest: Digest | str, repo_tag: str, level: int) -> str:
+    """The store alias key of a finished archive: ``<manifest digest> <name:tag> <level>``.
+
+    ``repo_tag`` is normalized as RepoTags are (``debian:12`` == ``docker.io/library/debian:12``).
+    """
+    return f"{manifest_digest} {qualified_repo_tag(repo_tag)} {check_level(level)}"
+
+
+def frame_key(diff_id: Digest, level: int) -> str:
+    return f"{diff_id}@{level}"
+
+
+def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    """The one compressor configuration every frame uses (see the determinism invariant)."""
+    return zstandard.ZstdCompressor(level=check_level(level), threads=max(1, threads),
+                                    write_checksum=True, write_content_size=False)
+
+
+def raw_zstd_frame(data: bytes) -> bytes:
+    """A zstd frame holding ``data`` uncompressed (one raw block), for 256..65791 bytes.
+
+    Frame header descriptor 0x60: single segment, 2-byte content size (stored minus 256),
+    no checksum, no dictionary. Block header: last block, type raw, size ``len(data)``.
+    """
+    n = len(data)
+    if not 256 <= n <= 65791:
+        raise ValueError(f"raw zstd frame of {n} bytes not supported")
+    return (_ZSTD_MAGIC + b"\x60" + (n - 256).to_bytes(2, "little")
+            + (1 | n << 3).to_bytes(3, "little") + data)
+
+
+# --------------------------------------------------------------------------- layer frames
+
+
+@dataclass(frozen=True)
+class _LayerJob:
+    descriptor: Descriptor
+    diff_id: Digest
+    index: int
+
+
+class _Aborted(Exception):
+    """Another layer failed: stop early, the archive will not be made."""
+
+
+def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, threads: int, *,
+                     image_name: str = "", abort: threading.Event | None = None,
+                     progress: ProgressSink | None = None) -> int:
+    """Write the cached unit of one layer to ``out_path``; return the uncompressed layer size.
+
+    Reads ``src`` once: decompress, hash and compress in one pass. Raises DiffIdMismatch when
+    the content does not hash to ``job.diff_id`` (the caller discards ``out_path``).
+    """
+    what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
+    hasher = hashlib.sha256()
+    size = 0
+    last = time.monotonic()
+    with open(out_path, "wb") as out:
+        out.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame goes here once the size is known
+        with compressor(level, threads).stream_writer(out, closefd=False, write_size=1 << 20) as w:
+            for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
+                if abort is not None and abort.is_set():
+                    raise _Aborted
+                hasher.update(chunk)
+                size += len(chunk)
+                w.write(chunk)
+                if progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
+                    last = time.monotonic()
+                    progress({"state": "layer-progress", "diff_id": str(job.diff_id),
+                              "bytes": size})
+            w.write(padding(size))
+        actual = Digest("sha256", hasher.hexdigest())
+        if actual != job.diff_id:
+            raise DiffIdMismatch(
+                f"{what}: uncompressed content hashes to {actual}, but the image config says "
+                f"diff_id {job.diff_id} for layer {job.index + 1}; the layer or the config is "
+                "corrupt or does not belong to this image, nothing was packed"
+            )
+        header = raw_zstd_frame(layer_member_header(job.diff_id, size))
+        if len(header) == _HEADER_FRAME_SIZE:
+            out.seek(0)
+            out.write(header)
+            return size
+    _prepend_header(out_path, header)  # PAX header (>= 8 GiB): rewrite once
+    return size
+
+
+def _prepend_header(path: Path, header: bytes) -> None:
+    tmp = path.with_name(path.name + ".pax")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(header)
+        src.seek(_HEADER_FRAME_SIZE)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, path)
+
+
+def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, image_name: str,
+                 abort: threading.Event, progress: ProgressSink | None) -> Digest:
+    """Make, verify and commit one layer frame (runs in a worker thread)."""
+    tmp = store.temp_path(".frame.zst")
+    try:
+        with store.open_blob(job.descriptor.digest) as src:
+            size = make_layer_frame(src, tmp, job, level, threads, image_name=image_name,
+                                    abort=abort, progress=progress)
+        digest = store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
+                                   media_type=FRAME_MEDIA_TYPE)
+    except BaseException:
+        abort.set()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if progress is not None:
+        progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size,
+                  "frame": str(digest)})
+    return digest
+
+
+# --------------------------------------------------------------------------- the archive
+
+
+def _copy_into(dst: BinaryIO, path: Path) -> None:
+    with open(path, "rb") as src:
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining > 0:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+                if n == 0:
+                    break
+                remaining -= n
+        except OSError:  # no copy_file_range across these files: copy through user space
+            pass
+        if remaining > 0:
+            src.seek(-remaining, os.SEEK_END)
+            dst.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _assemble(store: PackStore, frames: Sequence[Digest], tail: bytes, key: str) -> Digest:
+    """Concatenate the layer frames and the tail frame; commit under the archive alias."""
+    tmp = store.temp_path(".docker-archive.zst")
+    try:
+        with open(tmp, "wb", buffering=0) as out:  # unbuffered: copy_file_range moves the offset
+            for frame in frames:
+                _copy_into(out, store.blob_path(frame))
+            out.seek(0, os.SEEK_END)
+            view = memoryview(tail)
+            while view:
+                view = view[out.write(view) or 0:]
+        return store.commit_file(tmp, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _layer_jobs(manifest: ImageManifest, diff_ids: Sequence[Digest], where: str) -> list[_LayerJob]:
+    if len(diff_ids) != len(manifest.layers):
+        raise ManifestInvalid(
+            f"{where}: the manifest has {len(manifest.layers)} layers but the config lists "
+            f"{len(diff_ids)} diff_ids; the image is inconsistent"
+        )
+    if not diff_ids:
+        raise ManifestInvalid(f"{where}: the image has no layers; nothing to pack")
+    jobs: dict[Digest, _LayerJob] = {}
+    for i, (desc, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
+        jobs.setdefault(diff_id, _LayerJob(desc, diff_id, i))
+    return list(jobs.values())
+
+
+async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
+                     level: int, *, threads: int | None = None,
+                     progress: ProgressSink | None = None, image_name: str = "",
+                     manifest_digest: Digest | None = None) -> PackResult:
+    """The image as a zstd docker-archive in the store (made now, or found in the cache).
+
+    The layer blobs of ``manifest`` must be in the store (the caller leases them). The archive
+    is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
+    ``manifest_digest`` the config digest stands in for it (the archive's content depends
+    only on the config, the layers it names and ``repo_tag``).
+    When this returns, ``PackResult.path`` is a complete, committed archive.
+    """
+    check_level(level)
+    where = image_name or repo_tag
+    qualified = qualified_repo_tag(repo_tag)
+    config_digest = Digest.of(config_raw)
+    if config_digest != manifest.config.digest:
+        raise DigestMismatch(
+            f"{where}: config bytes hash to {config_digest}, the manifest names "
+            f"{manifest.config.digest}; pass the config blob of this manifest"
+        )
+    config = parse_config(config_raw, where)
+    jobs = _layer_jobs(manifest, config.diff_ids, where)
+    key = archive_key(manifest_digest or config_digest, qualified, level)
+    workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
+
+    cached = store.get_alias("archive", key)
+    if cached is not None:
+        path = store.blob_path(cached)
+        with contextlib.suppress(FileNotFoundError):
+            result = PackResult(cached, path, path.stat().st_size, 0, 0, archive_reused=True)
+            _emit(progress, {"state": "done", "digest": str(cached), "size": result.size,
+                             "reused": True})
+            return result
+
+    frames: dict[Digest, Digest] = {}
+    for job in jobs:
+        found = store.get_alias("frame", frame_key(job.diff_id, level))
+        if found is not None and store.blob_path(found).is_file():
+            frames[job.diff_id] = found
+    reused = len(frames)
+    todo = [job for job in jobs if job.diff_id not in frames]
+    holder = f"pack {where}"
+    with contextlib.ExitStack() as leases:
+        leases.enter_context(store.lease(
+            [*frames.values(), *(job.descriptor.digest for job in todo)], holder))
+        for job in jobs:
+            _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
+                             "reused": job.diff_id in frames})
+        made = await _build_frames(store, todo, level, workers, where, progress)
+        leases.enter_context(store.lease(made.values(), holder))
+        frames.update(made)
+        _emit(progress, {"state": "assemble", "layers": len(jobs)})
+        tail = compressor(level, workers).compress(archive_tail(config_raw, qualified, where))
+        ordered = [frames[job.diff_id] for job in jobs]
+        digest = await asyncio.to_thread(_assemble, store, ordered, tail, key)
+    path = store.blob_path(digest)
+    size = path.stat().st_size
+    _emit(progress, {"state": "done", "digest": str(digest), "size": size, "reused": False})
+    return PackResult(digest, path, size, len(made), reused)
+
+
+async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int, workers: int,
+                        where: str, progress: ProgressSink | None) -> dict[Digest, Digest]:
+    """Compress the missing layer frames, up to ``workers`` layers at a time, each with
+    ``workers`` zstd threads. On the first failure the others stop early; the error raised is
+    that first failure."""
+    abort = threading.Event()
+    slots = asyncio.Semaphore(workers)
+
+    async def one(job: _LayerJob) -> Digest:
+        async with slots:
+            if abort.is_set():
+                raise _Aborted
+            return await asyncio.to_thread(_build_frame, store, job, level, workers, where,
+                                           abort, progress)
+
+    results = await asyncio.gather(*(one(job) for job in todo), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    real = [e for e in errors if not isinstance(e, _Aborted)]
+    if real:
+        raise real[0]
+    if errors:
+        raise errors[0]
+    return {job.diff_id: r for job, r in zip(todo, results, strict=True) if isinstance(r, Digest)}
+
+
+def _emit(progress: ProgressSink | None, event: dict[str, Any]) -> None:
+    if progress is not None:
+        progress(event)
+
+
+def iter_archive_frames(store: PackStore, digest: Digest) -> Iterator[bytes]:
+    """The decompressed archive (tests, debugging): all frames, in 1 MiB chunks."""
+    with store.open_blob(digest) as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True,
+                                                            closefd=False)
+        while chunk := reader.read(1 << 20):
+            yield chunk

@@ -1,0 +1,378 @@
+"""pack: the zstd docker-archive equals skopeo's, loads in real tools, and reuses layer frames.
+
+Every image and platform of the catalog is packed from a store and compared, decompressed,
+byte for byte with ``skopeo copy docker://... docker-archive:OUT:NAME:TAG`` (skopeo outputs are
+cached for the session). Tests that need no skopeo fill the store from the catalog directly:
+pack never talks to a registry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+import zstandard
+from support.images import (
+    CATALOG_NAMES,
+    Catalog,
+    PlatformImage,
+    build_catalog,
+    make_image,
+    make_layer,
+)
+
+from fetchd.archive_format import docker_archive_chunks
+from fetchd.digest import Digest
+from fetchd.errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch
+from fetchd.layer_store import LayerStore, StoreSettings
+from fetchd.manifest import ImageManifest, parse_manifest
+from fetchd.pack import (
+    PackResult,
+    archive_key,
+    check_level,
+    frame_key,
+    pack_image,
+    raw_zstd_frame,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LayerStore]:
+    s = LayerStore(tmp_path / "store", StoreSettings(fsync=False))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def catalog() -> dict[str, Any]:
+    """The catalog, built locally (no registry): enough for every test that needs no skopeo."""
+    return {img.name: img for img in build_catalog()}
+
+
+def put_blob(store: LayerStore, data: bytes) -> Digest:
+    tmp = store.temp_path(".blob")
+    tmp.write_bytes(data)
+    return store.commit_file(tmp, digest=Digest.of(data))
+
+
+def put_image(store: LayerStore, part: PlatformImage) -> ImageManifest:
+    """The platform image's config and layer blobs into the store; its parsed manifest."""
+    put_blob(store, part.config_bytes)
+    for layer in part.layers:
+        put_blob(store, layer.read())
+    manifest = parse_manifest(part.manifest_bytes, part.manifest_media_type, "test")
+    assert isinstance(manifest, ImageManifest)
+    return manifest
+
+
+async def pack(store: LayerStore, part: PlatformImage, repo_tag: str = "example.com/test:1",
+               level: int = 3, **kw: Any) -> PackResult:
+    manifest = put_image(store, part)
+    return await pack_image(store, manifest, part.config_bytes, repo_tag, level, **kw)
+
+
+def unzstd(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        return reader.read()
+
+
+def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout, check=False)
+    assert r.returncode == 0, f"{args[0]} failed: {r.stderr.decode(errors='replace')[-2000:]}"
+    return r
+
+
+def all_parts(catalog: dict[str, Any]) -> Iterable[tuple[str, str, PlatformImage]]:
+    for name in CATALOG_NAMES:
+        for plat, part in catalog[name].platforms.items():
+            yield name, plat, part
+
+
+@pytest.fixture(scope="session")
+def skopeo_archive(tmp_path_factory: pytest.TempPathFactory,
+                   images: Catalog) -> Callable[[str, PlatformImage, str], bytes]:
+    """skopeo 1.9's docker-archive of a pushed platform image (by manifest digest), cached."""
+    root = tmp_path_factory.mktemp("skopeo-archives")
+    cache: dict[tuple[str, str, str], bytes] = {}
+
+    def get(name: str, part: PlatformImage, repo_tag: str) -> bytes:
+        key = (name, str(part.manifest_digest), repo_tag)
+        if key not in cache:
+            img = images[name]
+            out = root / f"{len(cache)}.tar"
+            source = f"docker://{images.host}/{img.repository}@{part.manifest_digest}"
+            if any(layer.compression == "zstd" for layer in part.layers):
+                # skopeo 1.9 refuses zstd layers on the way to docker-archive ("zstd compression
+                # is not supported for docker images"): decompress into dir: first.
+                plain = root / f"{len(cache)}.dir"
+                run("skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-decompress",
+                    source, f"dir:{plain}")
+                source = f"dir:{plain}"
+            run("skopeo", "copy", "-q", "--src-tls-verify=false", source,
+                f"docker-archive:{out}:{repo_tag}")
+            cache[key] = out.read_bytes()
+        return cache[key]
+
+    return get
+
+
+# --------------------------------------------------------------------------- skopeo equality
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("name", CATALOG_NAMES)
+async def test_archive_equals_skopeo_for_every_platform(
+        name: str, images: Catalog, store: LayerStore,
+        skopeo_archive: Callable[[str, PlatformImage, str], bytes]) -> None:
+    img = images[name]
+    repo_tag = f"{images.host}/{img.repository}:{img.tag}"
+    for part in img.platforms.values():
+        result = await pack(store, part, repo_tag)
+        expected = skopeo_archive(name, part, repo_tag)
+        got = unzstd(result.path)
+        assert got == expected, f"{name} {part.platform}: archive differs from skopeo's"
+        # the pure reference writer gives the same bytes from the plain layer tars
+        golden = b"".join(docker_archive_chunks(
+            part.config_bytes, [io.BytesIO(layer.tar()) for layer in part.layers], repo_tag))
+        assert golden == expected
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("repo_tag", ["debian:bookworm", "foo/bar", "index.docker.io/x/y:2",
+                                      "localhost/a:b"])
+async def test_repo_tag_normalized_as_skopeo(
+        repo_tag: str, images: Catalog, store: LayerStore,
+        skopeo_archive: Callable[[str, PlatformImage, str], bytes]) -> None:
+    part = images["single-docker"].only
+    result = await pack(store, part, repo_tag)
+    assert unzstd(result.path) == skopeo_archive("single-docker", part, repo_tag)
+
+
+# --------------------------------------------------------------------------- real loaders
+
+
+@pytest.mark.registry
+async def test_skopeo_podman_zstd_and_pzstd_accept_the_archive(
+        images: Catalog, store: LayerStore, tmp_path: Path) -> None:
+    part = images["multi-oci"].platform("linux/arm64/v8")
+    repo_tag = f"{images.host}/fetchd-test/loaded:arm64"
+    result = await pack(store, part, repo_tag)
+    archive = tmp_path / "image.tar.zst"
+    shutil.copyfile(result.path, archive)
+    plain = unzstd(archive)
+
+    run("skopeo", "copy", "-q", f"docker-archive:{archive}", f"oci:{tmp_path / 'oci'}")
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    assert len(index["manifests"]) == 1
+
+    assert run("zstd", "-d", "-c", "-q", archive).stdout == plain
+    assert run("pzstd", "-d", "-c", "-q", archive).stdout == plain
+
+    # podman wants a runroot path under 50 characters: pytest's tmp_path is longer
+    runroot = Path(tempfile.mkdtemp(prefix="fetchd-rr-"))
+    try:
+        podman = ["podman", "--storage-driver", "vfs", "--root", tmp_path / "root",
+                  "--runroot", runroot]
+        out = run(*podman, "load", "-i", archive).stdout.decode()
+        assert f"Loaded image: {repo_tag}" in out
+        listed = run(*podman, "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.decode()
+        assert repo_tag in listed.split()
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+async def test_same_input_same_bytes_for_any_thread_count(tmp_path: Path,
+                                                          catalog: dict[str, Any]) -> None:
+    part = catalog["multimember"].only
+    digests = []
+    for i, threads in enumerate([1, 2, 4, 2]):
+        s = LayerStore(tmp_path / f"s{i}", StoreSettings(fsync=False))
+        try:
+            result = await pack(s, part, "debian:bookworm", 3, threads=threads)
+            digests.append(result.digest)
+        finally:
+            s.close()
+    assert len(set(digests)) == 1
+
+
+def test_raw_frame_decodes_with_zstd() -> None:
+    data = bytes(range(256)) * 2
+    assert zstandard.ZstdDecompressor().decompress(raw_zstd_frame(data)) == data
+    assert len(raw_zstd_frame(data)) == 522
+
+
+# --------------------------------------------------------------------------- incremental
+
+
+async def test_second_image_compresses_only_its_new_layers(store: LayerStore,
+                                                           catalog: dict[str, Any]) -> None:
+    a = await pack(store, catalog["shared-a"].only)
+    assert (a.frames_compressed, a.frames_reused, a.archive_reused) == (3, 0, False)
+    b = await pack(store, catalog["shared-b"].only)
+    assert (b.frames_compressed, b.frames_reused) == (1, 2)
+    again = await pack(store, catalog["shared-b"].only)
+    assert again.archive_reused and again.digest == b.digest
+    assert (again.frames_compressed, again.frames_reused) == (0, 0)
+
+
+async def test_level_change_recompresses_from_the_store_alone(store: LayerStore,
+                                                              catalog: dict[str, Any]) -> None:
+    # No registry anywhere in this test: pack only reads the store.
+    part = catalog["single-oci"].only
+    r3 = await pack(store, part, level=3)
+    r9 = await pack(store, part, level=9)
+    assert r9.frames_compressed == len(part.layers) and r9.frames_reused == 0
+    assert r9.digest != r3.digest
+    assert unzstd(r3.path) == unzstd(r9.path)
+    for layer in part.layers:
+        assert store.get_alias("frame", frame_key(layer.diff_id, 9)) is not None
+
+
+async def test_duplicate_layer_is_compressed_once(store: LayerStore, catalog: dict[str, Any]) -> None:
+    part = catalog["dup-layer"].only
+    result = await pack(store, part)
+    assert len(part.layers) == 4
+    assert result.frames_compressed == 3
+
+
+async def test_archive_cached_under_manifest_digest_key(store: LayerStore,
+                                                        catalog: dict[str, Any]) -> None:
+    part = catalog["single-docker"].only
+    result = await pack(store, part, "debian:12", manifest_digest=part.manifest_digest)
+    key = archive_key(part.manifest_digest, "docker.io/library/debian:12", 3)
+    assert key == archive_key(part.manifest_digest, "debian:12", 3)
+    assert store.get_alias("archive", key) == result.digest
+
+
+async def test_progress_events(store: LayerStore, catalog: dict[str, Any]) -> None:
+    events: list[dict[str, Any]] = []
+    await pack(store, catalog["shared-a"].only, progress=events.append)
+    states = [e["state"] for e in events]
+    assert states.count("layer") == 3 and states.count("layer-done") == 3
+    assert states[-1] == "done"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+async def test_wrong_diff_id_is_refused_and_nothing_is_delivered(store: LayerStore) -> None:
+    good = make_layer(b"\0" * 2048)
+    other = make_layer(b"\1" * 2048)
+    # a config whose second diff_id names other content than the layer blob holds
+    part = make_image("linux/amd64", [good, other])
+    lying = json.loads(part.config_bytes)
+    wrong = Digest.of(b"something else")
+    lying["rootfs"]["diff_ids"][1] = str(wrong)
+    bad_part = make_image("linux/amd64", [good, other], config=json.dumps(lying).encode())
+    with pytest.raises(DiffIdMismatch) as info:
+        await pack(store, bad_part, "victim:1", image_name="example.com/victim:1")
+    message = info.value.message
+    assert "example.com/victim:1" in message and str(other.digest) in message
+    assert str(wrong) in message and str(other.diff_id) in message
+    key = archive_key(Digest.of(bad_part.config_bytes), "victim:1", 3)
+    assert store.get_alias("archive", key) is None
+    assert store.get_alias("frame", frame_key(wrong, 3)) is None
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("level", [0, 20, -1, True, "3", 3.0, None])
+async def test_invalid_levels_refused(level: Any, store: LayerStore, catalog: dict[str, Any]) -> None:
+    with pytest.raises(CompressionLevelInvalid, match="1 to 19"):
+        check_level(level)
+    with pytest.raises(CompressionLevelInvalid):
+        await pack(store, catalog["single-oci"].only, level=level)
+
+
+async def test_config_not_of_this_manifest_is_refused(store: LayerStore,
+                                                      catalog: dict[str, Any]) -> None:
+    part = catalog["single-oci"].only
+    manifest = put_image(store, part)
+    with pytest.raises(DigestMismatch):
+        await pack_image(store, manifest, part.config_bytes + b" ", "x:1", 3)
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+class FakeStore:
+    """The smallest PackStore: blobs in a dict-backed directory; records what pack asks for."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.aliases: dict[tuple[str, str], Digest] = {}
+        self.opened: list[Digest] = []
+        self.leased: list[Digest] = []
+        self._n = 0
+
+    def add(self, data: bytes) -> Digest:
+        d = Digest.of(data)
+        self.blob_path(d).write_bytes(data)
+        return d
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        self.opened.append(digest)
+        return open(self.blob_path(digest), "rb")
+
+    def get_alias(self, kind: str, key: str) -> Digest | None:
+        return self.aliases.get((kind, key))
+
+    def temp_path(self, suffix: str = "") -> Path:
+        self._n += 1
+        return self.root / f"tmp{self._n}{suffix}"
+
+    def commit_file(self, tmp: Path, digest: Digest | None = None,
+                    alias: tuple[str, str] | None = None, media_type: str | None = None) -> Digest:
+        d = Digest.of(tmp.read_bytes())
+        tmp.replace(self.blob_path(d))
+        if alias:
+            self.aliases[alias] = d
+        return d
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / digest.hex
+
+    @contextmanager
+    def lease(self, digests: Iterable[Digest], holder: str = "") -> Iterator[None]:
+        self.leased.extend(digests)
+        yield
+
+
+async def test_fake_store_each_layer_read_once_and_reused_frames_not_read(
+        tmp_path: Path, catalog: dict[str, Any]) -> None:
+    fake = FakeStore(tmp_path / "fake")
+    for name in ("shared-a", "shared-b"):
+        part = catalog[name].only
+        fake.add(part.config_bytes)
+        for layer in part.layers:
+            fake.add(layer.read())
+    a, b = catalog["shared-a"].only, catalog["shared-b"].only
+
+    def manifest(part: PlatformImage) -> ImageManifest:
+        m = parse_manifest(part.manifest_bytes, part.manifest_media_type, "t")
+        assert isinstance(m, ImageManifest)
+        return m
+
+    await pack_image(fake, manifest(a), a.config_bytes, "a:1", 3)
+    assert fake.opened == [layer.digest for layer in a.layers]
+    fake.opened.clear()
+    rb = await pack_image(fake, manifest(b), b.config_bytes, "b:1", 3)
+    assert fake.opened == [b.layers[-1].digest]
+    assert set(fake.leased) >= {layer.digest for layer in b.layers[-1:]}
+    assert rb.frames_compressed == 1

@@ -114,6 +114,12 @@ def parse_challenges(headers: str | list[str]) -> list[Challenge]:
     return result
 
 
+def basic_authorization(credentials: BasicCredentials) -> str:
+    """The ``Authorization`` value for HTTP basic auth (UTF-8, as docker and podman send it)."""
+    raw = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
 def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
@@ -206,9 +212,8 @@ async def fetch_token(
                     "client_id": "fetchd", **dict(params)}
             ctx = session.post(realm, data=form, timeout=client_timeout)
         else:
-            auth = (aiohttp.BasicAuth(credentials.username, credentials.password)
-                    if credentials is not None else None)
-            ctx = session.get(realm, params=params, auth=auth, timeout=client_timeout)
+            headers = {"Authorization": basic_authorization(credentials)} if credentials else {}
+            ctx = session.get(realm, params=params, headers=headers, timeout=client_timeout)
         async with ctx as resp:
             body = bytearray()
             while len(body) <= MAX_TOKEN_BODY:

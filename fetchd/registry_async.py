@@ -35,6 +35,7 @@ from .auth import (
     Challenge,
     Credentials,
     TokenCache,
+    basic_authorization,
     fetch_token,
     is_loopback,
     parse_challenges,
@@ -304,7 +305,7 @@ class RegistryClient:
             return None
         if challenge.scheme == "basic":
             creds = await self._credentials(ep, ref)
-            return aiohttp.BasicAuth(creds.username, creds.password).encode() if creds else None
+            return basic_authorization(creds) if creds else None
         token = self.tokens.get(ep.key, scope)
         if token is None:
             async with self.tokens.lock(ep.key, scope):

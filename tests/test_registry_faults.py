@@ -1,0 +1,449 @@
+"""The registry client against a scripted fake registry: auth, redirects, faults, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_registry import Fault, FakeRegistry
+from registry_sinks import MemorySink
+
+from fetchd.auth import Credentials
+from fetchd.config import BasicCredentials, Config, MirrorConfig, NetworkConfig, RegistryConfig
+from fetchd.digest import Digest
+from fetchd.errors import (
+    DigestMismatch,
+    ManifestInvalid,
+    ManifestUnknown,
+    RateLimited,
+    RegistryError,
+    SizeMismatch,
+    Unauthorized,
+    UnsupportedManifest,
+)
+from fetchd.manifest import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor
+from fetchd.reference import Reference
+from fetchd.registry_async import RegistryClient
+
+REPO = "x/y"
+BLOB = os.urandom(3 * 1024 * 1024 + 17)
+MANIFEST = json.dumps({
+    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "digest": str(Digest.of(b"{}")), "size": 2},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": str(Digest.of(BLOB)), "size": len(BLOB)}],
+}).encode()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sleeps(list[float]):
+    """Records the client's backoff sleeps instead of sleeping (no slow tests)."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRegistry]:
+    reg = await FakeRegistry().start()
+    reg.add_blob(BLOB)
+    reg.add_blob(b"{}")
+    reg.add_manifest(REPO, "v1", MANIFEST)
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+@pytest.fixture
+async def storage() -> AsyncIterator[FakeRegistry]:
+    """Another origin (another port) playing object storage."""
+    reg = await FakeRegistry().start()
+    reg.add_blob(BLOB)
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+def make_client(*, sleeps: Sleeps | None = None, clock: Clock | None = None,
+                env: dict[str, str] | None = None, registries: tuple[RegistryConfig, ...] = (),
+                **net: Any) -> RegistryClient:
+    network = replace(NetworkConfig(), **{"backoff_base": 0.01, "backoff_cap": 0.05, **net})
+    return RegistryClient(
+        Config(network=network, registries=registries),
+        credentials=Credentials(env=env or {"HOME": "/nonexistent"}),
+        sleep=sleeps if sleeps is not None else Sleeps(),
+        **({"clock": clock} if clock else {}),
+    )
+
+
+def ref(reg: FakeRegistry, tag: str = "v1") -> Reference:
+    return Reference.parse(f"{reg.host}/{REPO}:{tag}")
+
+
+def blob_desc(data: bytes = BLOB) -> Descriptor:
+    return Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(data), len(data))
+
+
+# ---------------------------------------------------------------------- auth
+
+
+async def test_bearer_token_is_fetched_once_reused_and_refreshed_before_expiry(fake) -> None:
+    fake.auth = "bearer"
+    fake.expires_in = 60
+    clock = Clock()
+    async with make_client(clock=clock) as client:
+        first = await client.get_manifest(ref(fake))
+        await client.get_manifest(ref(fake))
+        assert fake.tokens_issued == 1
+        token_request = fake.requests("token")[0]
+        assert token_request.query == {"service": "fake-registry", "scope": f"repository:{REPO}:pull"}
+        assert "Authorization" not in token_request.headers  # anonymous
+        clock.now += 50  # inside the refresh margin of a 60 s token, before it expires
+        await client.get_manifest(ref(fake))
+        assert fake.tokens_issued == 2
+        # the refreshed token was used proactively: no new 401 round trip
+        statuses = [s.headers.get("Authorization") for s in fake.requests("manifest")]
+    assert first.digest == Digest.of(MANIFEST)
+    assert statuses == [None, "Bearer token-1", "Bearer token-1", "Bearer token-2"]
+
+
+async def test_expires_in_defaults_to_60_seconds(fake) -> None:
+    fake.auth, fake.expires_in = "bearer", None
+    clock = Clock()
+    async with make_client(clock=clock) as client:
+        await client.get_manifest(ref(fake))
+        clock.now += 40
+        await client.get_manifest(ref(fake))
+        assert fake.tokens_issued == 1
+        clock.now += 15
+        await client.get_manifest(ref(fake))
+        assert fake.tokens_issued == 2
+
+
+async def test_invalid_token_is_refetched_once(fake) -> None:
+    fake.auth = "bearer"
+    async with make_client() as client:
+        await client.get_manifest(ref(fake))
+        fake.valid_tokens.clear()  # revoked server-side
+        await client.get_manifest(ref(fake))
+        assert fake.tokens_issued == 2
+
+
+async def test_401_after_a_refresh_fails_with_a_clear_message(fake) -> None:
+    fake.auth = "bearer"
+    fake.valid_tokens = _NeverValid()
+    async with make_client() as client:
+        with pytest.raises(Unauthorized, match="podman login") as info:
+            await client.get_manifest(ref(fake))
+    assert fake.tokens_issued == 1
+    assert "token-1" not in info.value.message
+
+
+class _NeverValid(set[str]):
+    def add(self, item: str) -> None:
+        pass
+
+
+async def test_basic_auth_from_the_users_auth_file(fake, tmp_path: Path) -> None:
+    fake.auth = "basic"
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"auths": {fake.host: {
+        "auth": base64.b64encode(b"user:secret").decode()}}}))
+    async with make_client(env={"REGISTRY_AUTH_FILE": str(auth_file), "HOME": str(tmp_path)}) as client:
+        fetched = await client.get_manifest(ref(fake))
+    assert fetched.body == MANIFEST
+    assert fake.requests("manifest")[-1].headers["Authorization"].startswith("Basic ")
+
+
+async def test_basic_auth_without_credentials_is_unauthorized(fake) -> None:
+    fake.auth = "basic"
+    async with make_client() as client:
+        with pytest.raises(Unauthorized, match=f"podman login {fake.host}"):
+            await client.get_manifest(ref(fake))
+
+
+async def test_redirect_to_another_origin_carries_no_authorization(fake, storage) -> None:
+    fake.auth = "bearer"
+    fake.fault("blob", Fault(redirect=storage.url))
+    sink = MemorySink()
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert fake.requests("blob")[-1].headers["Authorization"] == "Bearer token-1"
+    (storage_request,) = storage.seen
+    assert "Authorization" not in storage_request.headers
+
+
+async def test_foreign_layer_urls_get_no_credentials(fake, storage) -> None:
+    fake.auth = "bearer"
+    desc = replace(blob_desc(), urls=(f"{storage.url}/storage/{Digest.of(BLOB)}",))
+    sink = MemorySink()
+    async with make_client() as client:
+        await client.get_manifest(ref(fake))  # holds a token for the registry by now
+        await client.fetch_blob(ref(fake), desc, sink)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert len(storage.seen) == 1 and "Authorization" not in storage.seen[0].headers
+    assert fake.requests("blob") == []
+
+
+# ---------------------------------------------------------------------- digests, sizes
+
+
+async def test_corrupt_blob_body_is_a_digest_mismatch_and_nothing_is_accepted(fake) -> None:
+    fake.fault("blob", Fault(corrupt=True), Fault(corrupt=True))
+    sink = MemorySink()
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+        with pytest.raises(DigestMismatch):
+            sink.verify(Digest.of(BLOB), len(BLOB))
+        assert sink.accepted is None
+        small = blob_desc(BLOB[:1000])
+        fake.add_blob(BLOB[:1000])
+        fake.fault("blob", Fault(corrupt=True))
+        with pytest.raises(DigestMismatch, match="nothing was kept"):
+            await client.get_blob_bytes(ref(fake), small)
+
+
+async def test_manifest_by_digest_is_verified(fake) -> None:
+    digest = Digest.of(MANIFEST)
+    fake.fault("manifest", Fault(corrupt=True))
+    async with make_client() as client:
+        with pytest.raises(DigestMismatch, match=str(digest)):
+            await client.get_manifest(ref(fake).with_digest(digest))
+
+
+async def test_disagreeing_docker_content_digest_is_flagged_not_trusted(fake, caplog) -> None:
+    wrong = Digest.of(b"not the manifest")
+    fake.fault("manifest", Fault(headers={"Docker-Content-Digest": str(wrong)}))
+    with caplog.at_level(logging.WARNING, logger="fetchd.registry_async"):
+        async with make_client() as client:
+            fetched = await client.get_manifest(ref(fake))
+    assert fetched.digest == Digest.of(MANIFEST)
+    assert fetched.header_digest == wrong
+    assert "Docker-Content-Digest" in caplog.text
+
+
+async def test_head_resolves_a_tag_without_a_body(fake) -> None:
+    async with make_client() as client:
+        head = await client.head_manifest(ref(fake))
+    assert head.digest == Digest.of(MANIFEST) and head.body == b""
+    assert [s.method for s in fake.requests("manifest")] == ["HEAD"]
+
+
+async def test_schema1_is_refused_clearly(fake) -> None:
+    schema1 = json.dumps({"schemaVersion": 1, "name": REPO, "tag": "old", "fsLayers": []}).encode()
+    fake.add_manifest(REPO, "old", schema1, "application/vnd.docker.distribution.manifest.v1+prettyjws")
+    async with make_client() as client:
+        with pytest.raises(UnsupportedManifest, match="schema1"):
+            await client.get_manifest(ref(fake, "old"))
+
+
+async def test_manifest_size_is_capped(fake) -> None:
+    huge = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                       "pad": "x" * (4 * 1024 * 1024)}).encode()
+    fake.add_manifest(REPO, "huge", huge, DOCKER_MANIFEST)
+    async with make_client() as client:
+        with pytest.raises(ManifestInvalid, match="limit"):
+            await client.get_manifest(ref(fake, "huge"))
+
+
+async def test_blob_bigger_than_its_descriptor_is_cut_off(fake) -> None:
+    desc = replace(blob_desc(), size=len(BLOB) - 10)
+    async with make_client() as client:
+        with pytest.raises(SizeMismatch):
+            await client.fetch_blob(ref(fake), desc, MemorySink())
+
+
+# ---------------------------------------------------------------------- resume, ranges
+
+
+async def test_range_resume_after_a_cut_sends_no_byte_twice(fake) -> None:
+    fake.fault("blob", Fault(cut_after=1024 * 1024 + 5))
+    sink = MemorySink()
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+        assert client.stats()[fake.host]["retries"] == 1
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    ranges = [s.headers.get("Range") for s in fake.requests("blob")]
+    assert ranges == [None, f"bytes={1024 * 1024 + 5}-"]
+    assert sink.written == len(BLOB)
+
+
+async def test_resume_starts_at_the_sinks_offset(fake) -> None:
+    sink = MemorySink(BLOB[:5000])
+    seen: list[int] = []
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink, progress=seen.append)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert fake.requests("blob")[0].headers["Range"] == "bytes=5000-"
+    assert sum(seen) == len(BLOB) - 5000
+
+
+async def test_range_ignored_restarts_cleanly_from_zero(fake) -> None:
+    fake.fault("blob", Fault(cut_after=700_000), Fault(ignore_range=True))
+    sink = MemorySink()
+    seen: list[int] = []
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink, progress=seen.append)
+    assert sink.truncations == [0]
+    assert sum(seen) == len(BLOB)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+
+
+async def test_parallel_ranges_with_a_cut_part_complete_and_verify(fake) -> None:
+    fake.fault("blob", Fault(), Fault(cut_after=100_000))  # probe, then one part is cut
+    sink = MemorySink()
+    async with make_client(range_threshold=1024 * 1024, range_parts=3) as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+        assert client.stats()[fake.host]["range_supported"] is True
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    parts = [s.headers["Range"] for s in fake.requests("blob")[1:]]
+    assert len(parts) == 4  # three parts and one resume
+    assert sink.written == len(BLOB)
+
+
+async def test_host_without_range_support_is_probed_once_and_streamed(fake) -> None:
+    fake.fault("blob", Fault(ignore_range=True))
+    async with make_client(range_threshold=1024 * 1024, range_parts=4) as client:
+        for _ in range(2):
+            sink = MemorySink()
+            await client.fetch_blob(ref(fake), blob_desc(), sink)
+            sink.verify(Digest.of(BLOB), len(BLOB))
+        assert client.stats()[fake.host]["range_supported"] is False
+    assert [s.headers.get("Range") for s in fake.requests("blob")] == ["bytes=0-0", None, None]
+
+
+async def test_connections_per_host_are_bounded_across_pulls(fake) -> None:
+    fake.blob_delay = 0.02
+    blobs = [os.urandom(1000 + i) for i in range(12)]
+    for b in blobs:
+        fake.add_blob(b)
+    async with make_client(max_connections=3) as client:
+        async def pull(data: bytes) -> None:
+            sink = MemorySink()
+            await client.fetch_blob(ref(fake), blob_desc(data), sink)
+            sink.verify(Digest.of(data), len(data))
+        await asyncio.gather(*(pull(b) for b in blobs))
+    assert fake.max_in_flight == 3
+
+
+# ---------------------------------------------------------------------- retries and errors
+
+
+async def test_429_with_retry_after_seconds_is_honoured(fake) -> None:
+    fake.fault("manifest", Fault(status=429, headers={"Retry-After": "7"}))
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps) as client:
+        await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["retries"] == 1
+    assert sleeps == [7.0]
+
+
+async def test_429_with_retry_after_date_is_capped(fake) -> None:
+    import time
+    fake.fault("manifest", Fault(status=429, headers={"Retry-After": formatdate(time.time() + 3600, usegmt=True)}))
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps, retry_after_cap=12.0) as client:
+        await client.get_manifest(ref(fake))
+    assert sleeps == [12.0]
+
+
+async def test_quota_429_fails_at_once_and_ratelimit_is_kept(fake) -> None:
+    fake.ratelimit_remaining = 0
+    fake.fault("manifest", Fault(status=429, body=b'{"errors":[{"code":"TOOMANYREQUESTS"}]}'))
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps) as client:
+        with pytest.raises(RateLimited, match="mirror"):
+            await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["ratelimit_remaining"] == 0
+    assert sleeps == []
+
+
+async def test_5xx_is_retried_with_growing_backoff(fake) -> None:
+    fake.fault("manifest", Fault(status=503), Fault(status=500), Fault(status=502))
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps, backoff_base=1.0, backoff_cap=100.0) as client:
+        await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["retries"] == 3
+    assert 0.5 <= sleeps[0] <= 1 and 1 <= sleeps[1] <= 2 and 2 <= sleeps[2] <= 4
+
+
+async def test_5xx_beyond_the_retries_fails_naming_the_registry(fake) -> None:
+    fake.fault("manifest", *[Fault(status=500)] * 3)
+    async with make_client(retries=2) as client:
+        with pytest.raises(RegistryError, match=f"registry {fake.host}.*HTTP 500"):
+            await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["errors"] == 1
+
+
+async def test_404_fails_at_once_with_a_clear_error(fake) -> None:
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps) as client:
+        with pytest.raises(ManifestUnknown, match=f"{fake.host}/{REPO} has no manifest nope"):
+            await client.get_manifest(ref(fake, "nope"))
+    assert sleeps == [] and len(fake.requests("manifest")) == 1
+
+
+async def test_connection_refused_is_retried_then_reported(fake) -> None:
+    port = fake.server.port  # type: ignore[union-attr]
+    await fake.close()
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps, retries=2) as client:
+        with pytest.raises(RegistryError, match="3 tries"):
+            await client.get_manifest(Reference.parse(f"127.0.0.1:{port}/{REPO}:v1"))
+    assert len(sleeps) == 2
+
+
+# ---------------------------------------------------------------------- mirrors
+
+
+async def test_mirror_404_falls_back_to_upstream_without_upstream_credentials(fake, storage, tmp_path) -> None:
+    fake.auth = "basic"
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"auths": {fake.host: {"username": "user", "password": "secret"}}}))
+    mirror = MirrorConfig(url=storage.url, ns=True, headers=(("X-Mirror", "1"),))
+    registries = (RegistryConfig(host=fake.host, auth_file=str(auth_file), mirrors=(mirror,)),)
+    async with make_client(registries=registries) as client:
+        fetched = await client.get_manifest(ref(fake))
+        sink = MemorySink()
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+    assert fetched.body == MANIFEST
+    mirror_manifest = storage.requests("manifest")[0]
+    assert mirror_manifest.query == {"ns": fake.host}
+    assert mirror_manifest.headers["X-Mirror"] == "1"
+    assert all("Authorization" not in s.headers for s in storage.seen)
+    # the mirror had the blob: the registry was never asked for it
+    assert fake.requests("blob") == [] and len(storage.requests("blob")) == 1
+    sink.verify(Digest.of(BLOB), len(BLOB))
+
+
+async def test_digest_only_mirror_never_gets_tag_requests(fake, storage) -> None:
+    storage.add_manifest(REPO, None, MANIFEST)
+    mirror = MirrorConfig(url=storage.url, digest_only=True,
+                          credentials=BasicCredentials("mirror-user", "mirror-pass"))
+    async with make_client(registries=(RegistryConfig(host=fake.host, mirrors=(mirror,)),)) as client:
+        tagged = await client.get_manifest(ref(fake))
+        pinned = await client.get_manifest(ref(fake).with_digest(tagged.digest))
+    assert pinned.body == MANIFEST
+    assert [s.path.rsplit("/", 1)[1] for s in storage.requests("manifest")] == [str(tagged.digest)]
+    assert [s.path.rsplit("/", 1)[1] for s in fake.requests("manifest")] == ["v1"]

@@ -1,0 +1,162 @@
+"""Table tests for manifest parsing and platform selection in indexes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fetchd.digest import Digest
+from fetchd.errors import ManifestInvalid, PlatformNotFound, UnsupportedManifest
+from fetchd.manifest import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ImageIndex,
+    ImageManifest,
+    layer_compression,
+    parse_config,
+    parse_manifest,
+    select_platform,
+)
+from fetchd.platform import Platform
+
+
+def d(n: int) -> str:
+    return str(Digest.of(str(n).encode()))
+
+
+def entry(n: int, platform: str | None, annotations: dict[str, str] | None = None,
+          media_type: str = OCI_MANIFEST) -> dict[str, Any]:
+    obj: dict[str, Any] = {"mediaType": media_type, "digest": d(n), "size": 100 + n}
+    if platform:
+        os_name, arch, *variant = platform.split("/")
+        obj["platform"] = {"os": os_name, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+    if annotations:
+        obj["annotations"] = annotations
+    return obj
+
+
+def index(*entries: dict[str, Any], media_type: str = OCI_INDEX) -> ImageIndex:
+    body = json.dumps({"schemaVersion": 2, "mediaType": media_type, "manifests": list(entries)}).encode()
+    parsed = parse_manifest(body, media_type, "test")
+    assert isinstance(parsed, ImageIndex)
+    return parsed
+
+
+ATTESTATION = {"vnd.docker.reference.type": "attestation-manifest",
+               "vnd.docker.reference.digest": d(1)}
+
+SELECT = [
+    # wanted, entries (n, platform[, annotations]), chosen n
+    ("linux/amd64", [(1, "linux/amd64"), (2, "linux/arm64/v8")], 1),
+    ("linux/arm/v7", [(1, "linux/amd64"), (2, "linux/arm/v6")], 2),             # v7 -> v6 fallback
+    ("linux/arm/v7", [(1, "linux/arm/v6"), (2, "linux/arm/v7")], 2),
+    ("linux/arm64/v8", [(1, "linux/arm64")], 1),                                # arm64 without v8
+    ("linux/arm64/v8", [(1, "linux/arm64/v8")], 1),                             # arm64 with v8
+    ("linux/amd64", [(9, "unknown/unknown", ATTESTATION), (1, "linux/amd64")], 1),
+    ("linux/amd64", [(9, "linux/amd64", ATTESTATION), (1, "linux/amd64")], 1),  # annotated only
+    ("linux/386", [(1, "linux/amd64"), (2, "linux/386")], 2),
+]
+
+
+@pytest.mark.parametrize("want,entries,chosen", SELECT)
+def test_select_platform(want: str, entries: list[tuple[Any, ...]], chosen: int) -> None:
+    idx = index(*(entry(*e) for e in entries))
+    assert select_platform(idx, Platform.parse(want), "img").digest == Digest.parse(d(chosen))
+
+
+def test_no_match_lists_the_offered_platforms_but_not_attestations() -> None:
+    idx = index(entry(1, "linux/amd64"), entry(2, "linux/arm64/v8"), entry(3, "unknown/unknown", ATTESTATION))
+    with pytest.raises(PlatformNotFound) as info:
+        select_platform(idx, Platform.parse("linux/s390x"), "quay.io/x/y:1")
+    message = info.value.message
+    assert "quay.io/x/y:1" in message and "linux/s390x" in message
+    assert "linux/amd64, linux/arm64/v8" in message and "unknown" not in message
+
+
+def test_docker_list_and_nested_entries_parse() -> None:
+    idx = index(entry(1, "linux/amd64", media_type=DOCKER_MANIFEST),
+                entry(2, None, media_type=OCI_INDEX), media_type=DOCKER_LIST)
+    assert idx.media_type == DOCKER_LIST
+    assert [m.media_type for m in idx.manifests] == [DOCKER_MANIFEST, OCI_INDEX]
+
+
+def manifest_body(media_type: str | None = OCI_MANIFEST, **extra: Any) -> bytes:
+    obj: dict[str, Any] = {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": d(1), "size": 5},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d(2),
+                    "size": 7, "urls": ["https://example.com/l"]}],
+    }
+    if media_type:
+        obj["mediaType"] = media_type
+    obj.update(extra)
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize("media_type,content_type", [
+    (OCI_MANIFEST, None), (DOCKER_MANIFEST, None), (None, DOCKER_MANIFEST), (None, None),
+])
+def test_manifest_parses_from_body_or_header_type(media_type: str | None, content_type: str | None) -> None:
+    parsed = parse_manifest(manifest_body(media_type), content_type, "m")
+    assert isinstance(parsed, ImageManifest)
+    assert parsed.media_type == (media_type or content_type or OCI_MANIFEST)
+    assert parsed.config.size == 5 and parsed.layers[0].urls == ("https://example.com/l",)
+
+
+SCHEMA1 = [
+    (json.dumps({"schemaVersion": 1, "name": "x", "fsLayers": []}).encode(), None),
+    (b'{"schemaVersion": 1}', "application/vnd.docker.distribution.manifest.v1+prettyjws"),
+    (b'{"schemaVersion": 2}', "application/vnd.docker.distribution.manifest.v1+json"),
+]
+
+
+@pytest.mark.parametrize("body,content_type", SCHEMA1)
+def test_schema1_is_refused(body: bytes, content_type: str | None) -> None:
+    with pytest.raises(UnsupportedManifest, match="schema1"):
+        parse_manifest(body, content_type, "old/image:1")
+
+
+BAD = [
+    (b"not json", "not valid JSON"),
+    (b"[]", "not a JSON object"),
+    (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX}).encode(), "manifests"),
+    (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}}).encode(), "layers"),
+    (manifest_body(layers=[{"digest": "sha256:short", "size": 1}]), "bad descriptor"),
+    (manifest_body(layers=[{"digest": d(3), "size": -1}]), "invalid size"),
+    (manifest_body(layers=[{"digest": d(3), "size": True}]), "invalid size"),
+    (manifest_body("application/x-unknown"), "unsupported manifest media type"),
+    (b" " * (MAX_MANIFEST_SIZE + 1), "limit"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD, ids=[m for _, m in BAD])
+def test_bad_manifests(body: bytes, message: str) -> None:
+    with pytest.raises((ManifestInvalid, UnsupportedManifest), match=message):
+        parse_manifest(body, None, "img")
+
+
+def test_config_gives_diff_ids_and_platform_and_keeps_raw_bytes() -> None:
+    raw = json.dumps({"architecture": "arm", "variant": "v7", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": [d(1), d(2)]}}).encode()
+    config = parse_config(raw, "c")
+    assert config.raw == raw and config.diff_ids == (Digest.parse(d(1)), Digest.parse(d(2)))
+    assert config.platform == Platform("linux", "arm", "v7")
+    with pytest.raises(ManifestInvalid):
+        parse_config(b'{"rootfs": {}}', "c")
+
+
+@pytest.mark.parametrize("media_type,head,want", [
+    ("application/vnd.oci.image.layer.v1.tar", b"\x1f\x8b\x08", "gzip"),   # magic wins
+    ("application/vnd.oci.image.layer.v1.tar+gzip", b"\x28\xb5\x2f\xfd", "zstd"),
+    ("application/vnd.oci.image.layer.v1.tar+gzip", b"ustar", "none"),
+    ("application/vnd.docker.image.rootfs.diff.tar.gzip", b"", "gzip"),
+    ("application/vnd.oci.image.layer.v1.tar+zstd", b"", "zstd"),
+    ("application/vnd.oci.image.layer.v1.tar", b"", "none"),
+])
+def test_layer_compression(media_type: str, head: bytes, want: str) -> None:
+    assert layer_compression(media_type, head) == want

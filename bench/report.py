@@ -1,0 +1,123 @@
+"""Render ``bench/results.json`` as Markdown for docs/BENCHMARKS.md (the generated block)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SCENARIO_TITLES = {
+    "cold": "1. cold: big image, level 3, one platform",
+    "all": "2. all platforms (5), fetchd concurrent, seed one per arch",
+    "shared": "3. shared layers: second image after the first",
+    "level": "4. level change: same image at level 9",
+    "warm": "5. warm: same request, fresh destination (big image)",
+    "warm-small": "5b. warm, smaller image (shared-b)",
+    "fanin-one": "6a. fan-in baseline: one request",
+    "fanin": "6. fan-in: concurrent requests for the same image",
+}
+
+
+def _mb(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def _s(side: dict[str, Any] | None) -> str:
+    if not side:
+        return "-"
+    v = side["median_s"]
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _met(m: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[m]
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m, st = r["machine"], r["settings"]
+    lines = [
+        f"Measured {m['date']} at commit `{m['commit']}`: {st['runs']} run(s) of each scenario"
+        f"{' (quick)' if st['quick'] else ''}{' on tiny images' if st['tiny'] else ''}; "
+        f"medians; total bench time {r['total_s']:.0f} s.",
+        "",
+        f"Machine: `nproc` = {m['nproc']}, CPU {m['cpu_model'] or '?'}, RAM {m['ram_gib']} GiB, "
+        f"Linux {m['kernel']}, Python {m['python']}, {m['skopeo']}, zstd {m['zstd']}.",
+        "",
+        f"WAN-like: each TCP connection capped at {st['wan']['rate_MBps_per_connection']:.0f} MB/s, "
+        f"{st['wan']['delay_ms']:.0f} ms before the first byte of each response. "
+        f"Fan-in: {st['fanin']} concurrent requests.",
+        "",
+        "### Targets",
+        "",
+        "| target | wanted | measured | |",
+        "|---|---|---|---|",
+    ]
+    for t in r["targets"]:
+        lines.append(f"| {t['target']} | {t['wanted']} | {t['measured']} | {_met(t['met'])} |")
+    lines += [
+        "",
+        "### Scenarios",
+        "",
+        "Times are wall medians. Registry MB = bytes the registry served through the counting "
+        "proxy (headers included). RSS: fetchd = daemon peak (VmHWM after a reset, and VmRSS "
+        "of its process tree polled every 20 ms); seed = largest `ru_maxrss` of its processes.",
+        "",
+        "| scenario | network | fetchd | seed | fetchd/seed | floor | fetchd/floor "
+        "| registry MB fetchd / seed | peak RSS MB fetchd / seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["scenarios"]:
+        f, s = row.get("fetchd"), row.get("seed")
+        floor = row.get("floor_s")
+        lines.append(
+            f"| {SCENARIO_TITLES.get(row['scenario'], row['scenario'])} | {row['network']} "
+            f"| {_s(f)} | {_s(s)}{'*' if s and s.get('note') else ''} "
+            f"| {row.get('ratio_seed', '-')} | {'-' if floor is None else f'{floor:.2f} s'} "
+            f"| {row.get('ratio_floor', '-')} "
+            f"| {_mb(f['registry_bytes']) if f else '-'} / {_mb(s['registry_bytes']) if s else '-'} "
+            f"| {f['peak_rss_mb'] if f else '-'} / {s['peak_rss_mb'] if s else '-'} |")
+    lines += [
+        "",
+        "\\* the seed pipeline has no cache: a request into a fresh destination is a full run, "
+        "so its warm figures are its cold (resp. shared) runs.",
+        "",
+        "### Compute floor (in-process: isal gunzip + 2x sha256 + zstd, all cores)",
+        "",
+        "| scenario | blob MB | tar MB | zst MB | level | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, fl in r["floors"].items():
+        if name == "fanin-one":
+            continue
+        lines.append(f"| {name} | {_mb(fl['blob_bytes'])} | {_mb(fl['tar_bytes'])} "
+                     f"| {_mb(fl['zst_bytes'])} | {fl['level']} | {fl['seconds']:.2f} |")
+    lines += ["", "### Images", "", "| image | platforms | blob MB | tar MB |", "|---|---|---|---|"]
+    for name, im in r["images"].items():
+        lines.append(f"| {name} | {im['platforms']} | {_mb(im['blob_bytes'])} | {_mb(im['tar_bytes'])} |")
+    if r.get("checks"):
+        lines += ["", "### Output checks (first run, first network)", "",
+                  "| scenario | fetchd valid | seed valid | same tar bytes |", "|---|---|---|---|"]
+        for scen, c in r["checks"].items():
+            fv = c.get("fetchd", {}).get("valid", "-")
+            sv = c.get("seed", {}).get("valid", "-")
+            lines.append(f"| {scen} | {fv} | {sv} | {c.get('identical_tar', '-')} |")
+    if r.get("errors"):
+        lines += ["", "### Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in r["errors"]]
+    if r.get("components"):
+        lines += ["", "### Component micro-benchmarks", ""]
+        for name, data in r["components"].items():
+            lines.append(f"- `{name}`: see `bench/results.json` -> components.{name}"
+                         + (f" (error: {data['error'][:200]})" if isinstance(data, dict)
+                            and "error" in data else ""))
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, block: str, begin: str, end: str) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``doc`` (append both when absent)."""
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{block}\n{end}{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n## Latest results\n\n{begin}\n{block}\n{end}\n".lstrip()
+    doc.write_text(text)

@@ -1,0 +1,126 @@
+"""The benchmark harness runs end to end on tiny images, so it cannot rot unnoticed.
+
+Asserts structure and correctness only (both sides produce valid, identical .zst archives,
+bytes are counted, targets are evaluated), never timings: benchmarks live in bench/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ and tests.support are imported from the repo root
+    sys.path.insert(0, str(REPO))
+
+from bench import run as bench_run  # noqa: E402
+from bench.scenarios import check_archive  # noqa: E402
+from bench.wanproxy import WanProxy  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("skopeo") and shutil.which("zstd") and Path("/usr/bin/docker-registry").exists()),
+    reason="needs skopeo, zstd and docker-registry (scripts/setup.sh)",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    args = bench_run.parse_args(["--tiny", "--fanin", "3", "--no-components", "-q",
+                                 "--workdir", str(tmp_path_factory.mktemp("bench"))])
+    return bench_run.run(args)
+
+
+def test_no_errors_and_every_scenario_has_both_sides(tiny_results: dict) -> None:
+    assert tiny_results["errors"] == []
+    rows = {(r["scenario"], r["network"]): r for r in tiny_results["scenarios"]}
+    for net in ("loopback", "wan"):
+        for scen in ("cold", "all", "shared", "level", "warm", "warm-small", "fanin-one", "fanin"):
+            row = rows[(scen, net)]
+            for side in ("fetchd", "seed"):
+                assert row[side]["median_s"] > 0, (scen, net, side)
+                assert len(row[side]["runs_s"]) == 1
+            assert row["fetchd"]["peak_rss_mb"] > 0, "daemon memory not sampled"
+            assert row["seed"]["peak_rss_mb"] > 0, "seed memory not measured"
+            assert isinstance(row["ratio_seed"], float)
+        # The seed fetches everything from the registry; the counting proxy must see it.
+        assert rows[("cold", net)]["seed"]["registry_bytes"] >= rows[("cold", net)]["expect_registry_bytes"]
+
+
+def test_both_sides_write_valid_identical_archives(tiny_results: dict) -> None:
+    checks = tiny_results["checks"]
+    assert set(checks) == {"cold", "level", "shared", "all", "fanin"}
+    for scen, c in checks.items():
+        for side in ("fetchd", "seed"):
+            assert c[side]["valid"], (scen, side, c[side]["errors"])
+            assert c[side]["repo_tags"], (scen, side)
+        assert c["identical_tar"], scen
+    assert checks["all"]["seed"]["files"] == 5
+    assert checks["fanin"]["fetchd"]["files"] == 3
+
+
+def test_targets_and_floors_are_reported(tiny_results: dict) -> None:
+    names = {t["target"] for t in tiny_results["targets"]}
+    assert {"cold, loopback", "cold, WAN-like", "memory"} <= names
+    assert all(t["met"] in (True, False) for t in tiny_results["targets"])
+    assert tiny_results["floors"]["level"]["level"] == 9
+    assert tiny_results["floors"]["cold"]["zst_bytes"] > 0
+    # The fetchd side asks the registry for nothing when only the zstd level changes.
+    level = [r for r in tiny_results["scenarios"] if r["scenario"] == "level"]
+    assert all(r["fetchd"]["registry_bytes"] == 0 for r in level)
+
+
+def test_markdown_renders_the_table(tiny_results: dict) -> None:
+    from bench.report import render_markdown
+
+    md = render_markdown(tiny_results)
+    assert "| target | wanted | measured |" in md
+    assert "1. cold" in md and "nproc" in md
+
+
+def test_check_archive_rejects_a_broken_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.zst"
+    bad.write_bytes(zstandard.ZstdCompressor().compress(b"not a tar at all" * 100))
+    result = check_archive(bad)
+    assert not result.ok and result.error
+
+
+async def _echo_server() -> tuple[asyncio.Server, int]:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = int((await r.readline()).decode())
+        w.write(b"x" * n)
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_wanproxy_counts_the_bytes_it_relays() -> None:
+    loop = asyncio.new_event_loop()
+    server, port = loop.run_until_complete(_echo_server())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        with WanProxy(f"127.0.0.1:{port}", rate=50e6, delay=0.001) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+                s.sendall(b"300000\n")
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+            assert got == b"x" * 300000
+            stats = proxy.reset()
+            assert stats.bytes_down == 300000 and stats.bytes_up == 7 and stats.connections == 1
+            assert proxy.stats().bytes_down == 0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()

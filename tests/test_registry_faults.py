@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_registry import Fault, FakeRegistry
+from fake_registry import FakeRegistry, Fault
 from registry_sinks import MemorySink
 
 from fetchd.auth import Credentials

@@ -39,6 +39,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ ProgressSink = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class PackResult:
+    """A committed archive. Of the image's distinct layers, ``frames_compressed`` were
+    compressed by this call and ``frames_reused`` found cached (or made by a concurrent pack);
+    when the whole archive was cached, ``archive_reused`` is true and every layer counts as
+    reused."""
+
     digest: Digest
     path: Path
     size: int
@@ -311,7 +317,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     if cached is not None:
         path = store.blob_path(cached)
         with contextlib.suppress(FileNotFoundError):
-            result = PackResult(cached, path, path.stat().st_size, 0, 0, archive_reused=True)
+            result = PackResult(cached, path, path.stat().st_size, 0, len(jobs), archive_reused=True)
             _emit(progress, {"state": "done", "digest": str(cached), "size": result.size,
                              "reused": True})
             return result
@@ -321,7 +327,6 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         found = store.get_alias("frame", frame_key(job.diff_id, level))
         if found is not None and store.blob_path(found).is_file():
             frames[job.diff_id] = found
-    reused = len(frames)
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
     with contextlib.ExitStack() as leases:
@@ -330,7 +335,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         for job in jobs:
             _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                              "reused": job.diff_id in frames})
-        made = await _build_frames(store, todo, level, workers, where, progress)
+        made, compressed = await _build_frames(store, todo, level, workers, where, progress)
         leases.enter_context(store.lease(made.values(), holder))
         frames.update(made)
         _emit(progress, {"state": "assemble", "layers": len(jobs)})
@@ -340,32 +345,80 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     path = store.blob_path(digest)
     size = path.stat().st_size
     _emit(progress, {"state": "done", "digest": str(digest), "size": size, "reused": False})
-    return PackResult(digest, path, size, len(made), reused)
+    return PackResult(digest, path, size, compressed, len(jobs) - compressed)
 
 
 async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int, workers: int,
-                        where: str, progress: ProgressSink | None) -> dict[Digest, Digest]:
-    """Compress the missing layer frames, up to ``workers`` layers at a time, each with
-    ``workers`` zstd threads. On the first failure the others stop early; the error raised is
-    that first failure."""
+                        where: str, progress: ProgressSink | None) -> tuple[dict[Digest, Digest], int]:
+    """Make the missing layer frames: up to ``workers`` layers at a time, each with ``workers``
+    zstd threads. Returns the frames and how many of them this call compressed itself (the
+    others were being made by a concurrent pack of another image and were waited for).
+
+    On the first failure the other layers stop early and that first failure is raised; so
+    does cancellation (the worker threads notice ``abort`` within one chunk).
+    """
     abort = threading.Event()
     slots = asyncio.Semaphore(workers)
+    flights = _flights(store)
 
-    async def one(job: _LayerJob) -> Digest:
-        async with slots:
-            if abort.is_set():
-                raise _Aborted
-            return await asyncio.to_thread(_build_frame, store, job, level, workers, where,
-                                           abort, progress)
+    async def one(job: _LayerJob) -> tuple[Digest, bool]:
+        key = frame_key(job.diff_id, level)
+        other = flights.get(key)
+        if other is not None:
+            await asyncio.wait([other])
+            if not other.cancelled() and other.exception() is None:
+                return other.result(), False
+            # that pack failed or stopped (maybe over another layer): make the frame here
+        fut: asyncio.Future[Digest] = asyncio.get_running_loop().create_future()
+        flights[key] = fut
+        try:
+            async with slots:
+                if abort.is_set():
+                    raise _Aborted
+                digest = await asyncio.to_thread(_build_frame, store, job, level, workers, where,
+                                                 abort, progress)
+            fut.set_result(digest)
+            return digest, True
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters decide what to do with it
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()
+            if flights.get(key) is fut:
+                del flights[key]
 
-    results = await asyncio.gather(*(one(job) for job in todo), return_exceptions=True)
+    try:
+        results = await asyncio.gather(*(one(job) for job in todo), return_exceptions=True)
+    except asyncio.CancelledError:
+        abort.set()
+        raise
     errors = [r for r in results if isinstance(r, BaseException)]
-    real = [e for e in errors if not isinstance(e, _Aborted)]
-    if real:
-        raise real[0]
-    if errors:
-        raise errors[0]
-    return {job.diff_id: r for job, r in zip(todo, results, strict=True) if isinstance(r, Digest)}
+    real = [e for e in errors if not isinstance(e, _Aborted | asyncio.CancelledError)]
+    if real or errors:
+        abort.set()
+        raise (real or errors)[0]
+    made: dict[Digest, Digest] = {}
+    compressed = 0
+    for job, r in zip(todo, results, strict=True):
+        assert not isinstance(r, BaseException)
+        made[job.diff_id] = r[0]
+        compressed += r[1]
+    return made, compressed
+
+
+# Frames being made in this process, per store: when two images on one base are packed at
+# once, the second waits for the first's frame instead of compressing the same layer again.
+_IN_FLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[Digest]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _flights(store: PackStore) -> dict[str, asyncio.Future[Digest]]:
+    try:
+        return _IN_FLIGHT.setdefault(store, {})
+    except TypeError:  # a store that cannot be weakly referenced: no sharing, still correct
+        return {}
 
 
 def _emit(progress: ProgressSink | None, event: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ pack never talks to a registry.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -228,7 +229,22 @@ async def test_second_image_compresses_only_its_new_layers(store: LayerStore,
     assert (b.frames_compressed, b.frames_reused) == (1, 2)
     again = await pack(store, catalog["shared-b"].only)
     assert again.archive_reused and again.digest == b.digest
-    assert (again.frames_compressed, again.frames_reused) == (0, 0)
+    assert (again.frames_compressed, again.frames_reused) == (0, 3)
+
+
+async def test_concurrent_packs_share_a_frame_in_flight(store: LayerStore,
+                                                       catalog: dict[str, Any]) -> None:
+    # two images on one base, packed at the same moment: the base is compressed once
+    a, b = await asyncio.gather(pack(store, catalog["shared-a"].only),
+                                pack(store, catalog["shared-b"].only))
+    assert a.frames_compressed + b.frames_compressed == 4
+    assert a.frames_compressed + a.frames_reused == 3 == b.frames_compressed + b.frames_reused
+    for r, name in ((a, "shared-a"), (b, "shared-b")):
+        part = catalog[name].only
+        expected = b"".join(docker_archive_chunks(
+            part.config_bytes, [io.BytesIO(layer.tar()) for layer in part.layers],
+            "example.com/test:1"))
+        assert unzstd(r.path) == expected
 
 
 async def test_level_change_recompresses_from_the_store_alone(store: LayerStore,

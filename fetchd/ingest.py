@@ -31,6 +31,7 @@ from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
 
 _READ_CHUNK = 4 << 20
+_PARALLEL_HASH = 256 << 10  # writes at least this big hash in a second thread meanwhile
 _STATE_EVERY = 2 << 20  # bytes of progress between sidecar updates (lost on SIGKILL at most)
 
 # errno values that mean "the store cannot take writes": reported as StoreError.
@@ -173,7 +174,12 @@ class Ingest:
                 self._advancing = True  # fast path: write and hash in one thread hop
                 self._floor = offset + n
                 try:
-                    await self._io(self._write_and_hash, offset, data)
+                    if n >= _PARALLEL_HASH:
+                        # pwrite and sha256 both release the GIL: run them side by side
+                        await asyncio.gather(self._io(self._write_and_hash, offset, data, False),
+                                             asyncio.to_thread(self._hash.update, data))
+                    else:
+                        await self._io(self._write_and_hash, offset, data)
                     self.offset += n
                 finally:
                     self._advancing = False
@@ -330,9 +336,11 @@ class Ingest:
             view = view[n:]
             offset += n
 
-    def _write_and_hash(self, offset: int, data: bytes) -> None:
+    def _write_and_hash(self, offset: int, data: bytes, hash_it: bool = True) -> None:
         self._pwrite(offset, data)
-        self._hash.update(data)
+        if hash_it:
+            self._hash.update(data)
+        # The sidecar only promises bytes on disk (a resume re-hashes them), not the hash.
         self._maybe_save_state(offset + len(data))
 
     def _hash_range(self, start: int, end: int) -> None:

@@ -1,0 +1,317 @@
+"""The BitBake layer end to end: real bb.fetch2, a running ``fetchd serve``, the local registry.
+
+Each test drives ``bb.fetch2.Fetch([url], d).download()`` / ``.unpack(dir)`` with the
+fetchd method in front of ``bb.fetch2.methods`` (as fetchd.bbclass puts it) and checks
+what a build would see: Isar's file names, archives skopeo accepts, BitBake's errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.images import Catalog, CatalogImage
+from test_bitbake_helpers import (
+    ROOT,
+    bb,
+    fetch,
+    fetchd_bitbake,
+    make_datastore,
+    register,
+    unregister,
+)
+
+pytestmark = pytest.mark.registry
+
+# Debian arch -> the multi-oci platform it must select.
+MULTI_OCI_ARCHES = {
+    "amd64": "linux/amd64", "arm64": "linux/arm64/v8", "armhf": "linux/arm/v7",
+    "armel": "linux/arm/v6", "i386": "linux/386", "ppc64el": "linux/ppc64le",
+    "riscv64": "linux/riscv64", "s390x": "linux/s390x", "mips64el": "linux/mips64le",
+}
+
+
+class Daemon:
+    """``python -m fetchd serve`` on a private socket and store; stopped by ``stop()``."""
+
+    def __init__(self, tmp: Path, registry_hosts: list[str], extra_config: str = "") -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.socket = str(tmp / "fetchd.sock")
+        self.store = tmp / "store"
+        config = tmp / "config.toml"
+        config.write_text("".join(f'[registries."{h}"]\ninsecure = true\n' for h in registry_hosts)
+                          + extra_config)
+        self.log_path = tmp / "fetchd.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket,
+             "--store", str(self.store), "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+        from fetchd_client import Client, FetchdClientError
+
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fetchd serve exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                Client(self.socket).health()
+                break
+            except FetchdClientError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("fetchd serve did not answer within 30 s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, images: Catalog) -> Iterator[Daemon]:
+    dmn = Daemon(tmp_path_factory.mktemp("fetchd"), [images.host])
+    try:
+        yield dmn
+    finally:
+        dmn.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(hosts: list[str], extra_config: str = "") -> Daemon:
+        dmn = Daemon(tmp_path / f"fetchd{len(started)}", hosts, extra_config)
+        started.append(dmn)
+        return dmn
+
+    try:
+        yield make
+    finally:
+        for dmn in started:
+            dmn.stop()
+
+
+class Recorder:
+    """Wraps the real client to record which daemon calls the fetcher made."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def factory(self, socket_path: str | None) -> Any:
+        from fetchd_client import Client
+
+        real = Client(socket_path)
+        calls = self.calls
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(real, name)
+                if not callable(attr):
+                    return attr
+
+                @functools.wraps(attr)  # keeps the signature the fetcher inspects
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    calls.append((name, str(args[0]) if args else ""))
+                    return attr(*args, **kwargs)
+                return call
+
+        return Recording()
+
+    def ops(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+@pytest.fixture
+def method() -> Iterator[Any]:
+    m = register()
+    yield m
+    m.client_factory = None
+    unregister()
+
+
+def url_of(img: CatalogImage, host: str | None = None, *, digest: bool = False, tag: bool = True) -> str:
+    url = f"docker://{host or img.host}/{img.repository}"
+    if digest:
+        url += f";digest={img.digest}"
+    if tag:
+        url += f";tag={img.tag}"
+    return url
+
+
+def decompressed(path: Path | str, out: Path) -> Path:
+    """Decompress as Isar's consumer does (``pzstd -c -d FILE | docker load``)."""
+    with open(out, "wb") as dst:
+        r = subprocess.run(["pzstd", "-q", "-c", "-d", str(path)], stdout=dst, stderr=subprocess.PIPE)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def skopeo_inspect(tar: Path) -> dict[str, Any]:
+    r = subprocess.run(["skopeo", "inspect", f"docker-archive:{tar}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def archive_config(tar: Path) -> dict[str, Any]:
+    with tarfile.open(tar) as t:
+        manifest = t.extractfile("manifest.json")
+        assert manifest is not None
+        config = t.extractfile(json.loads(manifest.read())[0]["Config"])
+        assert config is not None
+        return dict(json.loads(config.read()))
+
+
+def repo_tags(tar: Path) -> list[str]:
+    with tarfile.open(tar) as t:
+        member = t.extractfile("manifest.json")
+        assert member is not None
+        return list(json.loads(member.read())[0]["RepoTags"])
+
+
+# --- names, platforms, archives ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(MULTI_OCI_ARCHES))
+def test_every_debian_arch_gets_its_platform_with_isars_names(
+        daemon: Daemon, images: Catalog, method: Any, tmp_path: Path, arch: str) -> None:
+    img = images["multi-oci"]
+    d = make_datastore(tmp_path, arch, FETCHD_SOCKET=daemon.socket)
+    work = tmp_path / "work"
+    ud = fetch(url_of(img, digest=True), d, work)
+
+    spec = fetchd_bitbake.naming.arch_spec(arch)
+    local = f"{img.host}/{img.repository}".replace("/", ".")
+    assert ud.localpath == os.path.join(
+        d.getVar("DL_DIR"), "container-images", spec.directory,
+        f"{local}_{str(img.digest).replace(':', '-')}.zst")
+    out = work / f"{local}:{img.tag}.zst"
+    assert sorted(p.name for p in work.iterdir()) == [out.name]
+    assert not out.is_symlink() and out.stat().st_ino == os.stat(ud.localpath).st_ino
+
+    tar = decompressed(out, tmp_path / "image.tar")
+    want = img.platform(MULTI_OCI_ARCHES[arch])
+    info = skopeo_inspect(tar)
+    assert info["Architecture"] == want.platform.architecture
+    assert archive_config(tar).get("variant") == want.platform.variant
+    # A docker-archive holds the layers uncompressed: skopeo lists their diff_ids.
+    assert info["Layers"] == [str(diff_id) for diff_id in want.diff_ids]
+    assert repo_tags(tar) == [f"{img.host}/{img.repository}:{img.tag}"]
+
+
+def test_registry_with_a_port_and_no_digest(daemon: Daemon, images: Catalog, method: Any,
+                                            tmp_path: Path) -> None:
+    img = images["single-docker"]
+    d = make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket, BB_STRICT_CHECKSUM="ignore")
+    ud = fetch(url_of(img), d, tmp_path / "work")
+    assert ud.localfile == (f"container-images/amd64/{img.host}.{img.repository.replace('/', '.')}"
+                            f"_{img.tag}.zst")
+    tar = decompressed(ud.localpath, tmp_path / "image.tar")
+    assert skopeo_inspect(tar)["Architecture"] == "amd64"
+    assert repo_tags(tar) == [f"{img.host}/{img.repository}:{img.tag}"]
+
+
+# --- checksums --------------------------------------------------------------------------
+
+
+def test_mismatching_tag_and_digest(daemon: Daemon, images: Catalog, method: Any, tmp_path: Path,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    img, other = images["multi-oci"], images["multi-docker"]
+    d = make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket)
+    url = f"docker://{img.host}/{img.repository};digest={other.digest};tag={img.tag}"
+    line = f'SRC_URI = "docker://{img.host}/{img.repository};digest={img.digest};tag={img.tag}"'
+    ud = bb.fetch2.FetchData(url, d)
+    with pytest.raises(bb.fetch2.ChecksumError) as e:
+        ud.method.download(ud, d)
+    assert line in str(e.value)
+    with caplog.at_level(logging.WARNING), pytest.raises(bb.fetch2.FetchError):
+        fetch(url, d)
+    assert line in caplog.text
+    assert not os.path.exists(ud.localpath)
+
+
+@pytest.mark.parametrize("strict", ["1", "0", "ignore"])
+def test_missing_digest(daemon: Daemon, images: Catalog, method: Any, tmp_path: Path,
+                        caplog: pytest.LogCaptureFixture, strict: str) -> None:
+    img = images["multi-docker"]
+    d = make_datastore(tmp_path, "arm64", FETCHD_SOCKET=daemon.socket, BB_STRICT_CHECKSUM=strict)
+    url = url_of(img)
+    line = f'SRC_URI = "docker://{img.host}/{img.repository};digest={img.digest};tag={img.tag}"'
+    seen: list[Any] = []
+    bb.event.register("fetchd_e2e_missing", lambda e, data: seen.append(e),
+                      ["bb.fetch2.MissingChecksumEvent"], data=d)
+    try:
+        with caplog.at_level(logging.WARNING):
+            if strict == "1":
+                with pytest.raises(bb.fetch2.BBFetchException, match="missing checksums"):
+                    fetch(url, d)
+            else:
+                ud = fetch(url, d)
+    finally:
+        bb.event.remove("fetchd_e2e_missing", None, data=d)
+    assert (line in caplog.text) is (strict != "ignore")
+    if strict == "1":
+        assert seen == []
+        assert not list(Path(d.getVar("DL_DIR")).rglob("*.zst"))
+        return
+    assert [(e.url, e.checksums) for e in seen] == [(url, {"sha256sum": str(img.digest).split(":")[1]})]
+    assert os.path.exists(ud.localpath + ".done")
+
+
+# --- BB_NO_NETWORK ----------------------------------------------------------------------
+
+
+def test_no_network_cached_succeeds_offline(daemon: Daemon, images: Catalog, method: Any,
+                                            tmp_path: Path) -> None:
+    img = images["shared-a"]
+    rec = Recorder()
+    method.client_factory = rec.factory
+    fetch(url_of(img, digest=True), make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket))
+    # Same DL_DIR: nothing to ask at all.
+    n = len(rec.calls)
+    ud = fetch(url_of(img, digest=True), make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket,
+                                                          BB_NO_NETWORK="1"), tmp_path / "work")
+    assert len(rec.calls) == n
+    # A fresh DL_DIR, image in the daemon's store: delivered offline.
+    d2 = make_datastore(tmp_path / "other", "amd64", FETCHD_SOCKET=daemon.socket, BB_NO_NETWORK="1")
+    ud2 = fetch(url_of(img, digest=True), d2)
+    assert Path(ud2.localpath).read_bytes() == Path(ud.localpath).read_bytes()
+
+
+def test_no_network_not_cached_is_network_access(daemon: Daemon, images: Catalog, method: Any,
+                                                 tmp_path: Path) -> None:
+    img = images["layers40"]  # never fetched by this module's daemon
+    for url in (url_of(img, digest=True), url_of(img, tag=True)):
+        d = make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket, BB_NO_NETWORK="1")
+        with pytest.raises(bb.fetch2.NetworkAccess):
+            fetch(url, d)
+    assert not list(Path(tmp_path / "downloads").rglob("*.zst"))
+
+
+def test_unreachable_daemon(method: Any, tmp_path: Path, images: Catalog,
+                            caplog: pytest.LogCaptureFixture) -> None:
+    sock = str(tmp_path / "no-daemon.sock")
+    d = make_datastore(tmp_path, "amd64", FETCHD_SOCKET=sock)
+    with caplog.at_level(logging.ERROR), pytest.raises(bb.fetch2.FetchError):
+        fetch(url_of(images["zstd"], digest=True), d)
+    # BitBake logs the first error of the URL before "Unable to fetch URL from any source".
+    assert sock in caplog.text and "systemctl start fetchd.socket" in caplog.text

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.images import Catalog, CatalogImage
+from support.images import Catalog, CatalogImage, push_image
 from test_bitbake_helpers import (
     ROOT,
     bb,
@@ -116,12 +116,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.results: list[dict[str, Any]] = []
 
     def factory(self, socket_path: str | None) -> Any:
         from fetchd_client import Client
 
         real = Client(socket_path)
-        calls = self.calls
+        calls, results = self.calls, self.results
 
         class Recording:
             def __getattr__(self, name: str) -> Any:
@@ -132,7 +133,9 @@ class Recorder:
                 @functools.wraps(attr)  # keeps the signature the fetcher inspects
                 def call(*args: Any, **kwargs: Any) -> Any:
                     calls.append((name, str(args[0]) if args else ""))
-                    return attr(*args, **kwargs)
+                    result = attr(*args, **kwargs)
+                    results.append(result)
+                    return result
                 return call
 
         return Recording()
@@ -315,3 +318,68 @@ def test_unreachable_daemon(method: Any, tmp_path: Path, images: Catalog,
         fetch(url_of(images["zstd"], digest=True), d)
     # BitBake logs the first error of the URL before "Unable to fetch URL from any source".
     assert sock in caplog.text and "systemctl start fetchd.socket" in caplog.text
+
+
+# --- freshness: moved tags, pinned digests, levels ---------------------------------------
+
+
+def test_moved_tag_is_resolved_again_and_fetched(registry: Any, images: Catalog, method: Any,
+                                                 daemon_factory: Callable[..., Daemon],
+                                                 tmp_path: Path) -> None:
+    first = push_image(registry, images["single-oci"], repository="fetchd-bb/moving", tag="v1")
+    # The daemon keeps a short tag cache for fetches; BitBake's need_update asks for a fresh
+    # answer (max_age=0) where the client offers it, and this daemon revalidates every time.
+    dmn = daemon_factory([images.host], "[network]\ntag_cache_ttl = 0\n")
+    rec = Recorder()
+    method.client_factory = rec.factory
+    d = make_datastore(tmp_path, "amd64", FETCHD_SOCKET=dmn.socket, BB_STRICT_CHECKSUM="ignore")
+    url = f"docker://{first.host}/fetchd-bb/moving;tag=v1"
+    ud = fetch(url, d, tmp_path / "work")
+    before = Path(ud.localpath).read_bytes()
+    assert fetchd_bitbake.fetcher.read_sidecar(ud.localpath)["resolved"] == str(first.digest)
+
+    fetch(url, d)
+    assert rec.ops() == ["resolve", "fetch", "resolve"]  # unchanged: resolved, not fetched
+
+    moved = push_image(registry, images["single-docker"], repository="fetchd-bb/moving", tag="v1")
+    fetch(url, d, tmp_path / "work")
+    assert rec.ops()[3:] == ["resolve", "fetch"]
+    assert fetchd_bitbake.fetcher.read_sidecar(ud.localpath)["resolved"] == str(moved.digest)
+    assert Path(ud.localpath).read_bytes() != before
+    out = tmp_path / "work" / f"{first.host}.fetchd-bb.moving:v1.zst"
+    tar = decompressed(out, tmp_path / "image.tar")
+    assert skopeo_inspect(tar)["Layers"] == [str(x) for x in moved.only.diff_ids]
+    assert repo_tags(tar) == [f"{first.host}/fetchd-bb/moving:v1"]
+
+
+def test_pinned_digest_is_never_resolved(daemon: Daemon, images: Catalog, method: Any,
+                                         tmp_path: Path) -> None:
+    img = images["dup-layer"]
+    rec = Recorder()
+    method.client_factory = rec.factory
+    for _ in range(3):
+        fetch(url_of(img, digest=True, tag=False),
+              make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket))
+    assert rec.ops() == ["fetch"]
+
+
+def test_level_change_recompresses_without_downloading(daemon: Daemon, images: Catalog, method: Any,
+                                                       tmp_path: Path) -> None:
+    img = images["shared-b"]
+    rec = Recorder()
+    method.client_factory = rec.factory
+    url = url_of(img, digest=True)
+    ud3 = fetch(url, make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket,
+                                    ZSTD_DEFAULTS="--threads=2 -3"))
+    ud9 = fetch(url, make_datastore(tmp_path, "amd64", FETCHD_SOCKET=daemon.socket,
+                                    ZSTD_DEFAULTS="--threads=2 -9"), tmp_path / "work")
+    assert ud9.localpath == ud3.localpath[: -len(".zst")] + ".level9.zst"
+    assert rec.results[-1]["level"] == 9
+    assert rec.results[-1]["blobs_downloaded"] == 0
+    assert Path(ud9.localpath).read_bytes() != Path(ud3.localpath).read_bytes()
+    a = decompressed(ud3.localpath, tmp_path / "l3.tar").read_bytes()
+    b = decompressed(ud9.localpath, tmp_path / "l9.tar").read_bytes()
+    assert a == b  # the same docker-archive, only compressed harder
+    # WORKDIR keeps Isar's name whatever the level.
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [
+        f"{img.host}/{img.repository}".replace("/", ".") + f":{img.tag}.zst"]

@@ -1,0 +1,98 @@
+"""The layer store fed by the real registry client from the real docker-registry on loopback:
+single-flight over HTTP, parallel ranges into the ingest file, and a resume that asks the
+registry for the missing range only."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fetchd.config import Config, NetworkConfig
+from fetchd.errors import RegistryError
+from fetchd.layer_store import BlobSink, LayerStore
+from fetchd.reference import Reference
+from fetchd.registry_async import RegistryClient
+
+pytestmark = pytest.mark.registry
+
+
+def _client(**net: object) -> RegistryClient:
+    network = replace(NetworkConfig(), backoff_base=0.001, backoff_cap=0.01, **net)  # type: ignore[arg-type]
+    return RegistryClient(Config(network=network))
+
+
+def _biggest_layer(images):  # type: ignore[no-untyped-def]
+    return max(
+        ((image, layer) for image in images.values() for part in image.all_parts()
+         for layer in part.layers),
+        key=lambda pair: pair[1].size,
+    )
+
+
+async def test_every_layer_through_the_store_once(images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = LayerStore(tmp_path / "store")
+    calls: dict[str, int] = {}
+    async with _client() as client:
+
+        async def ensure(image, layer):  # type: ignore[no-untyped-def]
+            ref = Reference.parse(image.reference)
+
+            async def fetch(sink: BlobSink) -> None:
+                calls[str(layer.digest)] = calls.get(str(layer.digest), 0) + 1
+                await client.fetch_blob(ref, layer.descriptor(), sink)
+
+            return await store.ensure_blob(layer.digest, layer.size, fetch, layer.media_type)
+
+        pairs = [(image, layer) for image in images.values() for part in image.all_parts()
+                 for layer in part.layers]
+        # every layer asked for three times at once
+        paths = await asyncio.gather(*(ensure(i, lyr) for i, lyr in pairs * 3))
+    for (_, layer), path in zip(pairs * 3, paths, strict=True):
+        assert path.read_bytes() == layer.read()
+    assert set(calls.values()) == {1}
+    assert len(calls) == len({layer.digest for _, layer in pairs})
+    store.close()
+
+
+async def test_parallel_ranges_write_into_the_ingest_file(images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image, layer = _biggest_layer(images)
+    store = LayerStore(tmp_path / "store")
+    async with _client(range_threshold=1, range_parts=4) as client:
+        ref = Reference.parse(image.reference)
+        path = await store.ensure_blob(
+            layer.digest, layer.size, lambda sink: client.fetch_blob(ref, layer.descriptor(), sink))
+    assert path.read_bytes() == layer.read()
+    store.close()
+
+
+async def test_resume_asks_the_registry_for_the_rest_only(images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image, layer = _biggest_layer(images)
+    data = layer.read()
+    cut = layer.size // 3
+    assert cut > 0
+    store = LayerStore(tmp_path / "store")
+
+    async def interrupted(sink: BlobSink) -> None:
+        await sink.write_at(0, data[:cut])
+        raise RegistryError("connection cut (test)")
+
+    with pytest.raises(RegistryError):
+        await store.ensure_blob(layer.digest, layer.size, interrupted)
+
+    seen: list[int] = []
+    async with _client() as client:
+        ref = Reference.parse(image.reference)
+
+        async def resume(sink: BlobSink) -> None:
+            seen.append(sink.offset)
+            await client.fetch_blob(ref, layer.descriptor(), sink)
+
+        path = await store.ensure_blob(layer.digest, layer.size, resume)
+        host = client.stats()[images.host]
+    assert seen == [cut]
+    assert host["bytes"] == layer.size - cut  # only the missing range crossed the wire
+    assert path.read_bytes() == data
+    store.close()

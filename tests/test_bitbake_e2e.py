@@ -383,3 +383,67 @@ def test_level_change_recompresses_without_downloading(daemon: Daemon, images: C
     # WORKDIR keeps Isar's name whatever the level.
     assert [p.name for p in (tmp_path / "work").iterdir()] == [
         f"{img.host}/{img.repository}".replace("/", ".") + f":{img.tag}.zst"]
+
+
+# --- many builds at once ---------------------------------------------------------------------
+
+WORKER = r"""
+import json, os, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from test_bitbake_helpers import fetch, make_datastore, register
+register()
+tmp, url, sock, arch = Path(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+d = make_datastore(tmp, arch, FETCHD_SOCKET=sock, BB_STRICT_CHECKSUM="ignore")
+work = tmp / ("work-%d" % os.getpid())
+ud = fetch(url, d, work)
+print(json.dumps({"localpath": ud.localpath, "work": [str(p) for p in work.iterdir()]}))
+"""
+
+
+def run_workers(dirs: list[Path], url: str, sock: str, arch: str) -> list[dict[str, Any]]:
+    """One BitBake-like process per entry of ``dirs`` (its DL_DIR parent), all started at once."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(ROOT / "tests"), str(ROOT), str(d),
+                               url, sock, arch],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for d in dirs]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stderr[-3000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def test_eight_builds_with_their_own_dl_dir_share_one_download(
+        images: Catalog, method: Any, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    img = images["multi-docker"]
+    dmn = daemon_factory([images.host])
+    results = run_workers([tmp_path / f"build{i}" for i in range(8)], url_of(img, digest=True),
+                          dmn.socket, "armhf")
+    archives = {Path(r["localpath"]).read_bytes() for r in results}
+    assert len(archives) == 1
+    inodes = {os.stat(r["localpath"]).st_ino for r in results}
+    assert len(inodes) == 1  # eight hard links to the daemon's single copy
+    tar = decompressed(results[0]["localpath"], tmp_path / "image.tar")
+    want = img.platform("linux/arm/v7")
+    assert skopeo_inspect(tar)["Layers"] == [str(x) for x in want.diff_ids]
+
+
+def test_four_builds_on_one_dl_dir_do_not_corrupt_each_other(
+        images: Catalog, method: Any, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    img = images["layers40"]
+    dmn = daemon_factory([images.host])
+    results = run_workers([tmp_path] * 4, url_of(img), dmn.socket, "amd64")
+    assert len({r["localpath"] for r in results}) == 1
+    path = Path(results[0]["localpath"])
+    # No temporary or partial file left beside it (bitbake removes its .lock on unlock).
+    listing = sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock"))
+    base = path.name
+    assert listing == [base, base + ".done", base + ".fetchd"]
+    tar = decompressed(path, tmp_path / "image.tar")
+    assert skopeo_inspect(tar)["Layers"] == [str(x) for x in img.only.diff_ids]
+    for r in results:
+        (work,) = r["work"]
+        assert Path(work).read_bytes() == path.read_bytes()

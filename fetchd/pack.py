@@ -255,8 +255,10 @@ def _copy_into(dst: BinaryIO, path: Path) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _assemble(store: PackStore, frames: Sequence[Digest], tail: bytes, key: str) -> Digest:
+def _assemble(store: PackStore, frames: Sequence[Digest], tail_bytes: bytes, key: str, level: int,
+              threads: int) -> Digest:
     """Concatenate the layer frames and the tail frame; commit under the archive alias."""
+    tail = compressor(level, threads).compress(tail_bytes)
     tmp = store.temp_path(".docker-archive.zst")
     try:
         with open(tmp, "wb", buffering=0) as out:  # unbuffered: copy_file_range moves the offset
@@ -339,9 +341,9 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         leases.enter_context(store.lease(made.values(), holder))
         frames.update(made)
         _emit(progress, {"state": "assemble", "layers": len(jobs)})
-        tail = compressor(level, workers).compress(archive_tail(config_raw, qualified, where))
+        tail = archive_tail(config_raw, qualified, where)
         ordered = [frames[job.diff_id] for job in jobs]
-        digest = await asyncio.to_thread(_assemble, store, ordered, tail, key)
+        digest = await asyncio.to_thread(_assemble, store, ordered, tail, key, level, workers)
     path = store.blob_path(digest)
     size = path.stat().st_size
     _emit(progress, {"state": "done", "digest": str(digest), "size": size, "reused": False})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import sqlite3
 import threading
@@ -39,11 +38,11 @@ from typing import BinaryIO, Protocol, TypeVar
 from .digest import Digest
 from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError
 from .ingest import FileLock, Ingest, fsync_dir, hash_file, store_error
+from .store_follow import CHUNK, Flight, follow_flight, follow_other_process
 from .store_gc import GcReport, VerifyReport, collect, verify_all
 from .store_index import ImageRow, StoreIndex
 
 _T = TypeVar("_T")
-_CHUNK = 1 << 20
 _TOUCH_FLUSH_COUNT = 256
 _TOUCH_FLUSH_SECONDS = 5.0
 
@@ -120,22 +119,6 @@ class ImageEntry:
     present: bool
 
 
-class _Flight:
-    """One in-process ingest of a digest: the task, its writer, a change signal."""
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[Path] | None = None
-        self.ingest: Ingest | None = None
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait(self) -> None:
-        await self._changed.wait()
-
-
 def _digest(value: Digest | str) -> Digest:
     return value if isinstance(value, Digest) else Digest.parse(value)
 
@@ -171,7 +154,7 @@ class LayerStore:
                 f"store {self.root}: cannot open index.sqlite: {e}; check that the store is "
                 "writable and on a local filesystem"
             ) from e
-        self._flights: dict[Digest, _Flight] = {}
+        self._flights: dict[Digest, Flight] = {}
         self._touches: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._touched_at = time.monotonic()
@@ -214,12 +197,10 @@ class LayerStore:
         path = self.blob_path(d)
         if path.is_file():
             self._touch(d)
-            if media_type:
-                self.record_blob_info(d, media_type=media_type)
             return path
         flight = self._flights.get(d)
         if flight is None:
-            flight = _Flight()
+            flight = Flight()
             task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type))
             flight.task = task
             self._flights[d] = flight
@@ -227,7 +208,7 @@ class LayerStore:
         assert flight.task is not None
         return await asyncio.shield(flight.task)
 
-    def _flight_done(self, d: Digest, flight: _Flight, task: asyncio.Task[Path]) -> None:
+    def _flight_done(self, d: Digest, flight: Flight, task: asyncio.Task[Path]) -> None:
         if self._flights.get(d) is flight:
             del self._flights[d]
         if not task.cancelled():
@@ -235,7 +216,7 @@ class LayerStore:
         flight.notify()
 
     async def _run_flight(
-        self, flight: _Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
+        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
     ) -> Path:
         path = self.blob_path(d)
         try:
@@ -247,6 +228,8 @@ class LayerStore:
             if path.is_file():  # another process finished it while we waited
                 self._touch(d)
                 return path
+            if d.algorithm != "sha256":
+                path.parent.mkdir(exist_ok=True)
             ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync)
             ing.on_change = flight.notify
             flight.ingest = ing
@@ -291,56 +274,33 @@ class LayerStore:
         return f
 
     async def read_following(self, digest: Digest | str) -> AsyncIterator[bytes]:
-        """Yield the blob's bytes, following an ingest in progress in this process.
+        """Yield the blob's bytes, following an ingest in progress (this process or another).
 
         Bytes are yielded as the ingest's hashed prefix grows, before the commit; the
         iterator hashes what it yields and raises (DigestMismatch, or the ingest's error)
         unless the whole blob verified: trust the bytes only if iteration ends cleanly.
+        A complete blob is streamed from its file. BlobUnknown when it is neither present
+        nor being downloaded.
         """
         d = _digest(digest)
         flight = self._flights.get(d)
         if flight is None and not self.has(d):
             await asyncio.sleep(0)  # let a just-created ensure_blob task register
             flight = self._flights.get(d)
-        if flight is None:
-            with self.open_blob(d) as f:
-                while chunk := await asyncio.to_thread(f.read, _CHUNK):
-                    yield chunk
-            return
-        hasher = d.hasher()
-        pos = 0
-        fd = -1
-        try:
-            while True:
-                ing = flight.ingest
-                task = flight.task
-                assert task is not None
-                if fd < 0 and ing is not None and ing.offset > pos:
-                    fd = await asyncio.to_thread(os.open, ing.part, os.O_RDONLY | os.O_CLOEXEC)
-                if fd >= 0 and ing is not None and ing.offset > pos:
-                    want = min(ing.offset - pos, _CHUNK)
-                    chunk = await asyncio.to_thread(_pread_hash, fd, want, pos, hasher)
-                    pos += len(chunk)
-                    yield chunk
-                    continue
-                if task.done():
-                    path = task.result()  # raises the ingest's error
-                    if fd < 0:
-                        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-                    while chunk := await asyncio.to_thread(_pread_hash, fd, _CHUNK, pos, hasher):
-                        pos += len(chunk)
-                        yield chunk
-                    actual = Digest(d.algorithm, hasher.hexdigest())
-                    if actual != d:
-                        raise DigestMismatch(
-                            f"blob {d}: the bytes read while it downloaded hash to {actual}; "
-                            "discard them and read the blob again"
-                        )
-                    return
-                await flight.wait()
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        if flight is not None:
+            source = follow_flight(flight, d)
+        elif self.has(d):
+            source = self._stream(d)
+        else:
+            source = follow_other_process(d, self._part(d), self.blob_path(d), self._lock(d),
+                                          lambda: self.has(d), self.root)
+        async for chunk in source:
+            yield chunk
+
+    async def _stream(self, d: Digest) -> AsyncIterator[bytes]:
+        with self.open_blob(d) as f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
 
     # -- local files -------------------------------------------------------------------
 
@@ -545,12 +505,6 @@ class LayerStore:
             self._gc_task.cancel()
         self.flush_uses()
         self.index.close()
-
-
-def _pread_hash(fd: int, n: int, pos: int, hasher: hashlib._Hash) -> bytes:
-    data = os.pread(fd, n, pos)
-    hasher.update(data)
-    return data
 
 
 __all__ = [

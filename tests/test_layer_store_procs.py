@@ -77,6 +77,20 @@ async def hang(args):
         await asyncio.sleep(3600)
     await store.ensure_blob(d, args["size"], fetch)
 
+async def slow(args):
+    store = LayerStore(Path(args["root"]))
+    data, d = blob(args["seed"], args["size"])
+    async def fetch(sink):
+        for pos in range(0, args["cut"], 256 * 1024):
+            await sink.write_at(pos, data[pos:min(pos + 256 * 1024, args["cut"])])
+        Path(args["ready"]).touch()
+        while not os.path.exists(args["go"]):
+            await asyncio.sleep(0.01)
+        for pos in range(args["cut"], args["size"], 256 * 1024):
+            await sink.write_at(pos, data[pos:pos + 256 * 1024])
+    await store.ensure_blob(d, args["size"], fetch)
+    store.close()
+
 async def lease(args):
     store = LayerStore(Path(args["root"]))
     with store.lease([Digest.parse(args["digest"])], holder="worker"):
@@ -84,7 +98,7 @@ async def lease(args):
         await asyncio.sleep(3600)
 
 args = json.loads(sys.argv[1])
-asyncio.run({"ingest": ingest, "hang": hang, "lease": lease}[args["mode"]](args))
+asyncio.run({"ingest": ingest, "hang": hang, "slow": slow, "lease": lease}[args["mode"]](args))
 '''
 
 
@@ -267,4 +281,27 @@ async def test_lease_held_by_another_process(
     await asyncio.to_thread(procs[0].wait)
     report = await store.gc(max_size=0)  # the holder died: its lease no longer counts
     assert report.removed == 1 and not store.has(d)
+    store.close()
+
+
+async def test_reader_follows_an_ingest_of_another_process(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    root, ready, go = tmp_path / "store", tmp_path / "ready", tmp_path / "go"
+    size, cut = 5 * MiB, 3 * MiB
+    data, d = blob(88, size)
+    store = LayerStore(root)
+    procs.append(spawn(mode="slow", root=str(root), seed=88, size=size, cut=cut,
+                       ready=str(ready), go=str(go)))
+    await wait_for(ready, procs[0])
+    got = bytearray()
+    reader = store.read_following(d)
+    while len(got) < 2 * MiB:  # the other process records its progress every 2 MiB
+        got += await reader.__anext__()
+    assert bytes(got) == data[: len(got)] and not store.has(d)
+    go.touch()
+    async for chunk in reader:
+        got += chunk
+    assert bytes(got) == data
+    assert await asyncio.to_thread(procs[0].wait) == 0
     store.close()

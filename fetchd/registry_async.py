@@ -76,6 +76,9 @@ Progress = Callable[[int], None]
 MAX_SMALL_BLOB = 64 * 1024 * 1024
 MAX_REDIRECTS = 10
 FLUSH_SIZE = 1024 * 1024
+# aiohttp's default 64 KiB read buffer caps a stream near 400 MB/s; 2 MiB reaches ~1 GB/s
+# on loopback. Memory is only used when the sink is slower than the network.
+READ_BUFSIZE = 2 * 1024 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 # Errors of a request or of reading its body that another try may fix.
 _TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
@@ -335,7 +338,7 @@ class RegistryClient:
             host.bump("requests")
             resp = await self._http().request(
                 method, target, headers=hdrs, allow_redirects=False,
-                ssl=True if ep.verify_tls else False)
+                ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE)
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp, foreign

@@ -168,8 +168,15 @@ def test_bad_parameters_are_refused(fake: FakeClient, tmp_path: Path) -> None:
     d = make_datastore(tmp_path)
     with pytest.raises(bb.fetch2.ParameterError, match="digest"):
         bb.fetch2.FetchData("docker://debian;digest=sha256:abc", d)
-    with pytest.raises(bb.fetch2.ParameterError, match="unknown parameter"):
-        bb.fetch2.FetchData("docker://debian;branch=main", d)
+
+
+
+def test_unknown_parameters_are_ignored_with_a_warning_as_isar_ignores_them(
+        fake: FakeClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        ud = bb.fetch2.FetchData("docker://debian;branch=main;subdir=x", make_datastore(tmp_path))
+    assert ud.localfile == "container-images/amd64/debian_latest.zst"
+    assert "branch ignored" in caplog.text
 
 
 # --- registration ---------------------------------------------------------------------
@@ -371,7 +378,8 @@ def test_unreachable_daemon_names_the_socket_and_how_to_start_it(tmp_path: Path)
     finally:
         unregister()
     assert sock in str(e.value)
-    assert "systemctl start fetchd.socket" in str(e.value) and "fetchd serve" in str(e.value)
+    assert "'systemctl start fetchd.socket'" in str(e.value) and "'fetchd serve'" in str(e.value)
+    assert str(e.value).count(sock) == 1
 
 
 # --- unpack ---------------------------------------------------------------------------

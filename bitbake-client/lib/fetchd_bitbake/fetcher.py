@@ -45,6 +45,9 @@ from . import naming
 DEFAULT_SOCKET = "/run/fetchd/fetchd.sock"
 SIDECAR_SUFFIX = ".fetchd"
 
+# BitBake's generic URL parameters, meaningless for docker:// and silently accepted as by Isar.
+_BITBAKE_PARAMS = {"name", "protocol", "downloadfilename", "unpack", "subdir", "striplevel"}
+
 ClientFactory = Callable[..., Any]  # (socket_path: str | None) -> client; no PEP 604 at runtime (3.9)
 
 
@@ -70,12 +73,11 @@ class Fetchd(FetchMethod):
         return False
 
     def urldata_init(self, ud: FetchData, d: Any) -> None:
-        unknown = set(ud.parm) - {"tag", "digest", "name", "protocol", "downloadfilename"}
+        unknown = set(ud.parm) - {"tag", "digest"} - _BITBAKE_PARAMS
         if unknown:
-            raise ParameterError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))}: docker:// takes tag= and digest=",
-                ud.url,
-            )
+            # Isar ignores them; a drop-in must not fail recipes that parse today.
+            logger.warning("%s: parameter(s) %s ignored: docker:// takes tag= and digest=",
+                           ud.url, ", ".join(sorted(unknown)))
         ud.tag_given = "tag" in ud.parm
         ud.tag = ud.parm.get("tag") or naming.DEFAULT_TAG
         if not naming.check_tag(ud.tag):
@@ -398,11 +400,13 @@ class Fetchd(FetchMethod):
         try:
             result = getattr(client, op)(*args, **kwargs)
         except DaemonUnreachable as e:
-            path = getattr(client, "socket_path", None) or "the default socket"
-            raise FetchError(
-                f"fetchd is not reachable at {path} ({e.message}). Start it with "
-                "`systemctl start fetchd.socket` or `fetchd serve`, or set FETCHD_SOCKET "
-                "to the socket of a running daemon.", ud.url) from e
+            path = getattr(e, "socket_path", None) or getattr(client, "socket_path", None) or "?"
+            message = e.message
+            if path not in message or "fetchd serve" not in message:
+                message = (f"cannot reach the fetchd daemon at {path} ({message}): start it with "
+                           "'systemctl start fetchd.socket' or 'fetchd serve', or set FETCHD_SOCKET "
+                           "to the socket of a running daemon")
+            raise FetchError(message, ud.url) from e
         except FetchdClientError as e:
             if e.code == "network-disabled":
                 raise NetworkAccess(ud.url, f"fetchd {op} {args[0] if args else ''}: {e.message}") from e

@@ -247,7 +247,9 @@ class LayerStore:
                 ing.suspend()
                 raise
         finally:
-            lock.release()
+            # Unlinked while held: lock files do not pile up, and FileLock's inode check
+            # makes a waiter that opened the old file try again on a fresh one.
+            lock.release(unlink=True)
         self._committed(d, size, media_type)
         return path
 

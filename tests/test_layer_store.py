@@ -83,6 +83,13 @@ async def test_ensure_blob_commits_verified_read_only_file(store: LayerStore) ->
         assert f.read() == data
 
 
+async def test_empty_blob_and_no_lock_files_left(store: LayerStore) -> None:
+    d = Digest.of(b"")
+    path = await store.ensure_blob(d, 0, Source(b""))
+    assert path.read_bytes() == b"" and store.has(d)
+    assert list(store.locks_dir.iterdir()) == []
+
+
 async def test_fifty_tasks_fetch_each_digest_once(store: LayerStore) -> None:
     blobs = [blob(MiB + i * 1000, seed=i) for i in range(5)]
     sources = [Source(data, chunk=64 * 1024, delay=0.001) for data, _ in blobs]

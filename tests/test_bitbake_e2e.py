@@ -447,3 +447,65 @@ def test_four_builds_on_one_dl_dir_do_not_corrupt_each_other(
     for r in results:
         (work,) = r["work"]
         assert Path(work).read_bytes() == path.read_bytes()
+
+
+# --- unpack when the build user may not link the store's file ------------------------------------
+
+UNPACK_AS_USER = r"""
+import json, os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import bb.fetch2
+from test_bitbake_helpers import make_datastore, register
+from pathlib import Path
+register()
+tmp, url, sock, work = Path(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+d = make_datastore(tmp, "amd64", FETCHD_SOCKET=sock)
+f = bb.fetch2.Fetch([url], d, cache=False)
+f.unpack(work)
+print(json.dumps({"uid": os.getuid()}))
+"""
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON)
+                    or Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1",
+                    reason="needs root (to run a build as nobody), /usr/bin/python3, protected_hardlinks=1")
+def test_unpack_as_another_user_gets_a_link_from_the_daemon(images: Catalog, method: Any) -> None:
+    import tempfile
+
+    img = images["single-oci"]
+    shared = Path(tempfile.mkdtemp(prefix="fetchd-bb-shared-"))
+    stop: list[Daemon] = []
+    try:
+        shared.chmod(0o755)
+        # The socket where the build user can reach it (pytest's tmp_path is private to root).
+        dmn = Daemon(shared / "fetchd", [images.host], '[server]\nsocket_mode = "0666"\n')
+        stop.append(dmn)
+        url = url_of(img, digest=True)
+        ud = fetch(url, make_datastore(shared, "amd64", FETCHD_SOCKET=dmn.socket))  # as root
+        for p in [shared / "downloads", *(shared / "downloads").rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o1777)  # a shared DL_DIR: every build takes its .lock files there
+        work = shared / "work"
+        work.mkdir()
+        os.chown(work, 65534, 65534)
+        # The system's python, as BitBake uses it (this venv's may live where nobody cannot go),
+        # with only bb added to its path.
+        bb_parent = str(Path(bb.__file__).parent.parent)
+        r = subprocess.run(
+            [SYSTEM_PYTHON, "-c", UNPACK_AS_USER, str(ROOT / "tests"), str(ROOT), str(shared), url,
+             dmn.socket, str(work)],
+            capture_output=True, text=True, user=65534, group=65534,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": bb_parent, "HOME": str(work)})
+        assert r.returncode == 0, (r.stderr[-3000:], dmn.log_path.read_text()[-2000:])
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == {"uid": 65534}
+        out = work / (f"{img.host}/{img.repository}".replace("/", ".") + f":{img.tag}.zst")
+        assert not out.is_symlink()
+        # Linked by the daemon: the same inode as the store's copy and DL_DIR's.
+        assert out.stat().st_ino == os.stat(ud.localpath).st_ino
+    finally:
+        for dmn in stop:
+            dmn.stop()
+        subprocess.run(["rm", "-rf", str(shared)], check=False)

@@ -509,3 +509,27 @@ def test_unpack_as_another_user_gets_a_link_from_the_daemon(images: Catalog, met
         for dmn in stop:
             dmn.stop()
         subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
+# --- a DL_DIR published as a file:// mirror ---------------------------------------------------
+
+
+def test_dl_dir_as_file_premirror_serves_each_arch_its_own_file(
+        daemon: Daemon, images: Catalog, method: Any, tmp_path: Path) -> None:
+    img = images["multi-docker"]
+    url = url_of(img, digest=True)
+    published = {}
+    for arch in ("armhf", "amd64", "i386"):
+        ud = fetch(url, make_datastore(tmp_path / "host1", arch, FETCHD_SOCKET=daemon.socket))
+        published[arch] = Path(ud.localpath).read_bytes()
+    assert len(set(published.values())) == 3
+    mirror = tmp_path / "host1" / "downloads"
+    # Another host, no daemon at all: everything must come from the mirror.
+    for arch in ("armhf", "amd64", "i386"):
+        d = make_datastore(tmp_path / "host2" / arch, arch, FETCHD_SOCKET=str(tmp_path / "none.sock"),
+                           PREMIRRORS=f"docker://.*/.* file://{mirror}/")
+        work = tmp_path / "host2" / arch / "work"
+        fetch(url, d, work)
+        (out,) = work.iterdir()
+        assert not out.is_symlink()
+        assert out.read_bytes() == published[arch]

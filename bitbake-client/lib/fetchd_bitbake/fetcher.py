@@ -51,7 +51,7 @@ _BITBAKE_PARAMS = {"name", "protocol", "downloadfilename", "unpack", "subdir", "
 ClientFactory = Callable[..., Any]  # (socket_path: str | None) -> client; no PEP 604 at runtime (3.9)
 
 
-class Fetchd(FetchMethod):
+class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
     """The ``docker://`` fetch method. Put it at the front of ``bb.fetch2.methods``."""
 
     #: Builds the daemon client for a socket path (None: the client's default).
@@ -61,7 +61,7 @@ class Fetchd(FetchMethod):
     # --- identity -----------------------------------------------------------------
 
     def supports(self, ud: FetchData, d: Any) -> bool:
-        return ud.type == "docker"
+        return bool(ud.type == "docker")
 
     def supports_checksum(self, ud: FetchData) -> bool:
         # The content is addressed by digest and verified by the daemon; hashing
@@ -99,9 +99,10 @@ class Fetchd(FetchMethod):
         ud.localname = naming.local_name(ud.container_name)
         ud.repo_tag = ud.container_name + ":" + ud.tag
         level_text = d.getVar("FETCHD_ZSTD_LEVEL")
+        ignored: list[str] = []
         try:
             if level_text:
-                ud.zstd_level, ignored = int(level_text), []
+                ud.zstd_level = int(level_text)
             else:
                 ud.zstd_level, ignored = naming.zstd_level(
                     d.getVar("ZSTD_DEFAULTS"), d.getVar("ZSTD_COMPRESSION_LEVEL")
@@ -316,10 +317,11 @@ class Fetchd(FetchMethod):
             "MIRRORNAME": ud.host.replace(":", ".") + ud.path.replace("/", ".").replace("*", "."),
         }
         try:
-            return bb.fetch2.uri_replace(ud, find, replace, replacements, d, ud.localfile)
+            uri = bb.fetch2.uri_replace(ud, find, replace, replacements, d, ud.localfile)
         except bb.fetch2.BBFetchException as e:
             logger.debug("fetchd: mirror %s %s does not apply: %s", find, replace, e)
             return None
+        return str(uri) if uri else None
 
     def _try_file_mirror(self, fetch: Any, ud: FetchData, d: Any, find: str, replace: str,
                          check: bool) -> bool:

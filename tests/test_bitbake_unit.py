@@ -367,6 +367,15 @@ def test_network_refused_by_allowed_networks(fake: FakeClient, tmp_path: Path) -
     assert fake.calls == []
 
 
+def test_moved_tag_check_respects_allowed_networks(fake: FakeClient, tmp_path: Path) -> None:
+    fake.tags["debian:12"] = DIGEST_A
+    fetch("docker://debian;tag=12", make_datastore(tmp_path))
+    n = len(fake.calls)
+    # Not allowed to reach the registry any more: keep the cached file, ask nothing.
+    fetch("docker://debian;tag=12", make_datastore(tmp_path, BB_ALLOWED_NETWORKS="example.org"))
+    assert len(fake.calls) == n
+
+
 def test_unreachable_daemon_names_the_socket_and_how_to_start_it(tmp_path: Path) -> None:
     register()
     try:

@@ -133,8 +133,10 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
         if offline:
             return False
         try:
+            # The resolve is a HEAD at the registry: BB_ALLOWED_NETWORKS applies to it too.
+            bb.fetch2.check_network_access(d, f"fetchd resolve {ud.container_name}:{ud.tag}", ud.url)
             resolved = self._resolve(self._client(d), ud, ud.container_name, offline=False)
-        except FetchError as e:
+        except (FetchError, bb.fetch2.NetworkAccess, bb.fetch2.UntrustedUrl) as e:
             logger.warning("fetchd: cannot check whether %s moved, keeping %s: %s",
                            ud.container_src, ud.localpath, e)
             return False
@@ -352,7 +354,8 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
             return False
         try:
             if check:
-                self._resolve(self._client(d), ud, name, offline=_no_network(d))
+                bb.fetch2.check_network_access(d, f"fetchd resolve {name}:{ud.tag}", uri)
+                self._resolve(self._client(d), ud, name, offline=False)
             else:
                 self._download(ud, d, name)
             return True

@@ -387,6 +387,8 @@ def jsonable(value: Any) -> Any:
         to_json = getattr(value, "to_json", None)
         if callable(to_json):
             return jsonable(to_json())
+        if type(value).__str__ is not object.__str__:
+            return str(value)  # values such as Digest and Reference have a canonical text
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}

@@ -15,19 +15,28 @@ PACKAGE = ROOT / "fetchd"
 
 LAYERS: dict[str, int] = {
     # pure, stdlib only
-    "errors": 0, "digest": 1, "reference": 2, "platform": 2, "manifest": 3, "config": 3,
-    # I/O, one concern each
-    "auth": 4, "registry_async": 5, "layer_store": 4, "archive_format": 4, "decompress": 4,
-    "pack": 5, "deliver": 4, "sdnotify": 4,
+    "errors": 0, "retry": 0, "ranges": 0, "digest": 1, "config": 1, "reference": 2, "platform": 2,
+    "manifest": 3, "registry_errors": 3, "archive_format": 4,
+    # I/O, one concern each: registry side
+    "auth": 4, "registry_async": 5,
+    # store side
+    "store_index": 4, "ingest": 4, "store_follow": 5, "store_gc": 5, "layer_store": 6,
+    # pack side
+    "decompress": 4, "pack": 5,
+    # hand-back and service plumbing
+    "deliver": 4, "sdnotify": 4,
     # the meeting point
-    "pull": 6,
+    "pull": 7,
     # wiring
-    "server": 7, "cli": 8, "__main__": 9,
+    "server": 8, "cli": 9, "__main__": 10,
 }
-PURE = {"errors", "digest", "reference", "platform", "manifest", "config"}
+PURE = {"errors", "retry", "ranges", "digest", "config", "reference", "platform", "manifest",
+        "registry_errors", "archive_format"}
 IO_NEIGHBOURS_FORBIDDEN = {
     "registry_async": {"layer_store", "pack", "pull", "deliver"},
     "layer_store": {"registry_async", "auth", "pack", "pull", "aiohttp"},
+    "ingest": {"registry_async", "auth", "pack", "pull", "aiohttp"},
+    "store_index": {"registry_async", "auth", "pack", "pull", "aiohttp"},
     "pack": {"registry_async", "auth", "pull", "aiohttp", "server"},
     "deliver": {"registry_async", "pack", "pull", "layer_store"},
 }

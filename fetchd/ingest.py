@@ -114,6 +114,14 @@ def hash_file(path: Path, algorithm: str = "sha256") -> tuple[Digest, int]:
     return Digest(algorithm, h.hexdigest()), size
 
 
+def _forget(pending: set[asyncio.Future[object]]) -> Callable[[asyncio.Future[object]], None]:
+    def done(fut: asyncio.Future[object]) -> None:
+        pending.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: its caller may have been cancelled
+    return done
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -150,6 +158,7 @@ class Ingest:
         self.bytes_written = 0
         self.failure: BaseException | None = None  # a StoreError/SizeMismatch raised to the fetcher
         self._changed = asyncio.Event()
+        self._pending: set[asyncio.Future[object]] = set()  # thread work still running
         self.on_change: Callable[[], None] | None = None  # the store's flight listens here
 
     # -- BlobSink ----------------------------------------------------------------------
@@ -177,7 +186,7 @@ class Ingest:
                     if n >= _PARALLEL_HASH:
                         # pwrite and sha256 both release the GIL: run them side by side
                         await asyncio.gather(self._io(self._write_and_hash, offset, data, False),
-                                             asyncio.to_thread(self._hash.update, data))
+                                             self._io(self._hash.update, data))
                     else:
                         await self._io(self._write_and_hash, offset, data)
                     self.offset += n
@@ -240,10 +249,16 @@ class Ingest:
         self.offset = self._floor = self.resumed_from = self._state_at = held
         self._save_state()
 
+    async def quiesce(self) -> None:
+        """Wait until no thread works on the file any more (also cancelled writes)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
     async def commit(self, dest: Path) -> None:
         """Verify and move the partial to ``dest``; raise Size/DigestMismatch or StoreError."""
         while self._writes or self._advancing:
             await self._wait_changed()
+        await self.quiesce()
         if self.failure is not None:
             raise self.failure
         if self.offset != self.size:
@@ -278,7 +293,10 @@ class Ingest:
             pass
 
     def suspend(self) -> None:
-        """Keep the partial for a later resume (the fetch failed in a retryable way)."""
+        """Keep the partial for a later resume (the fetch failed in a retryable way).
+
+        Call after ``quiesce``: no thread may still use the file descriptor.
+        """
         try:
             self._save_state()
         except OSError:
@@ -287,7 +305,7 @@ class Ingest:
         self._notify()
 
     def discard(self) -> None:
-        """Remove the partial and its sidecar (mismatch, store error)."""
+        """Remove the partial and its sidecar (mismatch, store error); after ``quiesce``."""
         self.close()
         for p in (self.part, self.state_path):
             try:
@@ -321,9 +339,14 @@ class Ingest:
 
     # -- internals (the sync ones run in threads) --------------------------------------
 
-    async def _io(self, fn: object, *args: object) -> object:
+    async def _io(self, fn: Callable[..., object], *args: object) -> object:
+        # The thread runs on even if the caller is cancelled (a thread cannot be stopped):
+        # track it, so that the file descriptor is closed only after it finished.
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._pending.add(fut)
+        fut.add_done_callback(_forget(self._pending))
         try:
-            return await asyncio.to_thread(fn, *args)  # type: ignore[arg-type]
+            return await asyncio.shield(fut)
         except OSError as e:
             exc = store_error(e, self.root, f"write the ingest file for {self.digest}")
             self.failure = exc

@@ -238,9 +238,13 @@ class LayerStore:
                 await fetch(ing)
                 await ing.commit(path)
             except (DigestMismatch, SizeMismatch, StoreError):
+                await ing.quiesce()
                 ing.discard()
                 raise
             except BaseException:
+                # Also after a cancellation: threads may still write through the fd. If
+                # this wait is interrupted too, the fd leaks rather than being closed early.
+                await ing.quiesce()
                 if ing.failure is not None:  # the store failed under the fetcher
                     ing.discard()
                     raise ing.failure from None

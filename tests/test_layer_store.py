@@ -293,6 +293,30 @@ async def test_cancelled_waiter_does_not_cancel_the_fetch(store: LayerStore) -> 
     assert src.calls == 1
 
 
+async def test_close_during_a_download_keeps_the_partial_for_resume(tmp_path: Path) -> None:
+    data, d = blob(4 * MiB, seed=15)
+    first = LayerStore(tmp_path / "s")
+    started = asyncio.Event()
+
+    async def slow(sink: BlobSink) -> None:
+        for pos in range(0, len(data), 512 * 1024):
+            await sink.write_at(pos, data[pos : pos + 512 * 1024])
+            if pos >= MiB:
+                started.set()
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(first.ensure_blob(d, len(data), slow))
+    await started.wait()
+    first.close()  # cancels the download
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    second = LayerStore(tmp_path / "s")
+    again = Source(data)
+    assert (await second.ensure_blob(d, len(data), again)).read_bytes() == data
+    assert again.offsets[0] >= MiB and again.written == len(data) - again.offsets[0]
+    second.close()
+
+
 # -- commit_file, aliases, tags, images ----------------------------------------------------
 
 

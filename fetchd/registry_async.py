@@ -690,7 +690,15 @@ class RegistryClient:
                 if held >= FLUSH_SIZE:
                     await flush()
         except _TRANSIENT as e:
-            await flush()  # what arrived intact is kept: the resume starts after it
+            # What arrived intact is kept, including what aiohttp still buffered when the
+            # connection dropped, so the resume asks only for bytes never received.
+            for chunk in _salvage(resp.content):
+                if pos + held + len(chunk) > end:
+                    break
+                pending.append(chunk)
+                held += len(chunk)
+                host.bump("bytes", len(chunk))
+            await flush()
             raise _Cut(pos, type(e).__name__) from e
         await flush()
         return pos
@@ -711,6 +719,25 @@ class _MemorySink:
 
     async def truncate(self, size: int) -> None:
         del self.buf[size:]
+
+
+def _salvage(content: Any) -> list[bytes]:
+    """Bytes aiohttp received but had not handed out when the connection failed.
+
+    aiohttp's StreamReader raises the connection error before returning buffered data;
+    those bytes are valid (TCP delivered them in order), so take them from its buffer.
+    Uses a private attribute on purpose, guarded: if it changes, nothing is salvaged and
+    the resume simply asks for those bytes again.
+    """
+    buffer = getattr(content, "_buffer", None)
+    if not buffer or not all(isinstance(c, bytes | bytearray | memoryview) for c in buffer):
+        return []
+    chunks = [bytes(c) for c in buffer]
+    skip = getattr(content, "_buffer_offset", 0)
+    if isinstance(skip, int) and skip:
+        chunks[0] = chunks[0][skip:]
+    buffer.clear()
+    return chunks
 
 
 def _maybe_digest(text: str | None) -> Digest | None:

@@ -289,6 +289,22 @@ async def test_range_resume_after_a_cut_sends_no_byte_twice(fake) -> None:
     assert sink.written == len(BLOB)
 
 
+class SlowSink(MemorySink):
+    async def write_at(self, offset: int, data: bytes) -> None:
+        await asyncio.sleep(0.05)  # the connection drops while aiohttp still buffers data
+        await super().write_at(offset, data)
+
+
+async def test_bytes_buffered_when_the_connection_drops_are_kept(fake) -> None:
+    cut = 1024 * 1024 + 300_000
+    fake.fault("blob", Fault(cut_after=cut))
+    sink = SlowSink()
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert [s.headers.get("Range") for s in fake.requests("blob")] == [None, f"bytes={cut}-"]
+
+
 async def test_resume_starts_at_the_sinks_offset(fake) -> None:
     sink = MemorySink(BLOB[:5000])
     seen: list[int] = []

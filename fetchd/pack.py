@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -149,6 +149,119 @@ def raw_zstd_frame(data: bytes) -> bytes:
             + (1 | n << 3).to_bytes(3, "little") + data)
 
 
+# --------------------------------------------------------------------------- the archive file
+
+
+def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) or 0:]
+
+
+def _copy_into(dst: BinaryIO, path: Path) -> None:
+    """Append the file at ``path`` to ``dst`` (an unbuffered file positioned at its end)."""
+    with open(path, "rb") as src:
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining > 0:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+                if n == 0:
+                    break
+                remaining -= n
+        except OSError:  # no copy_file_range between these files: copy through user space
+            pass
+        if remaining > 0:
+            src.seek(-remaining, os.SEEK_END)
+            dst.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+class _ArchiveBuilder:
+    """The archive file, appended entry by entry in layer order while frames are being made.
+
+    Entry ``i`` (the i-th distinct layer) gets in either by copying its finished frame file
+    (``add_ready``), or while it is made: the worker of the entry right after everything
+    appended so far may ``claim`` the file and write its frame there too, saving a copy of
+    the biggest bytes (``tee``). One tee at a time; copies wait while a tee runs. All methods
+    are thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
+    """
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path = path
+        self.count = count
+        self.file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        self._next = 0
+        self._ready: dict[int, Path] = {}
+        self._teeing = False
+        self._lock = threading.Lock()
+
+    def claim(self, entry: int) -> int | None:
+        """The offset where ``entry`` starts if its worker may write it here now, else None."""
+        with self._lock:
+            if self._teeing or entry != self._next:
+                return None
+            self._teeing = True
+            return self.file.seek(0, os.SEEK_END)
+
+    def write(self, data: bytes | memoryview) -> None:
+        _write_all(self.file, data)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.file.fileno(), data, offset)
+
+    def end_tee(self, ok: bool, start: int) -> None:
+        """The claiming worker is done: its entry is in (``ok``), or is cut off again."""
+        with self._lock:
+            self._teeing = False
+            if ok:
+                self._next += 1
+            else:
+                self.file.truncate(start)
+                self.file.seek(start)
+            self._drain()
+
+    def add_ready(self, entries: dict[int, Path]) -> None:
+        """Finished frame files; each is copied in when its turn comes."""
+        with self._lock:
+            self._ready.update(entries)
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._teeing and self._next in self._ready:
+            _copy_into(self.file, self._ready.pop(self._next))
+            self._next += 1
+
+    def finish(self, tail: bytes) -> None:
+        with self._lock:
+            if self._teeing or self._next != self.count:
+                raise RuntimeError(f"archive has {self._next} of {self.count} layers")
+            self.file.seek(0, os.SEEK_END)
+            _write_all(self.file, tail)
+            self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class _Tee:
+    """The compressor's output: the frame file and, while claimed, the archive too."""
+
+    def __init__(self, frame: BinaryIO, archive: _ArchiveBuilder | None) -> None:
+        self.frame = frame
+        self.archive = archive
+
+    def write(self, data: bytes) -> int:
+        self.frame.write(data)
+        if self.archive is not None:
+            self.archive.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.frame.flush()
+
+
 # --------------------------------------------------------------------------- layer frames
 
 
@@ -156,7 +269,8 @@ def raw_zstd_frame(data: bytes) -> bytes:
 class _LayerJob:
     descriptor: Descriptor
     diff_id: Digest
-    index: int
+    index: int  # position in the manifest (for messages)
+    entry: int = 0  # position among the archive's distinct layers
 
 
 class _Aborted(Exception):
@@ -165,44 +279,58 @@ class _Aborted(Exception):
 
 def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, threads: int, *,
                      image_name: str = "", abort: threading.Event | None = None,
-                     progress: ProgressSink | None = None) -> int:
-    """Write the cached unit of one layer to ``out_path``; return the uncompressed layer size.
+                     progress: ProgressSink | None = None,
+                     archive: _ArchiveBuilder | None = None) -> tuple[int, bool]:
+    """Write the cached unit of one layer to ``out_path``: ``(layer size, also in archive)``.
 
-    Reads ``src`` once: decompress, hash and compress in one pass. Raises DiffIdMismatch when
-    the content does not hash to ``job.diff_id`` (the caller discards ``out_path``).
+    Reads ``src`` once: decompress, hash and compress in one pass. When ``archive`` lets this
+    entry in now, the same bytes go into the archive as well. Raises DiffIdMismatch when the
+    content does not hash to ``job.diff_id`` (the caller discards ``out_path``).
     """
     what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
     hasher = hashlib.sha256()
     size = 0
     last = time.monotonic()
-    with open(out_path, "wb") as out:
-        out.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame goes here once the size is known
-        with compressor(level, threads).stream_writer(out, closefd=False, write_size=1 << 20) as w:
-            for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
-                if abort is not None and abort.is_set():
-                    raise _Aborted
-                hasher.update(chunk)
-                size += len(chunk)
-                w.write(chunk)
-                if progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
-                    last = time.monotonic()
-                    progress({"state": "layer-progress", "diff_id": str(job.diff_id),
-                              "bytes": size})
-            w.write(padding(size))
-        actual = Digest("sha256", hasher.hexdigest())
-        if actual != job.diff_id:
-            raise DiffIdMismatch(
-                f"{what}: uncompressed content hashes to {actual}, but the image config says "
-                f"diff_id {job.diff_id} for layer {job.index + 1}; the layer or the config is "
-                "corrupt or does not belong to this image, nothing was packed"
-            )
-        header = raw_zstd_frame(layer_member_header(job.diff_id, size))
-        if len(header) == _HEADER_FRAME_SIZE:
-            out.seek(0)
-            out.write(header)
-            return size
+    start = archive.claim(job.entry) if archive is not None else None
+    tee = archive if start is not None else None
+    in_archive = False
+    try:
+        with open(out_path, "wb") as out:
+            sink = _Tee(out, tee)
+            sink.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame, once the size is known
+            with compressor(level, threads).stream_writer(cast(IO[bytes], sink), closefd=False,
+                                                          write_size=1 << 20) as w:
+                for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
+                    if abort is not None and abort.is_set():
+                        raise _Aborted
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    w.write(chunk)
+                    if progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
+                        last = time.monotonic()
+                        progress({"state": "layer-progress", "diff_id": str(job.diff_id),
+                                  "bytes": size})
+                w.write(padding(size))
+            actual = Digest("sha256", hasher.hexdigest())
+            if actual != job.diff_id:
+                raise DiffIdMismatch(
+                    f"{what}: uncompressed content hashes to {actual}, but the image config says "
+                    f"diff_id {job.diff_id} for layer {job.index + 1}; the layer or the config is "
+                    "corrupt or does not belong to this image, nothing was packed"
+                )
+            header = raw_zstd_frame(layer_member_header(job.diff_id, size))
+            if len(header) == _HEADER_FRAME_SIZE:
+                out.seek(0)
+                out.write(header)
+                if tee is not None and start is not None:
+                    tee.pwrite(header, start)
+                    in_archive = True
+                return size, in_archive
+    finally:
+        if tee is not None and start is not None:
+            tee.end_tee(in_archive, start)
     _prepend_header(out_path, header)  # PAX header (>= 8 GiB): rewrite once
-    return size
+    return size, False
 
 
 def _prepend_header(path: Path, header: bytes) -> None:
@@ -215,13 +343,15 @@ def _prepend_header(path: Path, header: bytes) -> None:
 
 
 def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, image_name: str,
-                 abort: threading.Event, progress: ProgressSink | None) -> Digest:
-    """Make, verify and commit one layer frame (runs in a worker thread)."""
+                 abort: threading.Event, progress: ProgressSink | None,
+                 archive: _ArchiveBuilder) -> Digest:
+    """Make, verify and commit one layer frame, and get it into the archive (worker thread)."""
     tmp = store.temp_path(".frame.zst")
     try:
         with store.open_blob(job.descriptor.digest) as src:
-            size = make_layer_frame(src, tmp, job, level, threads, image_name=image_name,
-                                    abort=abort, progress=progress)
+            size, in_archive = make_layer_frame(src, tmp, job, level, threads,
+                                                image_name=image_name, abort=abort,
+                                                progress=progress, archive=archive)
         digest = store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
                                    media_type=FRAME_MEDIA_TYPE)
     except BaseException:
@@ -229,50 +359,12 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if not in_archive:
+        archive.add_ready({job.entry: store.blob_path(digest)})
     if progress is not None:
         progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size,
                   "frame": str(digest)})
     return digest
-
-
-# --------------------------------------------------------------------------- the archive
-
-
-def _copy_into(dst: BinaryIO, path: Path) -> None:
-    with open(path, "rb") as src:
-        remaining = os.fstat(src.fileno()).st_size
-        try:
-            while remaining > 0:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
-                if n == 0:
-                    break
-                remaining -= n
-        except OSError:  # no copy_file_range across these files: copy through user space
-            pass
-        if remaining > 0:
-            src.seek(-remaining, os.SEEK_END)
-            dst.seek(0, os.SEEK_END)
-            shutil.copyfileobj(src, dst, 1 << 20)
-
-
-def _assemble(store: PackStore, frames: Sequence[Digest], tail_bytes: bytes, key: str, level: int,
-              threads: int) -> Digest:
-    """Concatenate the layer frames and the tail frame; commit under the archive alias."""
-    tail = compressor(level, threads).compress(tail_bytes)
-    tmp = store.temp_path(".docker-archive.zst")
-    try:
-        with open(tmp, "wb", buffering=0) as out:  # unbuffered: copy_file_range moves the offset
-            for frame in frames:
-                _copy_into(out, store.blob_path(frame))
-            out.seek(0, os.SEEK_END)
-            view = memoryview(tail)
-            while view:
-                view = view[out.write(view) or 0:]
-        return store.commit_file(tmp, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _layer_jobs(manifest: ImageManifest, diff_ids: Sequence[Digest], where: str) -> list[_LayerJob]:
@@ -285,8 +377,12 @@ def _layer_jobs(manifest: ImageManifest, diff_ids: Sequence[Digest], where: str)
         raise ManifestInvalid(f"{where}: the image has no layers; nothing to pack")
     jobs: dict[Digest, _LayerJob] = {}
     for i, (desc, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
-        jobs.setdefault(diff_id, _LayerJob(desc, diff_id, i))
+        if diff_id not in jobs:
+            jobs[diff_id] = _LayerJob(desc, diff_id, i, len(jobs))
     return list(jobs.values())
+
+
+# --------------------------------------------------------------------------- pack_image
 
 
 async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
@@ -312,6 +408,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         )
     config = parse_config(config_raw, where)
     jobs = _layer_jobs(manifest, config.diff_ids, where)
+    tail = archive_tail(config_raw, qualified, where)
     key = archive_key(manifest_digest or config_digest, qualified, level)
     workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
 
@@ -331,27 +428,42 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
             frames[job.diff_id] = found
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
-    with contextlib.ExitStack() as leases:
-        leases.enter_context(store.lease(
-            [*frames.values(), *(job.descriptor.digest for job in todo)], holder))
-        for job in jobs:
-            _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
-                             "reused": job.diff_id in frames})
-        made, compressed = await _build_frames(store, todo, level, workers, where, progress)
-        leases.enter_context(store.lease(made.values(), holder))
-        frames.update(made)
-        _emit(progress, {"state": "assemble", "layers": len(jobs)})
-        tail = archive_tail(config_raw, qualified, where)
-        ordered = [frames[job.diff_id] for job in jobs]
-        digest = await asyncio.to_thread(_assemble, store, ordered, tail, key, level, workers)
+    archive = _ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs))
+    try:
+        with contextlib.ExitStack() as leases:
+            leases.enter_context(store.lease(
+                [*frames.values(), *(job.descriptor.digest for job in todo)], holder))
+            for job in jobs:
+                _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
+                                 "reused": job.diff_id in frames})
+            # cached frames at the head go in first, so the first new layer can tee
+            await asyncio.to_thread(archive.add_ready, {
+                job.entry: store.blob_path(frames[job.diff_id])
+                for job in jobs if job.diff_id in frames})
+            made, compressed = await _build_frames(store, todo, level, workers, where, progress,
+                                                   archive)
+            leases.enter_context(store.lease(made.values(), holder))
+            _emit(progress, {"state": "assemble", "layers": len(jobs)})
+            digest = await asyncio.to_thread(_finish_archive, store, archive, tail, key, level,
+                                             workers)
+    except BaseException:
+        archive.discard()
+        raise
     path = store.blob_path(digest)
     size = path.stat().st_size
     _emit(progress, {"state": "done", "digest": str(digest), "size": size, "reused": False})
     return PackResult(digest, path, size, compressed, len(jobs) - compressed)
 
 
+def _finish_archive(store: PackStore, archive: _ArchiveBuilder, tail: bytes, key: str,
+                    level: int, threads: int) -> Digest:
+    archive.finish(compressor(level, threads).compress(tail))
+    return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE)
+
+
 async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int, workers: int,
-                        where: str, progress: ProgressSink | None) -> tuple[dict[Digest, Digest], int]:
+                        where: str, progress: ProgressSink | None,
+                        archive: _ArchiveBuilder) -> tuple[dict[Digest, Digest], int]:
     """Make the missing layer frames: up to ``workers`` layers at a time, each with ``workers``
     zstd threads. Returns the frames and how many of them this call compressed itself (the
     others were being made by a concurrent pack of another image and were waited for).
@@ -369,8 +481,16 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
         if other is not None:
             await asyncio.wait([other])
             if not other.cancelled() and other.exception() is None:
-                return other.result(), False
+                digest = other.result()
+                await asyncio.to_thread(archive.add_ready, {job.entry: store.blob_path(digest)})
+                return digest, False
             # that pack failed or stopped (maybe over another layer): make the frame here
+        else:
+            # a concurrent pack may have finished this frame since pack_image looked
+            done = store.get_alias("frame", key)
+            if done is not None:
+                await asyncio.to_thread(archive.add_ready, {job.entry: store.blob_path(done)})
+                return done, False
         fut: asyncio.Future[Digest] = asyncio.get_running_loop().create_future()
         flights[key] = fut
         try:
@@ -378,7 +498,7 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                 if abort.is_set():
                     raise _Aborted
                 digest = await asyncio.to_thread(_build_frame, store, job, level, workers, where,
-                                                 abort, progress)
+                                                 abort, progress, archive)
             fut.set_result(digest)
             return digest, True
         except Exception as e:

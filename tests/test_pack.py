@@ -408,8 +408,8 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
     layer = make_layer(content, "gzip")
     job = pack_module._LayerJob(layer.descriptor(), diff_id, 0)
     out = tmp_path / "frame.zst"
-    size = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1)
-    assert size == len(content)
+    size, in_archive = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1)
+    assert size == len(content) and not in_archive
     assert unzstd(out) == huge + content + padding(len(content))
 
 

@@ -91,7 +91,7 @@ class Host:
     stats: dict[str, int | None] = field(default_factory=lambda: {
         "requests": 0, "bytes": 0, "retries": 0, "errors": 0, "ratelimit_remaining": None})
 
-    async def pace(self) -> None:
+    async def pace(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """Space request starts by ``interval`` (requests_per_second)."""
         if not self.interval:
             return
@@ -99,7 +99,7 @@ class Host:
         wait = self.next_slot - now
         self.next_slot = max(now, self.next_slot) + self.interval
         if wait > 0:
-            await asyncio.sleep(wait)
+            await sleep(wait)
 
     def bump(self, name: str, n: int = 1) -> None:
         self.stats[name] = (self.stats[name] or 0) + n
@@ -289,55 +289,63 @@ class Transport:
         scope = pull_scope(ref.repository)
         attempt, refreshed = 0, False
         while True:
-            auth = await self._authorization(ep, ref, scope)
             failure, retry_after = "", None
-            async with host.semaphore:
-                await host.pace()
-                try:
-                    resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth)
-                except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
-                    if ep.allow_http and ep.mirror is None and not host.plain_http:
-                        log.info("%s: TLS failed, using plain HTTP (insecure registry)", ep.label)
-                        host.plain_http = True
-                        ep = replace(ep, base="http://" + ep.base.split("://", 1)[1])
-                        continue
+            try:
+                auth = await self._authorization(ep, ref, scope)
+            except RegistryError as e:  # the token server failed; Unauthorized is not retried
+                if attempt >= retries:
                     host.bump("errors")
-                    raise _tls_error(ep, e) from e
-                except TRANSIENT as e:
-                    failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                else:
-                    remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
-                    if remaining is not None:
-                        host.stats["ratelimit_remaining"] = remaining
-                    status = resp.status
-                    if status in ok:
-                        try:
-                            yield resp
-                        finally:
-                            if resp.content.at_eof():
-                                resp.release()
-                            else:
-                                resp.close()  # a half-read body must not go back to the pool
-                        return
-                    if status == 401 and not foreign and not refreshed:
-                        challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
-                        resp.close()
-                        if await self._accept_challenge(ep, ref, scope, challenges):
-                            refreshed = True
+                    raise
+                auth, failure = None, f"token server: {e.message}"
+            if not failure:
+                async with host.semaphore:
+                    await host.pace(self.sleep)
+                    try:
+                        resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth)
+                    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
+                        if ep.allow_http and ep.mirror is None and not host.plain_http:
+                            log.info("%s: TLS failed, using plain HTTP (insecure registry)", ep.label)
+                            host.plain_http = True
+                            ep = replace(ep, base="http://" + ep.base.split("://", 1)[1])
                             continue
                         host.bump("errors")
-                        raise await self._unauthorized(ep, ref)
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    quota = status == 429 and retry_after is None and remaining == 0
-                    if retryable_status(status) and attempt < retries and not quota:
-                        failure = f"HTTP {status}"
-                        resp.close()
+                        raise _tls_error(ep, e) from e
+                    except TRANSIENT as e:
+                        failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                     else:
-                        host.bump("errors")
-                        try:
-                            raise await error_from_response(resp, ep.label, ref, what, retry_after)
-                        finally:
+                        remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
+                        if remaining is not None:
+                            host.stats["ratelimit_remaining"] = remaining
+                        status = resp.status
+                        if status in ok:
+                            try:
+                                yield resp
+                            finally:
+                                if resp.content.at_eof():
+                                    resp.release()
+                                else:
+                                    resp.close()  # a half-read body must not go back to the pool
+                            return
+                        if status == 401 and not foreign and not refreshed:
+                            challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
                             resp.close()
+                            if await self._accept_challenge(ep, ref, scope, challenges):
+                                refreshed = True
+                                continue
+                            host.bump("errors")
+                            raise await self._unauthorized(ep, ref)
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                        quota = status == 429 and retry_after is None and remaining == 0
+                        if retryable_status(status) and attempt < retries and not quota:
+                            failure = f"HTTP {status}"
+                            resp.close()
+                        else:
+                            host.bump("errors")
+                            try:
+                                raise await error_from_response(resp, ep.label, ref, what, retry_after)
+                            finally:
+                                resp.close()
+
             if attempt >= retries:
                 host.bump("errors")
                 raise RegistryError(

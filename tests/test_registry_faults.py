@@ -7,12 +7,15 @@ import base64
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.abc
 import pytest
 from fake_registry import FakeRegistry, Fault
 from registry_sinks import MemorySink
@@ -22,6 +25,7 @@ from fetchd.config import BasicCredentials, Config, MirrorConfig, NetworkConfig,
 from fetchd.digest import Digest
 from fetchd.errors import (
     DigestMismatch,
+    InsecureRegistry,
     ManifestInvalid,
     ManifestUnknown,
     RateLimited,
@@ -463,3 +467,60 @@ async def test_digest_only_mirror_never_gets_tag_requests(fake, storage) -> None
     assert pinned.body == MANIFEST
     assert [s.path.rsplit("/", 1)[1] for s in storage.requests("manifest")] == [str(tagged.digest)]
     assert [s.path.rsplit("/", 1)[1] for s in fake.requests("manifest")] == ["v1"]
+
+
+# ---------------------------------------------------------------------- pacing, token server, TLS
+
+
+async def test_requests_per_second_spaces_request_starts(fake) -> None:
+    sleeps = Sleeps()
+    registries = (RegistryConfig(host=fake.host, requests_per_second=10),)
+    async with make_client(sleeps=sleeps, registries=registries) as client:
+        for _ in range(3):
+            await client.get_manifest(ref(fake))
+    assert len(sleeps) == 2
+    assert 0.05 < sleeps[0] <= 0.1 and 0.15 < sleeps[1] <= 0.2
+
+
+async def test_token_server_failure_is_retried(fake) -> None:
+    fake.auth = "bearer"
+    fake.fault("token", Fault(status=503))
+    sleeps = Sleeps()
+    async with make_client(sleeps=sleeps) as client:
+        await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["retries"] == 1
+    assert fake.tokens_issued == 1 and len(sleeps) == 1
+
+
+class _Loopback(aiohttp.abc.AbstractResolver):
+    """Resolves every name to 127.0.0.1: a 'remote' registry that stays on this machine."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def remote_session() -> AsyncIterator[aiohttp.ClientSession]:
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_Loopback()),
+                                    auto_decompress=False)
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+async def test_plain_http_registry_needs_insecure(fake, remote_session) -> None:
+    name = f"registry.test:{fake.server.port}"  # type: ignore[union-attr]
+    remote = Reference.parse(f"{name}/{REPO}:v1")
+    async with RegistryClient(Config(), remote_session) as client:
+        with pytest.raises(InsecureRegistry, match=f'registries."{name}"'):
+            await client.get_manifest(remote)
+    assert fake.seen == []  # nothing was sent in clear text
+    insecure = Config(registries=(RegistryConfig(host=name, insecure=True),))
+    async with RegistryClient(insecure, remote_session) as client:
+        fetched = await client.get_manifest(remote)
+    assert fetched.body == MANIFEST

@@ -28,6 +28,10 @@ def _s(side: dict[str, Any] | None) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def _cpu(d: dict[str, Any] | None) -> str:
+    return "-" if not d or "cpu_s" not in d else f"{d['cpu_s']:.2f}"
+
+
 def _met(m: bool | None) -> str:
     return {True: "met", False: "**missed**", None: "not measured"}[m]
 
@@ -40,7 +44,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"medians; total bench time {r['total_s']:.0f} s.",
         "",
         f"Machine: `nproc` = {m['nproc']}, CPU {m['cpu_model'] or '?'}, RAM {m['ram_gib']} GiB, "
-        f"Linux {m['kernel']}, Python {m['python']}, {m['skopeo']}, zstd {m['zstd']}.",
+        f"Linux {m['kernel']}, Python {m['python']}, {m['skopeo']}, zstd {m['zstd']}. "
+        f"Load average (1 min) at start {m.get('loadavg_start', ['?'])[0]}, at end "
+        f"{m.get('loadavg_end', ['?'])[0]}: a load above `nproc` means other work shared the "
+        "cores, which inflates wall times (CPU seconds are less sensitive to it).",
         "",
         f"WAN-like: each TCP connection capped at {st['wan']['rate_MBps_per_connection']:.0f} MB/s, "
         f"{st['wan']['delay_ms']:.0f} ms before the first byte of each response. "
@@ -62,9 +69,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "of its process tree polled every 20 ms); seed = largest `ru_maxrss` of its processes.",
         "",
         "| scenario | network | fetchd | seed | fetchd/seed | floor | fetchd/floor "
-        "| registry MB fetchd / seed | peak RSS MB fetchd / seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU s fetchd / seed / floor | registry MB fetchd / seed | peak RSS MB fetchd / seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    floors = r["floors"]
     for row in r["scenarios"]:
         f, s = row.get("fetchd"), row.get("seed")
         floor = row.get("floor_s")
@@ -73,6 +81,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"| {_s(f)} | {_s(s)}{'*' if s and s.get('note') else ''} "
             f"| {row.get('ratio_seed', '-')} | {'-' if floor is None else f'{floor:.2f} s'} "
             f"| {row.get('ratio_floor', '-')} "
+            f"| {_cpu(f)} / {_cpu(s)} / {_cpu(floors.get(row['scenario']))} "
             f"| {_mb(f['registry_bytes']) if f else '-'} / {_mb(s['registry_bytes']) if s else '-'} "
             f"| {f['peak_rss_mb'] if f else '-'} / {s['peak_rss_mb'] if s else '-'} |")
     lines += [
@@ -82,14 +91,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "### Compute floor (in-process: isal gunzip + 2x sha256 + zstd, all cores)",
         "",
-        "| scenario | blob MB | tar MB | zst MB | level | seconds |",
-        "|---|---|---|---|---|---|",
+        "| scenario | blob MB | tar MB | zst MB | level | seconds | CPU s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, fl in r["floors"].items():
         if name == "fanin-one":
             continue
         lines.append(f"| {name} | {_mb(fl['blob_bytes'])} | {_mb(fl['tar_bytes'])} "
-                     f"| {_mb(fl['zst_bytes'])} | {fl['level']} | {fl['seconds']:.2f} |")
+                     f"| {_mb(fl['zst_bytes'])} | {fl['level']} | {fl['seconds']:.2f} "
+                     f"| {fl.get('cpu_s', 0):.2f} |")
     lines += ["", "### Images", "", "| image | platforms | blob MB | tar MB |", "|---|---|---|---|"]
     for name, im in r["images"].items():
         lines.append(f"| {name} | {im['platforms']} | {_mb(im['blob_bytes'])} | {_mb(im['tar_bytes'])} |")

@@ -52,6 +52,20 @@ def tree_rss_kb(pid: int) -> int:
     return sum(_status_kb(p, "VmRSS") for p in [pid, *descendants(pid)])
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` (all its threads) and of its reaped children."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the ")": state=0, ..., utime=11, stime=12, cutime=13, cstime=14
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
 def reset_peak(pid: int) -> bool:
     """Reset the kernel's VmHWM of ``pid``; False when not allowed or not supported."""
     try:

@@ -137,7 +137,7 @@ def measure_floors(inputs: dict[str, dict[str, Any]], runs: int) -> dict[str, di
         if name == "fanin-one":
             continue
         r = median_floor(_blobs(spec["layers"]), spec["level"], runs)
-        out[name] = {"seconds": round(r.seconds, 4), "blob_bytes": r.blob_bytes,
+        out[name] = {"seconds": round(r.seconds, 4), "cpu_s": round(r.cpu_s, 3), "blob_bytes": r.blob_bytes,
                      "tar_bytes": r.tar_bytes, "zst_bytes": r.zst_bytes, "level": r.level,
                      "threads": r.threads}
     out["fanin-one"] = out["fanin"]
@@ -188,6 +188,7 @@ def _side_summary(samples: list[Sample]) -> dict[str, Any]:
     secs = [s.seconds for s in samples]
     return {
         "median_s": round(statistics.median(secs), 4),
+        "cpu_s": round(statistics.median(s.cpu_s for s in samples), 3),
         "runs_s": [round(x, 4) for x in secs],
         "peak_rss_mb": round(max(s.peak_rss_kb for s in samples) / 1024, 1),
         "registry_bytes": int(statistics.median(s.registry_bytes for s in samples)),
@@ -214,10 +215,15 @@ def aggregate(per_run: list[dict[str, dict[str, dict[str, Sample]]]], networks: 
                 row["seed"]["note"] = "no cache: a fresh destination is a full run (= shared)"
             if "fetchd" in row and "seed" in row:
                 row["ratio_seed"] = round(row["fetchd"]["median_s"] / row["seed"]["median_s"], 3)
+                if row["seed"]["cpu_s"] > 0:
+                    row["cpu_ratio_seed"] = round(row["fetchd"]["cpu_s"] / row["seed"]["cpu_s"], 3)
             if scen in floors:
                 row["floor_s"] = floors[scen]["seconds"]
                 if "fetchd" in row:
                     row["ratio_floor"] = round(row["fetchd"]["median_s"] / floors[scen]["seconds"], 3)
+                    if floors[scen]["cpu_s"] > 0:
+                        row["cpu_ratio_floor"] = round(
+                            row["fetchd"]["cpu_s"] / floors[scen]["cpu_s"], 3)
             if scen in inputs:
                 row["expect_registry_bytes"] = inputs[scen]["expect_bytes"]
             rows.append(row)
@@ -335,6 +341,7 @@ def _last_json(text: str) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     networks = [n for n in args.networks.split(",") if n]
     imgs = bimages.tiny_set() if args.tiny else bimages.full_set()
     work = Path(tempfile.mkdtemp(prefix="fetchd-bench-", dir=args.workdir))
@@ -389,7 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     rows = aggregate(per_run, networks, floors, inputs)
     results: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": {**machine_info(), "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"runs": args.runs, "quick": args.quick, "tiny": args.tiny,
                      "networks": networks, "fanin": args.fanin,
                      "wan": {"rate_MBps_per_connection": WAN_RATE / MB, "delay_ms": WAN_DELAY * 1000},

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import shutil
+import statistics
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ import zstandard
 
 from bench.daemon import Daemon, FetchSpec
 from bench.images import BenchImages
-from bench.rss import PeakRss
+from bench.rss import PeakRss, cpu_seconds
 from bench.seed import SeedResult, seed_pull
 from bench.wanproxy import WanProxy
 from tests.support import images as ti
@@ -52,6 +53,7 @@ class Sample:
     peak_rss_kb: int
     registry_bytes: int
     outputs: list[Path] = field(default_factory=list)
+    cpu_s: float = 0.0  # CPU seconds (user + system) of the side's processes in the step
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,14 +86,16 @@ def _measure(ctx: Context, pid: int | None, step: Callable[[], list[Path]]) -> S
         start = time.perf_counter()
         outputs = step()
         seconds = time.perf_counter() - start
-        peak = 0
+        peak, cpu = 0, 0.0
     else:
         with PeakRss(pid) as rss:
+            cpu0 = cpu_seconds(pid)
             start = time.perf_counter()
             outputs = step()
             seconds = time.perf_counter() - start
+            cpu = cpu_seconds(pid) - cpu0
         peak = rss.peak_kb
-    return Sample(seconds, peak, ctx.proxy.reset().bytes_down, outputs)
+    return Sample(seconds, peak, ctx.proxy.reset().bytes_down, outputs, cpu_s=cpu)
 
 
 # --------------------------------------------------------------------------- fetchd
@@ -118,6 +122,7 @@ def _warm(ctx: Context, daemon: Daemon, img: ti.CatalogImage, platform: str, out
     mid.extra["repeats"] = [round(s.seconds, 4) for s in samples]
     mid.peak_rss_kb = max(s.peak_rss_kb for s in samples)
     mid.registry_bytes = max(s.registry_bytes for s in samples)
+    mid.cpu_s = statistics.median(s.cpu_s for s in samples)
     return mid
 
 
@@ -165,6 +170,7 @@ def _seed_sample(ctx: Context, runs: Callable[[], list[SeedResult]]) -> Sample:
 
     sample = _measure(ctx, None, step)
     sample.peak_rss_kb = max(r.maxrss_kb for r in holder[0])
+    sample.cpu_s = sum(r.cpu_s for r in holder[0])
     sample.extra["steps_s"] = [[round(s.seconds, 3) for s in r.steps] for r in holder[0]]
     return sample
 

@@ -37,6 +37,7 @@ class StepResult:
     argv: tuple[str, ...]
     seconds: float
     maxrss_kb: int
+    cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class SeedResult:
     seconds: float
     maxrss_kb: int
     steps: tuple[StepResult, ...]
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(s.cpu_s for s in self.steps)
 
 
 def run_step(argv: Sequence[str], cwd: Path | None = None) -> StepResult:
@@ -63,7 +68,7 @@ def run_step(argv: Sequence[str], cwd: Path | None = None) -> StepResult:
     if proc.returncode != 0:
         raise SeedError(f"{' '.join(argv)} exited with {proc.returncode}: "
                         f"{err.decode(errors='replace')[-2000:]}")
-    return StepResult(tuple(argv), seconds, usage.ru_maxrss)
+    return StepResult(tuple(argv), seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 
 
 def oci_platform(arch: str) -> tuple[str, str | None]:

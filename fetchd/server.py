@@ -549,7 +549,10 @@ def inherited_socket() -> socket.socket | None:
         return None
     if len(fds) > 1:
         log.warning("systemd passed %d sockets; using fd %d only", len(fds), fds[0])
-    sock = socket.socket(fileno=fds[0])
+    try:
+        sock = socket.socket(fileno=fds[0])
+    except OSError as e:
+        raise ConfigError(f"fd {fds[0]} passed by systemd is not a socket ({e.strerror}): fix fetchd.socket") from e
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise ConfigError("the socket passed by systemd is not a Unix stream socket: fix fetchd.socket")
     sock.setblocking(False)

@@ -18,7 +18,9 @@ Invariants:
   ``locks/<alg>-<hex>.lock`` across processes.
 - A blob under a live lease is never removed by ``gc``.
 
-The store knows files and digests, nothing of HTTP.
+The store knows files and digests, nothing of HTTP. Helpers, used only from here:
+``ingest`` (the resumable writer, BlobSink), ``store_index`` (sqlite), ``store_follow``
+(readers of a blob still downloading), ``store_gc`` (gc and verify).
 """
 
 from __future__ import annotations

@@ -1,0 +1,264 @@
+"""The daemon as a real process (``python -m fetchd serve``) and builds as real ``fetchd pull``
+processes: job sharing across 16 clients, hand-back per filesystem and per uid, crash + resume.
+
+Blob downloads are counted at the proxy between the daemon and the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support.images import Catalog, CatalogImage
+from support.proxy import RegistryProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "client"
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(CLIENT)]))
+ENV.pop("FETCHD_SOCKET", None)
+ENV.pop("FETCHD_STORE", None)
+if str(CLIENT) not in sys.path:
+    sys.path.append(str(CLIENT))
+
+from fetchd_client import Client, DaemonUnreachable  # noqa: E402
+
+pytestmark = pytest.mark.registry
+
+
+class DaemonProcess:
+    """``fetchd serve`` in a subprocess with its own socket and store under ``base``."""
+
+    def __init__(self, base: Path, store: Path | None = None) -> None:
+        self.base = base
+        self.socket = str(base / "run" / "fetchd.sock")
+        self.store = store or base / "store"
+        self.config = base / "config.toml"
+        # Builds of every uid may connect in these tests (the unit uses 0660 + group fetchd).
+        self.config.write_text("[server]\nsocket_mode = 0o666\n")
+        self.log = base / f"daemon-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket,
+                 "--store", str(self.store), "--config", str(self.config)],
+                env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                Client(self.socket).health()
+                return self
+            except DaemonUnreachable:
+                time.sleep(0.05)
+        raise AssertionError(f"daemon did not answer: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def pull(self, reference: str, output: Path | str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fetchd", "pull", reference, "-o", str(output),
+             "--socket", self.socket, *extra],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A temp dir every uid may enter (pytest's tmp_path sits under a 0700 directory)."""
+    d = Path(tempfile.mkdtemp(prefix="fetchd-proc-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start_daemon(open_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(store: Path | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(open_dir, store).start()
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait()
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def test_sixteen_concurrent_pulls_download_each_blob_once(
+    start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, images: Catalog, open_dir: Path
+) -> None:
+    image = images["multi-oci"]
+    part = image.platform("linux/arm/v7")
+    daemon = start_daemon()
+    out_dir = open_dir / "outs"
+    out_dir.mkdir()
+    outputs = [out_dir / f"build{i}.zst" for i in range(16)]
+    procs = [daemon.pull(image.ref(proxy.host), out, "--arch", "armhf") for out in outputs]
+    finished = [_finish(p) for p in procs]
+    for code, _out, err in finished:
+        assert code == 0, err
+    assert all("(hardlink)" in out for _code, out, _err in finished)
+    for digest in [part.config_digest, *(layer.digest for layer in part.layers)]:
+        assert proxy.blob_gets(digest) == 1, f"{digest} fetched {proxy.blob_gets(digest)} times"
+    # Nothing of the other platforms was downloaded.
+    others = image.blob_digests() - {part.config_digest, *(layer.digest for layer in part.layers)}
+    assert sum(proxy.blob_gets(d) for d in others) == 0
+    inodes = {os.stat(out).st_ino for out in outputs}
+    assert len(inodes) == 1
+    status = Client(daemon.socket).status()
+    assert status["completed"] >= 1
+    ls = Client(daemon.socket).ls()["images"]
+    archive = Path(daemon.store) / "blobs" / "sha256" / ls[0]["archive_digest"].split(":")[1]
+    assert inodes == {os.stat(archive).st_ino}
+    assert len({out.read_bytes() for out in outputs}) == 1
+    assert daemon.stop() == 0
+
+
+def _run_as(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the fetchd CLI as another uid. The interpreter lives where that uid may not read,
+    so the child imports what it needs first and then drops its privileges."""
+    code = (
+        "import os, sys, json, hashlib, http.client, socket, argparse\n"
+        "import fetchd_client, fetchd.cli, shutil, email.parser, encodings.idna\n"
+        "fetchd.cli._parser().format_help()  # loads argparse's lazy imports\n"
+        f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+        "sys.exit(fetchd.cli.main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *argv], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_hand_back_per_uid_and_filesystem(
+    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_dir: Path
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    image = images["single-oci"]
+    daemon = start_daemon()
+    pull = ["pull", image.reference, "--socket", daemon.socket, "-o"]
+
+    closed = open_dir / "root-only"
+    closed.mkdir(mode=0o755)
+    refused = _run_as(nobody.pw_uid, nobody.pw_gid, [*pull, str(closed / "x.zst")])
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fetchd: error: refusing to write"), refused.stderr
+    assert f"uid {nobody.pw_uid} may not write" in lines[0]
+    assert "Traceback" not in refused.stderr
+    assert list(closed.iterdir()) == []
+
+    theirs = open_dir / "nobody-owns"
+    theirs.mkdir()
+    os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    ok = _run_as(nobody.pw_uid, nobody.pw_gid, [*pull, str(theirs / "x.zst")])
+    assert ok.returncode == 0, ok.stderr
+    assert "(hardlink)" in ok.stdout
+
+    link = open_dir / "link.zst"
+    link.symlink_to("/etc/passwd")
+    sym = daemon.pull(image.reference, link)
+    code, _out, err = _finish(sym)
+    assert code == 1 and "symlink" in err
+    assert link.is_symlink()
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="fetchd-proc-"))
+    try:
+        if os.stat(shm).st_dev == os.stat(daemon.store).st_dev:
+            pytest.skip("/dev/shm is on the store's filesystem here")
+        code, out, err = _finish(daemon.pull(image.reference, shm / "x.zst"))
+        assert code == 0, err
+        assert "(copy)" in out
+        assert os.stat(shm / "x.zst").st_dev != os.stat(daemon.store).st_dev
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_pull_then_resume(
+    start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, big_image: CatalogImage,
+    open_dir: Path,
+) -> None:
+    layer = big_image.only.layers[0]
+    # Slow enough to be caught mid-body: each connection at 4 MB/s.
+    proxy.set_link(rate=4e6)
+    daemon = start_daemon()
+    first = daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst")
+    deadline = time.monotonic() + 60
+    while proxy.bytes_sent(f"/blobs/{layer.digest}") < 12_000_000:
+        assert time.monotonic() < deadline, "the big blob never started downloading"
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    code, _out, err = _finish(first)
+    assert code != 0 and err.startswith("fetchd: error:"), err
+    assert "Traceback" not in err
+    sent_before = proxy.bytes_sent(f"/blobs/{layer.digest}")
+    assert sent_before < layer.size
+
+    proxy.reset_rules()
+    proxy.reset_stats()
+    daemon = start_daemon(daemon.store)
+    code, out, err = _finish(daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst"))
+    assert code == 0, err  # the CLI re-hashed the output against the archive digest
+    resumed = proxy.bytes_sent(f"/blobs/{layer.digest}")
+    assert 0 < resumed < layer.size, (resumed, layer.size)
+    assert "(hardlink)" in out
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_pull_parks_the_job_and_exits_zero(
+    start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, big_image: CatalogImage,
+    open_dir: Path,
+) -> None:
+    layer = big_image.only.layers[0]
+    proxy.set_link(rate=4e6)
+    daemon = start_daemon()
+    pull = daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst")
+    deadline = time.monotonic() + 60
+    while proxy.bytes_sent(f"/blobs/{layer.digest}") < 4_000_000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.stop(signal.SIGTERM) == 0
+    code, _out, err = _finish(pull)
+    assert code == 1
+    assert "fetchd: error:" in err and "retry" in err, err
+    log = daemon.log.read_text()
+    assert "partial downloads kept" in log and "stopped" in log
+    ingest = Path(daemon.store) / "ingest"
+    assert any(p.stat().st_size > 0 for p in ingest.rglob("*") if p.is_file())

@@ -155,18 +155,7 @@ class RegistryClient:
 
     async def _get_manifest(self, ep: Endpoint, ref: Reference) -> FetchedManifest:
         where = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag_or_default}"
-        async with self._t.open(ep, ref, "GET", ep.path(ref, "manifests", ref.target),
-                              what="manifest", headers={"Accept": ACCEPT}) as resp:
-            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            header = resp.headers.get("Docker-Content-Digest")
-            if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
-                raise ManifestInvalid(f"{where}: manifest of {resp.content_length} bytes exceeds "
-                                      f"the {MAX_MANIFEST_SIZE} byte limit ({ep.label})")
-            body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1)
-            if len(body) > MAX_MANIFEST_SIZE:
-                raise ManifestInvalid(f"{where}: manifest exceeds the {MAX_MANIFEST_SIZE} byte "
-                                      f"limit ({ep.label})")
-            self._t.host(ep.key).bump("bytes", len(body))
+        content_type, header, body = await self._read_manifest(ep, ref, where)
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
         actual = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         if ref.digest is not None and actual != ref.digest:
@@ -181,6 +170,34 @@ class RegistryClient:
             parse_manifest(b'{"schemaVersion": 1}', content_type, where)  # raises UnsupportedManifest
         parsed = parse_manifest(body, content_type, where)
         return FetchedManifest(actual, parsed.media_type, body, len(body), header_digest)
+
+    async def _read_manifest(self, ep: Endpoint, ref: Reference, where: str) -> tuple[str, str | None, bytes]:
+        """(content type, Docker-Content-Digest, body); a body cut mid-way is fetched again."""
+        failures = 0
+        while True:
+            try:
+                async with self._t.open(ep, ref, "GET", ep.path(ref, "manifests", ref.target),
+                                        what="manifest", headers={"Accept": ACCEPT}) as resp:
+                    content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+                    header = resp.headers.get("Docker-Content-Digest")
+                    if resp.content_length is not None and resp.content_length > MAX_MANIFEST_SIZE:
+                        raise ManifestInvalid(
+                            f"{where}: manifest of {resp.content_length} bytes exceeds the "
+                            f"{MAX_MANIFEST_SIZE} byte limit ({ep.label})")
+                    body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1)
+            except TRANSIENT as e:
+                failures += 1
+                if failures > self.policy.retries:
+                    raise RegistryError(f"{ep.label}: manifest of {where} kept breaking off "
+                                        f"({type(e).__name__}); check the network and retry") from e
+                self._t.host(ep.key).bump("retries")
+                await self._t.sleep(self.policy.delay(failures - 1))
+                continue
+            if len(body) > MAX_MANIFEST_SIZE:
+                raise ManifestInvalid(f"{where}: manifest exceeds the {MAX_MANIFEST_SIZE} byte "
+                                      f"limit ({ep.label})")
+            self._t.host(ep.key).bump("bytes", len(body))
+            return content_type, header, body
 
     async def head_manifest(self, ref: Reference) -> FetchedManifest:
         """Resolve a tag to its digest with HEAD (free on Docker Hub); falls back to GET."""

@@ -190,6 +190,14 @@ class FakeRegistry:
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(body))
             return web.Response(status=200, headers=headers, content_type=media_type)
+        if fault.cut_after is not None:
+            resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": media_type})
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[:fault.cut_after])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         return web.Response(status=200, body=body, headers=headers, content_type=media_type)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:

@@ -247,6 +247,14 @@ async def test_disagreeing_docker_content_digest_is_flagged_not_trusted(fake, ca
     assert "Docker-Content-Digest" in caplog.text
 
 
+async def test_manifest_cut_mid_body_is_fetched_again(fake) -> None:
+    fake.fault("manifest", Fault(cut_after=100))
+    async with make_client() as client:
+        fetched = await client.get_manifest(ref(fake))
+        assert client.stats()[fake.host]["retries"] == 1
+    assert fetched.body == MANIFEST and len(fake.requests("manifest")) == 2
+
+
 async def test_head_resolves_a_tag_without_a_body(fake) -> None:
     async with make_client() as client:
         head = await client.head_manifest(ref(fake))

@@ -20,6 +20,15 @@ frame of content + padding. The worker reserves the 522 bytes, streams blob -> d
 sha256 + zstd into the file, then writes the header frame into the reserved space. (A layer of
 8 GiB or more needs a PAX header, 1536 bytes: that rare file is rewritten once.)
 
+Assembly overlaps compression: the archive file is appended in layer order while layers are
+compressed, up to ``threads`` layers at a time, each with ``threads`` zstd workers. Cached
+frames are copied in (``copy_file_range``); the first layer still to be made when everything
+before it is in writes its output to its frame file and to the archive at once, so the
+biggest bytes (a single-layer base image) are never copied. The tail frame closes the file.
+
+Concurrent packs in one process share frames being made (single-flight per store and frame
+key): two images on one new base compress that base once.
+
 Invariants:
 - each diff_id is checked against the image config while streaming; a mismatch raises
   ``DiffIdMismatch`` and nothing is committed for that layer nor any archive for the image;
@@ -186,33 +195,48 @@ class _ArchiveBuilder:
     are thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
     """
 
-    def __init__(self, path: Path, count: int) -> None:
+    def __init__(self, path: Path, count: int, on_complete: Callable[[], object]) -> None:
         self.path = path
         self.count = count
+        self._on_complete = on_complete
         self.file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed in finish/discard
         self._next = 0
         self._ready: dict[int, Path] = {}
         self._teeing = False
+        self._failed = False
         self._lock = threading.Lock()
 
     def claim(self, entry: int) -> int | None:
         """The offset where ``entry`` starts if its worker may write it here now, else None."""
         with self._lock:
-            if self._teeing or entry != self._next:
+            if self._failed or self._teeing or entry != self._next:
                 return None
             self._teeing = True
             return self.file.seek(0, os.SEEK_END)
 
+    # Every use of the file holds the lock (uncontended while a tee runs), so ``discard`` can
+    # never close it under a worker that still writes: a stale descriptor number could name
+    # another file by then.
     def write(self, data: bytes | memoryview) -> None:
-        _write_all(self.file, data)
+        with self._lock:
+            self._check()
+            _write_all(self.file, data)
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        os.pwrite(self.file.fileno(), data, offset)
+        with self._lock:
+            self._check()
+            os.pwrite(self.file.fileno(), data, offset)
+
+    def _check(self) -> None:
+        if self._failed:
+            raise _Aborted
 
     def end_tee(self, ok: bool, start: int) -> None:
         """The claiming worker is done: its entry is in (``ok``), or is cut off again."""
         with self._lock:
             self._teeing = False
+            if self._failed:
+                return
             if ok:
                 self._next += 1
             else:
@@ -223,6 +247,7 @@ class _ArchiveBuilder:
     def add_ready(self, entries: dict[int, Path]) -> None:
         """Finished frame files; each is copied in when its turn comes."""
         with self._lock:
+            self._check()
             self._ready.update(entries)
             self._drain()
 
@@ -230,17 +255,21 @@ class _ArchiveBuilder:
         while not self._teeing and self._next in self._ready:
             _copy_into(self.file, self._ready.pop(self._next))
             self._next += 1
+        if self._next == self.count and not self._teeing:
+            self._on_complete()  # every layer entry is in: only the tail is missing
 
     def finish(self, tail: bytes) -> None:
         with self._lock:
-            if self._teeing or self._next != self.count:
-                raise RuntimeError(f"archive has {self._next} of {self.count} layers")
+            if self._failed or self._teeing or self._next != self.count:
+                raise _Aborted
             self.file.seek(0, os.SEEK_END)
             _write_all(self.file, tail)
             self.file.close()
 
     def discard(self) -> None:
-        self.file.close()
+        with self._lock:
+            self._failed = True
+            self.file.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -298,19 +327,22 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
         with open(out_path, "wb") as out:
             sink = _Tee(out, tee)
             sink.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame, once the size is known
-            with compressor(level, threads).stream_writer(cast(IO[bytes], sink), closefd=False,
-                                                          write_size=1 << 20) as w:
-                for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
-                    if abort is not None and abort.is_set():
-                        raise _Aborted
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    w.write(chunk)
-                    if progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
-                        last = time.monotonic()
-                        progress({"state": "layer-progress", "diff_id": str(job.diff_id),
-                                  "bytes": size})
-                w.write(padding(size))
+            # No ``with``: leaving it on an error would first compress all buffered input
+            # (seconds at level 19); an abandoned writer ends without finishing its frame.
+            w = compressor(level, threads).stream_writer(cast(IO[bytes], sink), closefd=False,
+                                                         write_size=1 << 20)
+            for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
+                if abort is not None and abort.is_set():
+                    raise _Aborted
+                hasher.update(chunk)
+                size += len(chunk)
+                w.write(chunk)
+                if progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
+                    last = time.monotonic()
+                    progress({"state": "layer-progress", "diff_id": str(job.diff_id),
+                              "bytes": size})
+            w.write(padding(size))
+            w.flush(zstandard.FLUSH_FRAME)
             actual = Digest("sha256", hasher.hexdigest())
             if actual != job.diff_id:
                 raise DiffIdMismatch(
@@ -428,7 +460,19 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
             frames[job.diff_id] = found
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
-    archive = _ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs))
+    loop = asyncio.get_running_loop()
+    complete = asyncio.Event()
+    archive = _ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
+                              lambda: loop.call_soon_threadsafe(complete.set))
+
+    async def finish() -> Digest:
+        await complete.wait()
+        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level, workers)
+
+    # The archive is finished and committed as soon as its last layer entry is in, while the
+    # frames' own commits (hashing, fsync) may still run.
+    finisher = asyncio.ensure_future(finish())
+    finisher.add_done_callback(_retrieve)
     try:
         with contextlib.ExitStack() as leases:
             leases.enter_context(store.lease(
@@ -444,9 +488,9 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                                                    archive)
             leases.enter_context(store.lease(made.values(), holder))
             _emit(progress, {"state": "assemble", "layers": len(jobs)})
-            digest = await asyncio.to_thread(_finish_archive, store, archive, tail, key, level,
-                                             workers)
+            digest = await finisher
     except BaseException:
+        finisher.cancel()
         archive.discard()
         raise
     path = store.blob_path(digest)
@@ -541,6 +585,12 @@ def _flights(store: PackStore) -> dict[str, asyncio.Future[Digest]]:
         return _IN_FLIGHT.setdefault(store, {})
     except TypeError:  # a store that cannot be weakly referenced: no sharing, still correct
         return {}
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a background future's outcome as seen (the pack reports its own error)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _emit(progress: ProgressSink | None, event: dict[str, Any]) -> None:

@@ -436,3 +436,31 @@ async def test_big_image_equals_skopeo(big_image: Any, store: LayerStore, tmp_pa
         f"docker://{big_image.host}/{big_image.repository}@{part.manifest_digest}",
         f"docker-archive:{out}:{repo_tag}", timeout=600)
     assert _sha256_of_file(result.path, zstd=True) == _sha256_of_file(out)
+
+
+async def test_cancelled_pack_leaves_no_archive_and_no_temp_files(store: LayerStore) -> None:
+    from support.images import text_bytes
+
+    # level 19 on a few MB of text takes long enough (about a second) to be cancelled mid-layer
+    layer = make_layer(text_bytes("cancel-me", 3 << 20), "gzip")
+    part = make_image("linux/amd64", [layer])
+    started = asyncio.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["state"] == "layer":
+            started.set()
+
+    task = asyncio.create_task(pack(store, part, "victim:1", level=19, progress=on_event))
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.get_alias("archive", archive_key(part.config_digest, "victim:1", 19)) is None
+    # the worker thread notices the abort within one chunk (or finishes the zstd job it is in,
+    # then keeps the frame, a valid cache entry) and removes its temp files
+    for _ in range(600):
+        if not list(store.tmp_dir.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert list(store.tmp_dir.iterdir()) == []

@@ -22,6 +22,7 @@ from support.images import (
     push_catalog,
     push_image,
 )
+from support.proxy import RegistryProxy
 from support.registry import LocalRegistry
 
 
@@ -58,3 +59,26 @@ def registry_factory() -> Iterator[Callable[..., LocalRegistry]]:
     finally:
         for reg in reversed(started):
             reg.stop()
+
+
+@pytest.fixture
+def proxy_factory(registry: LocalRegistry) -> Iterator[Callable[..., RegistryProxy]]:
+    """``make(upstream=registry)`` -> a new proxy; all are stopped when the test ends."""
+    started: list[RegistryProxy] = []
+
+    def make(upstream: Any = None) -> RegistryProxy:
+        proxy = RegistryProxy(upstream if upstream is not None else registry)
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in reversed(started):
+            proxy.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory: Callable[..., RegistryProxy]) -> RegistryProxy:
+    """One fresh proxy in front of the session registry (no rules, zero counters)."""
+    return proxy_factory()

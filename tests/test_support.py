@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
-from support.images import CATALOG_NAMES, MULTI_OCI_PLATFORMS, Catalog, decompress
+from support.images import (
+    CATALOG_NAMES,
+    MULTI_OCI_PLATFORMS,
+    Catalog,
+    CatalogImage,
+    Layer,
+    decompress,
+)
+from support.proxy import RegistryProxy
 
 from fetchd.digest import Digest
 from fetchd.manifest import (
+    ACCEPT,
     DOCKER_LIST,
     OCI_INDEX,
     ImageIndex,
@@ -94,3 +108,102 @@ def test_special_layers(images: Catalog) -> None:
     assert dup[1].digest == dup[3].digest
     a, b = images["shared-a"].only.layers, images["shared-b"].only.layers
     assert a[:2] == b[:2] and a[2] != b[2]
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with _OPENER.open(req, timeout=30) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _blob_url(proxy: RegistryProxy, img: CatalogImage, layer: Layer) -> str:
+    return f"{proxy.url}/v2/{img.repository}/blobs/{layer.digest}"
+
+
+def test_proxy_counts_requests_and_body_bytes(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    for _ in range(2):
+        status, _, body = _get(_blob_url(proxy, img, layer))
+        assert status == 200 and Digest.of(body) == layer.digest
+    assert proxy.blob_gets(layer.digest) == 2
+    assert proxy.bytes_sent(str(layer.digest)) == 2 * layer.size
+    stats = proxy.stats()[f"/v2/{img.repository}/blobs/{layer.digest}"]
+    assert (stats.requests, stats.bytes_sent) == (2, 2 * layer.size)
+
+
+def test_proxy_serves_skopeo_and_counts_each_blob(images: Catalog, proxy: RegistryProxy,
+                                                  tmp_path: Path) -> None:
+    img = images["multi-docker"]
+    part = img.platform("linux/arm/v7")
+    skopeo("copy", "-q", "--src-tls-verify=false", "--override-arch", "arm", "--override-variant", "v7",
+           f"docker://{img.ref(proxy.host)}", f"dir:{tmp_path / 'out'}")
+    for layer in part.layers:
+        assert proxy.blob_gets(layer.digest) == 1
+        assert (tmp_path / "out" / layer.digest.hex).read_bytes() == layer.read()
+
+
+def test_proxy_cut_fault_then_recovers(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    rule = proxy.cut(layer.digest.hex, after_bytes=1000, times=1)
+    with pytest.raises(http.client.IncompleteRead) as info:
+        _get(_blob_url(proxy, img, layer))
+    assert len(info.value.partial) == 1000
+    status, _, body = _get(_blob_url(proxy, img, layer))
+    assert status == 200 and len(body) == layer.size
+    assert rule.fired == 1
+    assert [r.complete for r in proxy.log] == [False, True]
+    assert proxy.bytes_sent(layer.digest.hex) == 1000 + layer.size
+
+
+def test_proxy_error_faults(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[0]
+    proxy.fail("/blobs/", status=500, times=1)
+    proxy.rate_limit("/blobs/", retry_after=2, times=1)
+    status, _, body = _get(_blob_url(proxy, img, layer))
+    assert status == 500 and b"UNKNOWN" in body
+    status, headers, body = _get(_blob_url(proxy, img, layer))
+    assert status == 429 and headers["Retry-After"] == "2" and b"TOOMANYREQUESTS" in body
+    status, _, body = _get(_blob_url(proxy, img, layer))
+    assert status == 200 and Digest.of(body) == layer.digest
+    manifest_url = f"{proxy.url}/v2/{img.repository}/manifests/{img.tag}"
+    accept = {"Accept": ACCEPT}
+    proxy.fail("/manifests/", status=503, times=None)
+    assert _get(manifest_url, accept)[0] == 503
+    assert _get(manifest_url, accept)[0] == 503
+    proxy.reset_rules()
+    status, _, body = _get(manifest_url, accept)
+    assert status == 200 and body == img.raw
+
+
+def test_proxy_range_and_ignore_range(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    status, headers, body = _get(_blob_url(proxy, img, layer), {"Range": "bytes=100-199"})
+    assert status == 206 and body == layer.read()[100:200]
+    proxy.ignore_range()
+    status, _, body = _get(_blob_url(proxy, img, layer), {"Range": "bytes=100-199"})
+    assert status == 200 and body == layer.read()
+    assert [r.range for r in proxy.log] == ["bytes=100-199", "bytes=100-199"]
+
+
+def test_proxy_stall_and_link_shaping(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    proxy.stall(layer.digest.hex, seconds=0.3)
+    t0 = time.monotonic()
+    assert _get(_blob_url(proxy, img, layer))[0] == 200
+    assert time.monotonic() - t0 >= 0.3
+    # Shaping: 200 kB/s + 0.1 s latency, so the ~30 kB layer needs at least 0.1 + 0.1 s.
+    proxy.set_link(rate=200_000, latency=0.1)
+    t0 = time.monotonic()
+    assert _get(_blob_url(proxy, img, layer))[2] == layer.read()
+    assert time.monotonic() - t0 >= 0.1 + layer.size / 200_000 * 0.9

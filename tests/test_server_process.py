@@ -258,7 +258,6 @@ def test_sigterm_mid_pull_parks_the_job_and_exits_zero(
     start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, big_image: CatalogImage,
     open_dir: Path,
 ) -> None:
-    layer = big_image.only.layers[0]
     proxy.set_link(rate=4e6)
     daemon = start_daemon()
     pull = daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst")

@@ -1,0 +1,196 @@
+"""The ``fetchd`` command as a user runs it: exit codes, one-line errors, output, progress bars."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+from support.images import Catalog
+
+from fetchd.cli import Progress, main
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
+ENV.pop("FETCHD_SOCKET", None)
+
+
+def fetchd(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fetchd", *argv], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fetchd: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, registry: object) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("cli-daemon")
+    sock = str(base / "fetchd.sock")
+    (base / "config.toml").write_text("")
+    log = open(base / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fetchd", "serve", "--socket", sock, "--store", str(base / "store"),
+         "--config", str(base / "config.toml")],
+        env=ENV, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while fetchd("status", "--socket", sock).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "daemon.log").read_text()
+            time.sleep(0.1)
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log.close()
+
+
+def test_usage_errors_exit_2() -> None:
+    assert fetchd().returncode == 2
+    no_output = fetchd("pull", "debian")
+    assert no_output.returncode == 2 and "-o/--output" in no_output.stderr
+    both = fetchd("pull", "debian", "--arch", "armhf", "--platform", "linux/arm/v7", "-o", "/tmp/x")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_version() -> None:
+    proc = fetchd("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fetchd ")
+
+
+def test_daemon_not_running_is_one_clear_line(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    for argv in (["status"], ["ls"], ["pull", "debian", "-o", str(tmp_path / "x.zst")]):
+        proc = fetchd(*argv, "--socket", sock)
+        assert proc.returncode == 3
+        line = _one_error_line(proc)
+        assert sock in line and "fetchd serve" in line and "systemctl start fetchd.socket" in line
+
+
+def test_serve_refuses_a_socket_another_daemon_answers_on(daemon: str) -> None:
+    proc = fetchd("serve", "--socket", daemon, "--store", "/nonexistent-store-never-used")
+    assert proc.returncode == 1
+    assert "another fetchd already answers" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.registry
+def test_pull_writes_a_verified_archive(daemon: str, images: Catalog, tmp_path: Path) -> None:
+    out = tmp_path / "multi.zst"
+    proc = fetchd("pull", images["multi-docker"].reference, "--arch", "arm64", "--zstd-level", "5",
+                  "--tag", "example/name:1.0", "-o", str(out), "--socket", daemon)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # quiet when stderr is not a terminal
+    assert str(out) in proc.stdout and "linux/arm64" in proc.stdout and "(hardlink)" in proc.stdout
+    assert "docker.io/example/name:1.0" in proc.stdout
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(out.read_bytes()),
+                                                      read_across_frames=True).read()
+    assert b'"RepoTags":["docker.io/example/name:1.0"]' in data
+    # A relative -o is the caller's directory, not the daemon's.
+    rel = subprocess.run([sys.executable, "-m", "fetchd", "pull", images["multi-docker"].reference,
+                          "--arch", "arm64", "-o", "rel.zst", "--socket", daemon],
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert rel.returncode == 0, rel.stderr
+    assert (tmp_path / "rel.zst").is_file()
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("argv, words", [
+    (["{host}/no/such-image:1"], "no/such-image"),
+    (["{multi}", "--arch", "s390x"], "s390x"),
+    (["{multi}", "--platform", "linux/"], "invalid platform"),
+    (["{multi}", "--arch", "sparc"], "unknown Debian architecture"),
+    (["{host}/never/fetched:1", "--offline"], "network access is disabled"),
+    (["{multi}", "--zstd-level", "99"], "level"),
+    (["Not A Reference"], "invalid image reference"),
+])
+def test_pull_failures_are_one_line(daemon: str, images: Catalog, tmp_path: Path,
+                                    argv: list[str], words: str) -> None:
+    args = [a.format(host=images.host, multi=images["multi-docker"].reference) for a in argv]
+    out = tmp_path / "x.zst"
+    proc = fetchd("pull", *args, "-o", str(out), "--socket", daemon)
+    assert proc.returncode == 1
+    assert words in _one_error_line(proc)
+    assert not out.exists()
+
+
+@pytest.mark.registry
+def test_status_ls_gc_verify_resolve(daemon: str, images: Catalog, tmp_path: Path) -> None:
+    image = images["single-docker"]
+    assert fetchd("pull", image.reference, "-o", str(tmp_path / "s.zst"), "--socket", daemon).returncode == 0
+    status = fetchd("status", "--socket", daemon)
+    assert status.returncode == 0 and "jobs: 0 running" in status.stdout and "store:" in status.stdout
+    ls = fetchd("ls", "--socket", daemon)
+    assert ls.returncode == 0 and image.reference in ls.stdout
+    resolved = fetchd("resolve", image.reference, "--socket", daemon)
+    assert resolved.returncode == 0 and resolved.stdout.strip().startswith(str(image.digest))
+    verify = fetchd("verify", "--socket", daemon)
+    assert verify.returncode == 0 and "checked:" in verify.stdout
+    gc = fetchd("gc", "--max-size", "10G", "--socket", daemon)
+    assert gc.returncode == 0 and "remaining_bytes" in gc.stdout
+    bad = fetchd("gc", "--max-size", "lots", "--socket", daemon)
+    assert bad.returncode == 1 and "invalid size" in _one_error_line(bad)
+
+
+@pytest.mark.registry
+def test_progress_bars_on_a_terminal(daemon: str, images: Catalog, tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fetchd", "pull", images["layers40"].reference,
+         "-o", str(tmp_path / "l.zst"), "--socket", daemon],
+        env=ENV, stdout=subprocess.PIPE, stderr=slave, text=True,
+    )
+    os.close(slave)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.wait(60) == 0
+    text = screen.decode(errors="replace")
+    assert "total" in text and "ETA" in text and "/s" in text
+    assert "\x1b[" in text  # redrawn in place
+
+
+def test_progress_renders_layers_and_total() -> None:
+    out = io.StringIO()
+    bar = Progress(out, interval=0)
+    bar.on_event({"event": "manifest", "platform": "linux/amd64", "layers": 2})
+    bar.on_event({"event": "layer", "digest": "sha256:" + "a" * 64, "size": 1000, "state": "downloading"})
+    bar.on_event({"event": "progress", "digest": "sha256:" + "a" * 64, "bytes": 500, "total": 1000})
+    bar.on_event({"event": "layer", "digest": "sha256:" + "b" * 64, "size": 300, "state": "cached"})
+    bar.on_event({"event": "warning", "message": "registry slow"})
+    bar.close()
+    text = out.getvalue()
+    assert "aaaaaaaaaaaa" in text and "cached" in text and "total" in text
+    assert "fetchd: warning: registry slow" in text
+    last = text.rsplit("\x1b[J", 1)[-1]
+    assert "800 B" in last and "1.3 KiB" in last  # 500 + 300 of 1300 bytes
+
+
+def test_main_returns_code_without_exiting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--socket", str(tmp_path / "none.sock")]) == 3
+    assert capsys.readouterr().err.startswith("fetchd: error: cannot reach the fetchd daemon")

@@ -176,6 +176,9 @@ def main() -> None:
             "speedup_vs_skopeo": round(best_skopeo["wall_s"] / best["wall_s"], 2),
             "ratio_to_floor": round(best["wall_s"] / best_floor["pipeline_wall_s"], 2),
             "ratio_to_cpu_floor": round(best["wall_s"] / best_floor["cpu_floor_s"], 2),
+            # CPU seconds against the floor pipeline's: robust when other work shares the host
+            "cpu_ratio_to_floor": round(best["cpu_s"] / best_floor["pipeline_cpu_s"], 2),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "peak_rss_mb": max(r["maxrss_mb"] for r in fetchd_runs),
             "targets": {"speedup_vs_skopeo": ">= 2", "ratio_to_floor": "<= 1.3",
                         "peak_rss_mb": "< 200"},

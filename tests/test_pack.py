@@ -464,3 +464,35 @@ async def test_cancelled_pack_leaves_no_archive_and_no_temp_files(store: LayerSt
             break
         await asyncio.sleep(0.05)
     assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.registry
+async def test_unusual_config_and_mislabeled_layer_as_skopeo(
+        registry: Any, store: LayerStore, tmp_path: Path) -> None:
+    """A pretty-printed config with HTML characters, U+2028, non-ASCII, fields missing or null,
+    and a layer labelled gzip that is a plain tar: skopeo's bytes still."""
+    import dataclasses
+
+    from support.images import Entry, make_tar, push_custom
+
+    gz = make_layer([Entry("a.txt", b"a" * 3000)], "gzip")
+    plain_tar = make_tar([Entry("b.txt", b"b" * 700)])
+    mislabeled = dataclasses.replace(make_layer(plain_tar, "none"),
+                                     media_type="application/vnd.oci.image.layer.v1.tar+gzip")
+    config = (
+        '{\n  "architecture": "arm",\n  "variant": "v7",\n  "os": "linux",\n'
+        '  "config": {"Labels": {"z": "<b>&amp;</b>", "a": "caf\u00e9 \u2028 \\u00e9"},'
+        ' "Env": [ ]},\n'
+        '  "container_config": null,\n  "docker_version": "20.10.0",\n'
+        f'  "rootfs": {{"type": "layers", "diff_ids": ["{gz.diff_id}", "{mislabeled.diff_id}"]}}\n}}\n'
+    ).encode()
+    img = push_custom(registry, "fetchd-test/unusual", "v1", [gz, mislabeled],
+                      platform="linux/arm/v7", config=config)
+    part = img.only
+    repo_tag = "quay.io/some/thing:1.0"
+    out = tmp_path / "skopeo.tar"
+    run("skopeo", "copy", "-q", "--src-tls-verify=false",
+        f"docker://{img.host}/{img.repository}@{part.manifest_digest}",
+        f"docker-archive:{out}:{repo_tag}")
+    result = await pack(store, part, repo_tag)
+    assert unzstd(result.path) == out.read_bytes()

@@ -213,6 +213,24 @@ async def test_same_input_same_bytes_for_any_thread_count(tmp_path: Path,
     assert len(set(digests)) == 1
 
 
+async def test_multi_job_frames_identical_for_any_thread_count(tmp_path: Path) -> None:
+    # 24 MiB of text: several zstd jobs per frame at level 3, so the workers really split it
+    from support.images import text_bytes
+
+    base = text_bytes("determinism", 1 << 20)
+    content = b"".join(base[i * 4099:] + base[:i * 4099] for i in range(24))
+    layer = make_layer(content, "gzip")
+    part = make_image("linux/amd64", [layer])
+    digests = set()
+    for threads in (1, 2, 4):
+        s = LayerStore(tmp_path / f"s{threads}", StoreSettings(fsync=False))
+        try:
+            digests.add((await pack(s, part, "x:1", 3, threads=threads)).digest)
+        finally:
+            s.close()
+    assert len(digests) == 1
+
+
 def test_raw_frame_decodes_with_zstd() -> None:
     data = bytes(range(256)) * 2
     assert zstandard.ZstdDecompressor().decompress(raw_zstd_frame(data)) == data

@@ -487,9 +487,28 @@ print(json.dumps({"uid": os.getuid()}))
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON)
-                    or Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1",
-                    reason="needs root (to run a build as nobody), /usr/bin/python3, protected_hardlinks=1")
+def _others_can_read(path: Path) -> bool:
+    """Whether another user can reach ``path`` (o+x on every ancestor, o+r on the directory)."""
+    import stat
+
+    return bool(path.stat().st_mode & stat.S_IROTH) and all(
+        p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def _can_run_as_nobody() -> bool:
+    if os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON):
+        return False
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
+        return False
+    same_python = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+    return (same_python == str(sys.version_info[:2]) and _others_can_read(ROOT)
+            and _others_can_read(Path(bb.__file__).parent))
+
+
+@pytest.mark.skipif(not _can_run_as_nobody(),
+                    reason="needs root (to run a build as nobody), a system python of this version "
+                           "that nobody may run with this bb, and fs.protected_hardlinks=1")
 def test_unpack_as_another_user_gets_a_link_from_the_daemon(images: Catalog, method: Any) -> None:
     import tempfile
 

@@ -103,7 +103,9 @@ class _Prefixed:
 
 
 def _unzstd(src: BinaryIO, head: bytes, what: str, chunk_size: int) -> Iterator[bytes]:
-    dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+    # Layers made with ``zstd --long`` need windows beyond the 128 MiB default; 512 MiB covers
+    # --long=29 while keeping a hostile layer from making us allocate gigabytes.
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << 29)
     reader = dctx.stream_reader(cast(IO[bytes], _Prefixed(head, src)), read_size=chunk_size, read_across_frames=True,
                                 closefd=False)
     try:

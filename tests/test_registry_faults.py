@@ -262,6 +262,14 @@ async def test_head_resolves_a_tag_without_a_body(fake) -> None:
     assert [s.method for s in fake.requests("manifest")] == ["HEAD"]
 
 
+async def test_head_without_a_digest_header_falls_back_to_get(fake) -> None:
+    fake.fault("manifest", Fault(headers={"Docker-Content-Digest": ""}))
+    async with make_client() as client:
+        head = await client.head_manifest(ref(fake))
+    assert head.digest == Digest.of(MANIFEST)
+    assert [s.method for s in fake.requests("manifest")] == ["HEAD", "GET"]
+
+
 async def test_schema1_is_refused_clearly(fake) -> None:
     schema1 = json.dumps({"schemaVersion": 1, "name": REPO, "tag": "old", "fsLayers": []}).encode()
     fake.add_manifest(REPO, "old", schema1, "application/vnd.docker.distribution.manifest.v1+prettyjws")

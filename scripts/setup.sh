@@ -67,9 +67,13 @@ stamp=$(cat pyproject.toml "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] ||
     ! "$VENV/bin/python" -c 'import fetchd, sys; sys.exit(not fetchd.__file__.startswith(sys.argv[1]))' \
         "$ROOT/" >/dev/null 2>&1; then
-    log "installing fetchd[test] into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    log "installing fetchd[test] into $VENV (log: $VENV/pip-install.log)"
+    # pip's chatter goes to a log; it is shown only when the install fails.
+    if ! "$VENV/bin/python" -m pip install -e "$ROOT[test]" >"$VENV/pip-install.log" 2>&1; then
+        tail -n 60 "$VENV/pip-install.log" >&2
+        log "pip install failed"
+        exit 1
+    fi
     echo "$stamp" >"$stamp_file"
 fi
 log "ready: $VENV ($("$VENV/bin/python" --version))"

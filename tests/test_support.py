@@ -206,4 +206,15 @@ def test_proxy_stall_and_link_shaping(images: Catalog, proxy: RegistryProxy) -> 
     proxy.set_link(rate=200_000, latency=0.1)
     t0 = time.monotonic()
     assert _get(_blob_url(proxy, img, layer))[2] == layer.read()
-    assert time.monotonic() - t0 >= 0.1 + layer.size / 200_000 * 0.9
+    assert time.monotonic() - t0 >= 0.1 + layer.size / 200_000
+
+
+def test_proxy_corrupt_flips_one_byte(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    proxy.corrupt(layer.digest.hex, at_byte=5000)
+    status, _, body = _get(_blob_url(proxy, img, layer))
+    good = layer.read()
+    assert status == 200 and len(body) == len(good) and body != good
+    assert [i for i in range(len(good)) if body[i] != good[i]] == [5000]
+    assert _get(_blob_url(proxy, img, layer))[2] == good

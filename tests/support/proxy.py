@@ -13,6 +13,7 @@ Faults (each rule matches a regex against the request path, optionally a method,
 for the first ``times`` matching requests, or always when ``times`` is None):
 
 - ``cut(match, after_bytes)``: send ``after_bytes`` of the body, then drop the connection.
+- ``corrupt(match, at_byte)``: flip one body byte (same length, wrong digest).
 - ``fail(match, status=500)``: answer an error without asking the registry.
 - ``rate_limit(match, retry_after=1)``: 429 TOOMANYREQUESTS with ``Retry-After``.
 - ``stall(match, seconds)``: wait before the first response byte.
@@ -39,7 +40,10 @@ _HEAD_LIMIT = 1 << 20
 
 @dataclass
 class Rule:
-    """One fault. ``kind`` is cut | status | stall | ignore_range."""
+    """One fault. ``kind`` is cut | corrupt | status | stall | ignore_range.
+
+    ``after_bytes`` is the body offset where a cut happens or the byte a corrupt flips.
+    """
 
     kind: str
     match: str = ""
@@ -94,6 +98,7 @@ class _Tx:
         self.proxy, self.method, self.path, self.rng, self.faults = proxy, method, path, rng, faults
         self.status = 0
         self.sent = 0
+        self.corrupt_at: int | None = None
         self.done = False
 
     def finish(self, complete: bool) -> None:
@@ -184,6 +189,11 @@ class RegistryProxy:
 
     def cut(self, match: str, after_bytes: int, times: int | None = 1, method: str | None = "GET") -> Rule:
         return self.add_rule(Rule("cut", match, method, times, after_bytes=after_bytes))
+
+    def corrupt(self, match: str, at_byte: int = 0, times: int | None = 1,
+                method: str | None = "GET") -> Rule:
+        """Flip the body byte at offset ``at_byte`` (size unchanged: only the digest is wrong)."""
+        return self.add_rule(Rule("corrupt", match, method, times, after_bytes=at_byte))
 
     def fail(self, match: str, status: int = 500, times: int | None = 1, method: str | None = None) -> Rule:
         return self.add_rule(Rule("status", match, method, times, status=status))
@@ -326,6 +336,7 @@ class RegistryProxy:
         if delay:
             await asyncio.sleep(delay)
         cut = next((r.after_bytes for r in rules if r.kind == "cut"), None)
+        tx.corrupt_at = next((r.after_bytes for r in rules if r.kind == "corrupt"), None)
         has_body = method != "HEAD" and tx.status not in (204, 304)
         if not has_body:
             tx.finish(True)
@@ -400,8 +411,20 @@ class RegistryProxy:
                 if length is None:
                     break
                 raise _Closed()
+            if rate is not None:
+                # Pace before writing, so no byte leaves earlier than ``rate`` allows.
+                ahead = (sent + len(data)) / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    if w is not None:
+                        await w.drain()
+                    await asyncio.sleep(ahead)
             sent += len(data)
             if tx is not None:
+                at = tx.corrupt_at
+                if at is not None and tx.sent <= at < tx.sent + len(data):
+                    flipped = bytearray(data)
+                    flipped[at - tx.sent] ^= 0xFF
+                    data = bytes(flipped)
                 tx.sent += len(data)
                 if last and sent == length:
                     tx.finish(True)
@@ -409,12 +432,6 @@ class RegistryProxy:
                 w.write(data)
                 if w.transport.get_write_buffer_size() > 4 * CHUNK:
                     await w.drain()
-            if rate is not None:
-                ahead = sent / rate - (time.monotonic() - start)
-                if ahead > 0:
-                    if w is not None:
-                        await w.drain()
-                    await asyncio.sleep(ahead)
         if tx is not None and last:
             tx.finish(True)
         return True

@@ -56,6 +56,7 @@ log = logging.getLogger("fetchd.server")
 API = "/v1"
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
 HEARTBEAT = 5.0  # seconds of silence on a fetch stream before a heartbeat line
+HEARTBEAT_EVENT: dict[str, Any] = {"event": "heartbeat"}
 SHUTDOWN_GRACE = 10.0
 
 
@@ -191,8 +192,15 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:
-        async for event in with_heartbeat(job.events(), HEARTBEAT):
-            await _write_line(response, event)
+        # Events are written in batches (all that are ready at once), and the last batch goes
+        # out with the final line: a warm request is answered in one write.
+        tail = b""
+        async for batch, ended in event_batches(job.events(), HEARTBEAT):
+            data = b"".join(_line(event) for event in batch)
+            if ended:
+                tail = data
+            elif data:
+                await response.write(data)
         try:
             result = await job.wait()
             final = {"result": await _hand_back(services, result, dest, peer)}
@@ -201,8 +209,7 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         except Exception as e:  # the stream has started: report on it, never a half answer
             log.exception("fetch %s failed unexpectedly", reference)
             final = {"error": {"code": "internal", "message": f"internal error: {e!r}; see the daemon log"}}
-        await _write_line(response, final)
-        await response.write_eof()
+        await response.write_eof(tail + _line(final))
     except ConnectionError:
         # The client went away. The job goes on for the others (the Puller owns it).
         log.info("client of fetch %s disconnected", reference)
@@ -231,39 +238,54 @@ async def _deliver(
     return delivery.to_json()
 
 
-async def with_heartbeat(
+_END: dict[str, Any] = {}
+
+
+async def event_batches(
     events: AsyncIterator[dict[str, Any]], interval: float
-) -> AsyncIterator[dict[str, Any]]:
-    """Pass events through; yield ``{"event": "heartbeat"}`` after ``interval`` s of silence."""
-    iterator = aiter(events)
-    pending: asyncio.Future[dict[str, Any]] | None = None
+) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+    """Group ``events`` into batches of what is ready at once; ``(batch, True)`` comes last.
+
+    After ``interval`` seconds without an event, a batch of one ``{"event": "heartbeat"}`` is
+    yielded, so that clients (and proxies) see the stream is alive. One pump task per stream
+    reads the events; the consumer never cancels the events iterator mid-step.
+    """
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+        finally:
+            queue.put_nowait(_END)
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(pump())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield {"event": "heartbeat"}
-                continue
+            timer = loop.call_later(interval, queue.put_nowait, HEARTBEAT_EVENT)
             try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
+                batch = [await queue.get()]
             finally:
-                pending = None
-            yield event
+                timer.cancel()
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            ended = any(e is _END for e in batch)
+            # A heartbeat that raced with real events is dropped; so is everything after the end.
+            events_only = [e for e in batch if e is not _END and e is not HEARTBEAT_EVENT]
+            if not events_only and not ended:
+                events_only = [HEARTBEAT_EVENT]
+            yield events_only, ended
+            if ended:
+                return
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        closer = getattr(iterator, "aclose", None)
-        if closer is not None:
-            await closer()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
-async def _write_line(response: web.StreamResponse, obj: Mapping[str, Any]) -> None:
-    await response.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+def _line(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 async def handle_resolve(request: web.Request) -> web.Response:

@@ -31,10 +31,10 @@ from fetchd.registry_async import RegistryClient
 from fetchd.server import (
     MAX_BODY,
     Services,
+    event_batches,
     listen_unix,
     make_app,
     store_settings,
-    with_heartbeat,
     with_overrides,
 )
 
@@ -270,15 +270,20 @@ async def test_client_that_goes_away_does_not_cancel_the_job(
     _zstd_ok(tmp_path / "a.zst")
 
 
-async def test_heartbeat_fills_silence() -> None:
+async def test_heartbeat_fills_silence_and_ready_events_come_together() -> None:
     async def slow() -> AsyncIterator[dict[str, Any]]:
         yield {"event": "a"}
-        await asyncio.sleep(0.35)
         yield {"event": "b"}
+        await asyncio.sleep(0.35)
+        yield {"event": "c"}
 
-    seen = [e["event"] async for e in with_heartbeat(slow(), 0.1)]
-    assert seen[0] == "a" and seen[-1] == "b"
-    assert seen.count("heartbeat") >= 2
+    batches = [(
+        [e["event"] for e in batch], ended) async for batch, ended in event_batches(slow(), 0.1)]
+    assert batches[0] == (["a", "b"], False)  # ready at once: one batch
+    assert [ended for _, ended in batches] == [False] * (len(batches) - 1) + [True]
+    flat = [name for names, _ in batches for name in names]
+    assert flat[:2] == ["a", "b"] and flat[-1] == "c"
+    assert flat.count("heartbeat") >= 2
 
 
 def test_unreachable_daemon_names_socket_and_remedy(tmp_path: Path) -> None:

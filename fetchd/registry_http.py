@@ -236,7 +236,11 @@ class Transport:
         self, ep: Endpoint, method: str, url: str, headers: dict[str, str], auth: str | None
     ) -> tuple[aiohttp.ClientResponse, bool]:
         """One request, following redirects by hand; returns (response, left the origin)."""
-        hdrs = dict(ep.mirror.headers) if ep.mirror else {}
+        # identity: aiohttp would otherwise offer gzip, and a CDN that takes it up would hand
+        # us bytes that no longer hash to the digest.
+        hdrs = {"Accept-Encoding": "identity"}
+        if ep.mirror:
+            hdrs.update(ep.mirror.headers)
         hdrs.update(headers)
         if auth:
             hdrs["Authorization"] = auth
@@ -260,7 +264,8 @@ class Transport:
                     f'set [registries."{ep.registry}"] insecure = true in the fetchd config')
             if target.origin() != origin:
                 # Object storage (S3, GCS) must never see the registry's credentials or headers.
-                hdrs = {k: v for k, v in hdrs.items() if k.lower() in ("range", "accept")}
+                hdrs = {k: v for k, v in hdrs.items()
+                        if k.lower() in ("range", "accept", "accept-encoding")}
                 foreign = True
             if resp.status == 303:
                 method = "GET"
@@ -336,7 +341,10 @@ class Transport:
                             raise await self._unauthorized(ep, ref)
                         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                         quota = status == 429 and retry_after is None and remaining == 0
-                        if retryable_status(status) and attempt < retries and not quota:
+                        # Object storage refusing a redirect target: the signed URL may have
+                        # expired; asking the registry again yields a fresh one.
+                        expired = foreign and not ep.anonymous and status in (401, 403)
+                        if (retryable_status(status) or expired) and attempt < retries and not quota:
                             failure = f"HTTP {status}"
                             resp.close()
                         else:

@@ -215,6 +215,8 @@ class FakeRegistry:
     async def _storage(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
         fault = self.faults["blob"].popleft() if self.faults["blob"] else Fault()
+        if fault.status:
+            return self._error(fault)
         return await self._send_blob(request, request.match_info["digest"], fault)
 
     async def _send_blob(self, request: web.Request, digest: str, fault: Fault) -> web.StreamResponse:

@@ -196,6 +196,17 @@ async def test_redirect_to_another_origin_carries_no_authorization(fake, storage
     assert fake.requests("blob")[-1].headers["Authorization"] == "Bearer token-1"
     (storage_request,) = storage.seen
     assert "Authorization" not in storage_request.headers
+    assert storage_request.headers["Accept-Encoding"] == "identity"  # bytes as stored, not gzip
+
+
+async def test_storage_refusing_a_redirect_is_asked_again_via_the_registry(fake, storage) -> None:
+    fake.fault("blob", Fault(redirect=storage.url), Fault(redirect=storage.url))
+    storage.fault("blob", Fault(status=403))  # e.g. an expired signed URL
+    sink = MemorySink()
+    async with make_client() as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert len(fake.requests("blob")) == 2 and len(storage.seen) == 2
 
 
 async def test_foreign_layer_urls_get_no_credentials(fake, storage) -> None:

@@ -148,7 +148,6 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from .config import Config
     from .errors import FetchdError
@@ -160,7 +159,6 @@ def _serve(args: argparse.Namespace) -> int:
         config = with_overrides(Config.load(args.config), socket_path=args.socket, store=args.store)
         asyncio.run(serve(config))
     except FetchdError as e:
-        logging.getLogger("fetchd").error("%s", e.message)
         _fail(e.message)
         return EXIT_ERROR
     except KeyboardInterrupt:

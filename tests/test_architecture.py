@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "retry": 0, "ranges": 0, "digest": 1, "config": 1, "reference": 2, "platform": 2,
     "manifest": 3, "registry_errors": 3, "archive_format": 4,
     # I/O, one concern each: registry side
-    "auth": 4, "registry_async": 5,
+    "auth": 4, "registry_http": 5, "registry_async": 6,
     # store side
     "store_index": 4, "ingest": 4, "store_follow": 5, "store_gc": 5, "layer_store": 6,
     # pack side
@@ -34,6 +34,7 @@ PURE = {"errors", "retry", "ranges", "digest", "config", "reference", "platform"
         "registry_errors", "archive_format"}
 IO_NEIGHBOURS_FORBIDDEN = {
     "registry_async": {"layer_store", "pack", "pull", "deliver"},
+    "registry_http": {"layer_store", "pack", "pull", "deliver"},
     "layer_store": {"registry_async", "auth", "pack", "pull", "aiohttp"},
     "ingest": {"registry_async", "auth", "pack", "pull", "aiohttp"},
     "store_index": {"registry_async", "auth", "pack", "pull", "aiohttp"},

@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,9 @@ def main() -> None:
             "skopeo_zstd": best_skopeo, "skopeo_runs": skopeo_runs,
             "floor": best_floor,
             "speedup_vs_skopeo": round(best_skopeo["wall_s"] / best["wall_s"], 2),
+            "median_speedup_vs_skopeo": round(
+                statistics.median(r["wall_s"] for r in skopeo_runs)
+                / statistics.median(r["wall_s"] for r in fetchd_runs), 2),
             "ratio_to_floor": round(best["wall_s"] / best_floor["pipeline_wall_s"], 2),
             "ratio_to_cpu_floor": round(best["wall_s"] / best_floor["cpu_floor_s"], 2),
             # CPU seconds against the floor pipeline's: robust when other work shares the host

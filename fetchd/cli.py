@@ -228,6 +228,8 @@ class Progress:
         self.started = time.monotonic()
         self._drawn = 0
         self._last = 0.0
+        self.packed: dict[str, int] = {}
+        self.pack_started: float | None = None
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -243,6 +245,8 @@ class Progress:
             layer["state"] = event.get("state")
             if event.get("state") in ("done", "cached", "frame-cached"):
                 layer["bytes"] = layer["total"]
+            if event.get("state") in ("cached", "frame-cached"):
+                layer["b0"] = layer["total"]  # nothing fetched: not part of the rate
         elif kind == "progress":
             digest = str(event.get("digest"))
             layer = self.layers.setdefault(digest, {"bytes": 0, "total": 0, "t0": time.monotonic(),
@@ -252,19 +256,34 @@ class Progress:
             layer["bytes"] = int(event.get("bytes") or 0)
             layer["total"] = int(event.get("total") or layer["total"])
         elif kind == "pack":
-            self.status = "packing" + (f" ({event['state']})" if isinstance(event.get("state"), str) else "")
+            self._on_pack(event)
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
             self._draw()
 
+    def _on_pack(self, event: dict[str, Any]) -> None:
+        state = event.get("state")
+        if self.pack_started is None:
+            self.pack_started = time.monotonic()
+        if state in ("layer-progress", "layer-done") and isinstance(event.get("bytes"), int):
+            self.packed[str(event.get("diff_id"))] = event["bytes"]
+        if state == "done":
+            self.status = "packed"
+            return
+        done = sum(self.packed.values())
+        elapsed = time.monotonic() - self.pack_started
+        rate = f", {_human(int(done / elapsed))}/s" if elapsed > 0 and done else ""
+        self.status = f"packing: {_human(done)} of layers compressed{rate}"
+
     def _lines(self) -> list[str]:
         now = time.monotonic()
         lines = []
-        done = total = 0
+        done = total = fetched_all = 0
         for digest, layer in self.layers.items():
             done += layer["bytes"]
             total += layer["total"]
+            fetched_all += layer["bytes"] - layer.get("b0", 0)
             state = layer.get("state") or ""
             if state in ("cached", "frame-cached"):
                 lines.append(f"  {digest[7:19]}  {'cached':>42}")
@@ -273,7 +292,8 @@ class Progress:
             lines.append(f"  {digest[7:19]}  " + _bar(layer["bytes"], layer["total"], fetched,
                                                         now - layer["t0"]))
         head = f"fetchd: {self.status}"
-        lines.append(f"  {'total':12}  " + _bar(done, total, done, now - self.started) if self.layers else "")
+        lines.append(f"  {'total':12}  " + _bar(done, total, fetched_all, now - self.started)
+                     if self.layers else "")
         return [head, *[line for line in lines if line]]
 
     def _clear(self) -> None:

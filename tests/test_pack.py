@@ -426,9 +426,18 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
     layer = make_layer(content, "gzip")
     job = pack_module._LayerJob(layer.descriptor(), diff_id, 0)
     out = tmp_path / "frame.zst"
-    size, in_archive = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1)
+    completed: list[bool] = []
+    archive = pack_module._ArchiveBuilder(tmp_path / "archive.zst", 1, lambda: completed.append(True))
+    size, in_archive = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1,
+                                                    archive=archive)
     assert size == len(content) and not in_archive
     assert unzstd(out) == huge + content + padding(len(content))
+    # the bytes it had written into the archive while compressing were cut off again ...
+    assert (tmp_path / "archive.zst").stat().st_size == 0 and not completed
+    # ... and the rewritten frame goes in by copy
+    archive.add_ready({0: out})
+    archive.finish(b"")
+    assert completed and (tmp_path / "archive.zst").read_bytes() == out.read_bytes()
 
 
 def _sha256_of_file(path: Path, zstd: bool = False) -> tuple[str, int]:

@@ -246,6 +246,9 @@ async def test_second_image_compresses_only_its_new_layers(store: LayerStore,
     assert (a.frames_compressed, a.frames_reused, a.archive_reused) == (3, 0, False)
     b = await pack(store, catalog["shared-b"].only)
     assert (b.frames_compressed, b.frames_reused) == (1, 2)
+    part = catalog["shared-b"].only
+    assert unzstd(b.path) == b"".join(docker_archive_chunks(
+        part.config_bytes, [io.BytesIO(layer.tar()) for layer in part.layers], "example.com/test:1"))
     again = await pack(store, catalog["shared-b"].only)
     assert again.archive_reused and again.digest == b.digest
     assert (again.frames_compressed, again.frames_reused) == (0, 3)

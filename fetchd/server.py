@@ -163,7 +163,10 @@ def peer_of(request: web.Request) -> Peer:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None or sock.family != socket.AF_UNIX:
         raise PermissionRefused("cannot identify the client: deliveries are served on the Unix socket only")
-    return Peer.of_socket(sock)
+    try:
+        return Peer.of_socket(sock)
+    except OSError as e:
+        raise PermissionRefused(f"cannot identify the client (SO_PEERCRED: {e.strerror})") from e
 
 
 # -- handlers -----------------------------------------------------------------------------------

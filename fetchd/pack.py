@@ -488,7 +488,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     jobs = _layer_jobs(manifest, config.diff_ids, where)
     tail = archive_tail(config_raw, qualified, where)
     key = archive_key(manifest_digest or config_digest, qualified, level)
-    workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
+    workers = max(1, threads if threads is not None else _usable_cpus())
 
     cached = store.get_alias("archive", key)
     if cached is not None:
@@ -631,6 +631,14 @@ def _flights(store: PackStore) -> dict[str, asyncio.Future[Digest]]:
         return _IN_FLIGHT.setdefault(store, {})
     except TypeError:  # a store that cannot be weakly referenced: no sharing, still correct
         return {}
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (taskset/cpuset limits count, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,16 @@ from support.images import (
     MULTI_OCI_PLATFORMS,
     Catalog,
     CatalogImage,
+    Entry,
     Layer,
     decompress,
+    make_layer,
+    move_tag,
+    push_custom,
+    push_image,
 )
 from support.proxy import RegistryProxy
+from support.registry import LocalRegistry
 
 from fetchd.digest import Digest
 from fetchd.manifest import (
@@ -218,3 +225,27 @@ def test_proxy_corrupt_flips_one_byte(images: Catalog, proxy: RegistryProxy) -> 
     assert status == 200 and len(body) == len(good) and body != good
     assert [i for i in range(len(good)) if body[i] != good[i]] == [5000]
     assert _get(_blob_url(proxy, img, layer))[2] == good
+
+
+def test_move_tag_and_push_custom(registry: LocalRegistry, images: Catalog) -> None:
+    first = push_image(registry, images["shared-a"], repository="fetchd-test/moving", tag="latest")
+    moved = move_tag(registry, first, images["shared-b"])
+    raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{first.reference}")
+    assert moved.reference == first.reference
+    assert Digest.of(raw.encode()) == images["shared-b"].digest != first.digest
+    layer = make_layer([Entry("hello", b"hi\n")], "zstd")
+    custom = push_custom(registry, "fetchd-test/custom", "v1", [layer], platform="linux/arm64/v8")
+    out = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{custom.reference}"))
+    assert out["Architecture"] == "arm64" and out["Layers"] == [str(layer.digest)]
+
+
+def test_pull_through_registry_and_clean_stop(registry_factory: Callable[..., LocalRegistry],
+                                              registry: LocalRegistry, images: Catalog) -> None:
+    cache = registry_factory(proxy_remote=registry.url)
+    img = images["single-docker"]
+    raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{img.ref(cache.host)}")
+    assert Digest.of(raw.encode()) == img.digest
+    cache.stop()
+    assert not cache.running
+    with pytest.raises(urllib.error.URLError):
+        _OPENER.open(f"{cache.url}/v2/", timeout=5)

@@ -87,9 +87,9 @@ def _groups_of(pid: int, uid: int, gid: int) -> Iterable[int]:
     # /proc tells the groups the process really has (newgrp, setgroups); the user
     # database is only the fallback when /proc is unavailable.
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith("Groups:"):
+                if line.startswith(b"Groups:"):
                     return [int(g) for g in line.split()[1:]]
     except OSError:
         pass

@@ -34,10 +34,24 @@ from fetchd_client import Client, DaemonUnreachable  # noqa: E402
 pytestmark = pytest.mark.registry
 
 
+# Starts the daemon as another uid: the interpreter may live where that uid cannot read
+# (a pyenv under /root), so everything is imported first and the privileges dropped after.
+AS_USER = (
+    "import os, sys\n"
+    "import fetchd.cli, fetchd.server, fetchd.pull, fetchd.layer_store, fetchd.registry_async\n"
+    "import fetchd.pack, aiohttp.web, asyncio, logging, sqlite3, zstandard, json, tomllib\n"
+    "import concurrent.futures.thread, encodings.ascii, encodings.idna, encodings.latin_1\n"
+    "uid, gid = int(sys.argv[1]), int(sys.argv[2])\n"
+    "os.setgroups([]); os.setgid(gid); os.setuid(uid)\n"
+    "sys.exit(fetchd.cli.main(sys.argv[3:]))\n"
+)
+
+
 class DaemonProcess:
     """``fetchd serve`` in a subprocess with its own socket and store under ``base``."""
 
-    def __init__(self, base: Path, store: Path | None = None) -> None:
+    def __init__(self, base: Path, store: Path | None = None, user: pwd.struct_passwd | None = None) -> None:
+        self.user = user
         self.base = base
         self.socket = str(base / "run" / "fetchd.sock")
         self.store = store or base / "store"
@@ -48,12 +62,14 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
+        serve = ["serve", "--socket", self.socket, "--store", str(self.store), "--config", str(self.config)]
+        if self.user is None:
+            argv = [sys.executable, "-m", "fetchd", *serve]
+        else:
+            argv = [sys.executable, "-c", AS_USER, str(self.user.pw_uid), str(self.user.pw_gid), *serve]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket,
-                 "--store", str(self.store), "--config", str(self.config)],
-                env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(argv, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -99,8 +115,8 @@ def open_dir() -> Iterator[Path]:
 def start_daemon(open_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(store: Path | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(open_dir, store).start()
+    def start(store: Path | None = None, user: pwd.struct_passwd | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(open_dir, store, user).start()
         started.append(daemon)
         return daemon
 
@@ -218,6 +234,33 @@ def _ingested(daemon: DaemonProcess) -> int:
         except FileNotFoundError:
             pass
     return total
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another uid")
+def test_daemon_that_may_not_write_hands_back_a_client_copy(
+    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_dir: Path
+) -> None:
+    """The daemon runs as nobody (like the unit's fetchd user); the build (root) asks for a
+    file in a directory only root may write: the daemon writes nothing there, the client
+    copies the read-only store file itself, atomically and verified."""
+    nobody = pwd.getpwnam("nobody")
+    (open_dir / "run").mkdir()
+    os.chown(open_dir / "run", nobody.pw_uid, nobody.pw_gid)
+    (open_dir / "store").mkdir()
+    os.chown(open_dir / "store", nobody.pw_uid, nobody.pw_gid)
+    daemon = start_daemon(user=nobody)
+    closed = open_dir / "root-only"
+    closed.mkdir(mode=0o755)
+    code, out, err = _finish(daemon.pull(images["single-docker"].reference, closed / "x.zst"))
+    assert code == 0, err + daemon.log.read_text()
+    assert "(client-copy)" in out
+    result = Client(daemon.socket).fetch(images["single-docker"].reference, dest=str(closed / "y.zst"))
+    assert result["delivery"] == "client-copy"
+    assert os.stat(closed / "y.zst").st_uid == 0  # the client's own file
+    assert os.stat(closed / "y.zst").st_ino != os.stat(result["store_path"]).st_ino
+    assert (closed / "y.zst").read_bytes() == Path(result["store_path"]).read_bytes()
+    assert sorted(p.name for p in closed.iterdir()) == ["x.zst", "y.zst"]
+    assert daemon.stop() == 0
 
 
 @pytest.mark.slow

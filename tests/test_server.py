@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +181,9 @@ async def test_ls_gc_verify_metrics(daemon: Daemon, images: Catalog) -> None:
     assert "fetchd_up 1" in text
     assert 'fetchd_http_requests_total{route="/v1/fetch",status="200"}' in text
     assert "fetchd_store_bytes" in text
+    sample = re.compile(r'^[a-z_][a-z0-9_]*(\{[a-z_]+="[^"\n]*"(,[a-z_]+="[^"\n]*")*\})? -?[0-9.e+-]+$')
+    for line in text.splitlines():
+        assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
 
 
 BAD_FETCHES: list[tuple[str, bytes, int, str]] = [

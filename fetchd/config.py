@@ -62,6 +62,12 @@ class NetworkConfig:
     retry_after_cap: float = 60.0
     tag_cache_ttl: float = 300.0
     max_blob_size: int = 64 * 1024 * MiB
+    # A mirror that sends no response headers (or no body bytes) within this many seconds is
+    # given up for that request: the next mirror or the upstream is asked instead.
+    mirror_timeout: float = 5.0
+    # After a connection failure or a timeout a mirror is skipped for this many seconds, so a
+    # dead mirror costs one timeout per cooldown, not one per request.
+    mirror_cooldown: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,9 @@ class MirrorConfig:
     digest_only: bool = False             # never ask this mirror for a tag
     headers: tuple[tuple[str, str], ...] = ()
     ns: bool = False                      # add ?ns=<upstream registry> (containerd's convention)
-    insecure: bool = False                # allow plain HTTP / skip nothing else
+    insecure: bool = False                # allow plain HTTP and skip TLS certificate checks
     credentials: BasicCredentials | None = None
+    timeout: float | None = None          # overrides network.mirror_timeout for this mirror
 
     @property
     def host(self) -> str:
@@ -242,10 +249,12 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
     for name in ("max_connections", "range_parts"):
         if getattr(net, name) < 1:
             raise ConfigError(f"{where} [network] {name}: must be at least 1")
+    if net.mirror_timeout <= 0:
+        raise ConfigError(f"{where} [network] mirror_timeout: must be positive")
     if net.retries < 0:
         raise ConfigError(f"{where} [network] retries: must not be negative")
     for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_cap", "retry_after_cap",
-                 "tag_cache_ttl"):
+                 "tag_cache_ttl", "mirror_cooldown"):
         if getattr(net, name) < 0:
             raise ConfigError(f"{where} [network] {name}: must not be negative")
 
@@ -283,7 +292,8 @@ def _mirror(value: object, what: str) -> MirrorConfig:
         value = {"url": value}
     if not isinstance(value, dict):
         raise ConfigError(f"{what}: expected a table with at least url")
-    _check_keys(value, {"url", "digest_only", "headers", "ns", "insecure", "credentials"}, what)
+    _check_keys(value, {"url", "digest_only", "headers", "ns", "insecure", "credentials", "timeout"},
+                what)
     url = value.get("url")
     if not isinstance(url, str):
         raise ConfigError(f"{what}: 'url' is required, e.g. \"https://mirror.example.com\"")
@@ -307,6 +317,10 @@ def _mirror(value: object, what: str) -> MirrorConfig:
             _typed(creds.get("username"), str, f"{what} credentials username"),
             _typed(creds.get("password", ""), str, f"{what} credentials password"),
         )
+    timeout = value.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or timeout <= 0):
+        raise ConfigError(f"{what} timeout: expected a positive number of seconds, got {timeout!r}")
     return MirrorConfig(
         url=url.rstrip("/"),
         digest_only=_typed(value.get("digest_only", False), bool, f"{what} digest_only"),
@@ -314,4 +328,5 @@ def _mirror(value: object, what: str) -> MirrorConfig:
         ns=_typed(value.get("ns", False), bool, f"{what} ns"),
         insecure=_typed(value.get("insecure", False), bool, f"{what} insecure"),
         credentials=credentials,
+        timeout=None if timeout is None else float(timeout),
     )

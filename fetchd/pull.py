@@ -24,7 +24,15 @@ from typing import Any
 
 from .config import Config
 from .digest import Digest
-from .errors import FetchdError, NetworkDisabled, RateLimited, RegistryError, ShuttingDown
+from .errors import (
+    DigestMismatch,
+    FetchdError,
+    NetworkDisabled,
+    RateLimited,
+    RegistryError,
+    ShuttingDown,
+    SizeMismatch,
+)
 from .layer_store import LayerStore
 from .manifest import (
     ImageIndex,
@@ -105,11 +113,17 @@ def normalize_repo_tag(repo_tag: str | None, reference: Reference) -> str:
     return f"{parsed.name}:{parsed.tag_or_default}"
 
 
+# Failures that say "the registry could not be asked" (down, unreachable, 5xx, throttled),
+# as opposed to answers (unknown tag, denied): only these fall back to the tag cache.
+_UNREACHABLE = (RegistryError, RateLimited)
+
+
 @dataclass
 class _Resolved:
     top_digest: Digest
     media_type: str
     from_cache: bool
+    warning: str | None = None  # set when a stale cache entry stood in for an unreachable registry
 
 
 class Job:
@@ -341,8 +355,11 @@ class Puller:
                       max_age: float | None = None) -> dict[str, Any]:
         """Tag -> digest for clients (BitBake's checksum logic). ``max_age=0`` forces a HEAD."""
         resolved = await self.resolve_digest(reference, offline=offline, max_age=max_age)
-        return {"digest": str(resolved.top_digest), "media_type": resolved.media_type,
-                "cached": resolved.from_cache}
+        out = {"digest": str(resolved.top_digest), "media_type": resolved.media_type,
+               "cached": resolved.from_cache}
+        if resolved.warning is not None:
+            out["warning"] = resolved.warning
+        return out
 
     async def resolve_digest(self, ref: Reference, *, offline: bool, job: Job | None = None,
                              max_age: float | None = None) -> _Resolved:
@@ -361,16 +378,21 @@ class Puller:
                 "fetch it once with network access, or pin it by digest"
             )
         try:
-            head = await self.registry.head_manifest(ref)
-        except (RegistryError, RateLimited) as e:
+            # With a cached answer to fall back on, one quick retry at most: a build should
+            # not sit through minutes of backoff (or a 429's Retry-After) for a HEAD.
+            head = await self.registry.head_manifest(ref, retries=None if cached is None else 1)
+        except _UNREACHABLE as e:
             if cached is None:
-                raise
-            warning = (f"{ref.registry} did not answer ({e.code}); using the last known digest "
-                       f"{cached.digest} resolved {_age(cached.resolved_at)} ago")
+                raise type(e)(
+                    f"{e.message}. The tag {ref.name}:{tag} is not in fetchd's tag cache, so "
+                    "there is no last known digest to use: retry when the registry answers, "
+                    "configure a mirror, or pin the image by digest") from e
+            warning = (f"{ref.registry} could not resolve {ref.name}:{tag} ({e.code}); using the "
+                       f"last known digest {cached.digest}, resolved {_age(cached.resolved_at)} ago")
             log.warning("%s", warning)
             if job is not None:
                 job.push({"event": "warning", "message": warning})
-            return _Resolved(cached.digest, cached.media_type, True)
+            return _Resolved(cached.digest, cached.media_type, True, warning)
         self.store.record_tag(ref.name, tag, head.digest, head.media_type)
         return _Resolved(head.digest, head.media_type, False)
 
@@ -429,15 +451,41 @@ class Puller:
         return len(unique)
 
     async def _download(self, job: Job, ref: Reference, layer: Any) -> None:
+        """Fetch one layer into the store; wrong bytes from a mirror are fetched again elsewhere.
+
+        The store verifies on commit and discards a partial that fails, so nothing wrong is
+        ever stored; the mirrors that wrote it are excluded for the next try of this blob.
+        """
         digest, size = layer.digest, layer.size
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "downloading"})
         progress = _LayerProgress(job, str(digest), size)
+        exclude: frozenset[str] = frozenset()
+        # Each try excludes at least one more mirror, or is the one repeat allowed when
+        # another task's fetch (which we joined) failed: the count is bounded.
+        tries = len(self.config.registry(ref.registry).mirrors) + 2
+        for attempt in range(tries):
+            sources: list[str] = []
 
-        async def fetch(sink: Any) -> None:
-            progress.done = sink.offset
-            await self.registry.fetch_blob(ref, layer, sink, progress=progress)
+            async def fetch(sink: Any, exclude: frozenset[str] = exclude,
+                            sources: list[str] = sources) -> None:
+                progress.done = sink.offset
+                sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
+                                                              exclude=exclude))
 
-        await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)
+            try:
+                await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)
+                break
+            except (DigestMismatch, SizeMismatch) as e:
+                bad = self.registry.blame(ref, layer, tuple(sources)) - exclude
+                joined = not sources  # another task's (or process's) fetch failed
+                if attempt + 1 >= tries or not (bad or joined):
+                    raise
+                exclude |= bad
+                if bad:
+                    warning = (f"mirror {', '.join(sorted(bad))} served wrong bytes for layer "
+                               f"{digest} ({e.code}); nothing was kept, fetching it again from "
+                               "the next source")
+                    job.push({"event": "warning", "message": warning})
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "done"})
 
 

@@ -9,7 +9,8 @@ Invariants:
   (manifests by tag: the digest is computed from the body, never taken from a header).
 - ``fetch_blob`` writes exactly the bytes ``[sink.offset, size)`` of the blob into the
   sink, or raises; it never writes past ``size``. Verifying a streamed blob is the
-  sink owner's job (the store hashes on commit).
+  sink owner's job (the store hashes on commit); it returns the endpoints that wrote,
+  so a caller whose commit fails can ``blame`` them and fetch again with ``exclude``.
 - Registry credentials never leave the registry's origin (redirects, foreign URLs)
   and upstream credentials are never sent to a mirror.
 """
@@ -103,9 +104,11 @@ class _Counter:
 
     def __init__(self, progress: Progress | None, start: int) -> None:
         self.progress, self.done = progress, start
+        self.writes = 0
 
     def add(self, n: int) -> None:
         self.done += n
+        self.writes += 1
         if self.progress is not None:
             self.progress(n)
 
@@ -144,8 +147,23 @@ class RegistryClient:
         await self.close()
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per host: requests, bytes, retries, errors, ratelimit_remaining, range_supported."""
+        """Per host (registries and mirrors): counters, budget, quota; see ``Transport.stats``."""
         return self._t.stats()
+
+    def blame(self, ref: Reference, descriptor: Descriptor, sources: tuple[str, ...]) -> frozenset[str]:
+        """The blob ``fetch_blob`` wrote from ``sources`` failed verification at commit.
+
+        Counts it as ``corrupt`` against each mirror among ``sources``, logs it, and returns
+        those mirrors' keys: pass them as ``exclude`` to fetch the blob from elsewhere.
+        """
+        mirrors = {ep.key for ep in self._t.endpoints(ref, tag=False) if ep.mirror is not None}
+        mirrors |= {key for key in sources if self._t.host(key).mirror}
+        bad = frozenset(key for key in sources if key in mirrors)
+        for key in sorted(bad):
+            self._t.host(key).bump("corrupt")
+            log.warning("mirror %s served wrong bytes for blob %s of %s; skipping it for this "
+                        "blob and fetching it from the next source", key, descriptor.digest, ref.name)
+        return bad
 
     # ------------------------------------------------------------------ manifests
 
@@ -187,7 +205,7 @@ class RegistryClient:
                     body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1)
             except TRANSIENT as e:
                 failures += 1
-                if failures > self.policy.retries:
+                if failures > (0 if ep.mirror is not None else self.policy.retries):
                     raise RegistryError(f"{ep.label}: manifest of {where} kept breaking off "
                                         f"({type(e).__name__}); check the network and retry") from e
                 self._t.host(ep.key).bump("retries")
@@ -199,14 +217,20 @@ class RegistryClient:
             self._t.host(ep.key).bump("bytes", len(body))
             return content_type, header, body
 
-    async def head_manifest(self, ref: Reference) -> FetchedManifest:
-        """Resolve a tag to its digest with HEAD (free on Docker Hub); falls back to GET."""
-        result = await self._t.each_endpoint(ref, ref.digest is None, lambda ep: self._head(ep, ref))
+    async def head_manifest(self, ref: Reference, *, retries: int | None = None) -> FetchedManifest:
+        """Resolve a tag to its digest with HEAD (free on Docker Hub); falls back to GET.
+
+        ``retries`` lowers the configured retry count (a caller with a fallback answer,
+        such as a cached digest, should not wait through the whole backoff).
+        """
+        result = await self._t.each_endpoint(ref, ref.digest is None,
+                                             lambda ep: self._head(ep, ref, retries))
         return result if result is not None else await self.get_manifest(ref)
 
-    async def _head(self, ep: Endpoint, ref: Reference) -> FetchedManifest | None:
+    async def _head(self, ep: Endpoint, ref: Reference, retries: int | None) -> FetchedManifest | None:
         async with self._t.open(ep, ref, "HEAD", ep.path(ref, "manifests", ref.target),
-                              what="manifest", headers={"Accept": ACCEPT}) as resp:
+                                what="manifest", headers={"Accept": ACCEPT},
+                                retries=retries) as resp:
             digest = _maybe_digest(resp.headers.get("Docker-Content-Digest")) or ref.digest
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             size = resp.content_length or 0
@@ -236,14 +260,19 @@ class RegistryClient:
         return await self._t.each_endpoint(ref, False, one)
 
     async def fetch_blob(
-        self, ref: Reference, descriptor: Descriptor, sink: BlobSink, progress: Progress | None = None
-    ) -> None:
+        self, ref: Reference, descriptor: Descriptor, sink: BlobSink, progress: Progress | None = None,
+        *, exclude: frozenset[str] = frozenset(),
+    ) -> tuple[str, ...]:
         """Write the blob's bytes ``[sink.offset, size)`` into ``sink`` (resuming what it holds).
 
         Big blobs (>= range_threshold) go as parallel Range requests where the host
         supports them. Foreign layers come from their ``urls`` without credentials,
-        then from the registry.
+        then from the mirrors not in ``exclude`` (keys, ``host[:port]``), then from the
+        registry. A mirror that fails mid-way leaves what it wrote; the next source
+        resumes from there. Returns the keys of the endpoints that wrote into the sink,
+        in order (empty when the sink already held everything).
         """
+        sources: list[str] = []
         size = descriptor.size
         if size > self.net.max_blob_size:
             raise SizeMismatch(
@@ -253,19 +282,28 @@ class RegistryClient:
             await sink.truncate(0)
         counter = _Counter(progress, sink.offset)
         if sink.offset == size:
-            return
+            return ()
+
+        async def one(ep: Endpoint, path: str) -> None:
+            writes = counter.writes
+            try:
+                await self._fetch_from(ep, ref, descriptor, sink, counter, path)
+            finally:
+                if counter.writes != writes and (not sources or sources[-1] != ep.key):
+                    sources.append(ep.key)
+
         for url in descriptor.urls:
-            ep = foreign_endpoint(url, ref.registry)
-            if ep is None:
+            foreign = foreign_endpoint(url, ref.registry)
+            if foreign is None:
                 continue
             try:
-                await self._fetch_from(ep, ref, descriptor, sink, counter, path="")
-                return
+                await one(foreign, "")
+                return tuple(sources)
             except FetchdError as e:
                 log.info("foreign URL of %s failed (%s); trying the next source", descriptor.digest, e.code)
         await self._t.each_endpoint(
-            ref, False, lambda ep: self._fetch_from(
-                ep, ref, descriptor, sink, counter, ep.path(ref, "blobs", str(descriptor.digest))))
+            ref, False, lambda ep: one(ep, ep.path(ref, "blobs", str(descriptor.digest))), exclude)
+        return tuple(sources)
 
     async def _fetch_from(
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
@@ -350,7 +388,8 @@ class RegistryClient:
             if pos >= end:
                 return
             failures = 1 if pos > begin else failures + 1  # progress resets the count
-            if failures > self.policy.retries:
+            # A mirror is not retried: the next source resumes from ``pos``.
+            if failures > (0 if ep.mirror is not None else self.policy.retries):
                 host.bump("errors")
                 raise RegistryError(
                     f"{ep.label}: blob {desc.digest} of {ref.name}: transfer stopped at byte {pos} "

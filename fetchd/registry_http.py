@@ -7,6 +7,11 @@ pacing for ``requests_per_second``, the host's auth challenge, and the counters 
 basic, one refresh), redirects (followed by hand: credentials never leave the origin) and
 retries (connection errors, timeouts, 408, 429, 5xx; Retry-After honoured with a cap).
 Bodies are the caller's: failures while reading one are not retried here.
+
+Mirrors (``[registries."host"] mirrors``) come before the upstream, in configured order.
+A mirror is never retried: the next endpoint is the retry. It must send its headers and
+each body read within its ``timeout`` (``network.mirror_timeout``); one that cannot be
+reached or times out is skipped for ``network.mirror_cooldown`` seconds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -35,7 +40,17 @@ from .auth import (
     pull_scope,
 )
 from .config import BasicCredentials, Config, MirrorConfig
-from .errors import FetchdError, InsecureRegistry, RegistryError, Unauthorized
+from .errors import (
+    BlobUnknown,
+    DigestMismatch,
+    FetchdError,
+    InsecureRegistry,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    SizeMismatch,
+    Unauthorized,
+)
 from .reference import Reference
 from .registry_errors import error_from_response
 from .retry import RetryPolicy, parse_ratelimit, parse_retry_after, retryable_status
@@ -52,6 +67,10 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 # Errors of a request or of reading its body that another try may fix.
 TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
              ConnectionError)
+# A mirror answering these simply does not hold the content (Spegel, a cold cache): no warning.
+_NOT_THERE = (BlobUnknown, ManifestUnknown, NameUnknown)
+# A mirror that sent these sent wrong bytes: counted as corrupt and logged as a warning.
+_WRONG_BYTES = (DigestMismatch, SizeMismatch)
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class Endpoint:
     anonymous: bool = False      # never any credentials (foreign layer URLs)
     verify_tls: bool = True
     auth_file: str | None = None
+    timeout: float | None = None  # mirrors: seconds for the headers and for each body read
 
     def path(self, ref: Reference, kind: str, target: str) -> str:
         path = f"/v2/{ref.repository}/{kind}/{target}"
@@ -80,16 +100,42 @@ class Endpoint:
 
 @dataclass
 class Host:
-    """What the client knows about one host; ``semaphore`` is its whole connection budget."""
+    """What the client knows about one host; ``semaphore`` is its whole connection budget.
+
+    ``in_use`` + ``semaphore``'s free slots == ``limit`` at every await point.
+    """
 
     semaphore: asyncio.Semaphore
+    limit: int = 1
     interval: float = 0.0
     next_slot: float = 0.0
     range_supported: bool | None = None
     challenge: Challenge | None = None
     plain_http: bool = False     # an insecure host whose TLS attempt failed
+    mirror: bool = False
+    in_use: int = 0              # connections (requests and bodies being read) holding a slot
+    waiting: int = 0             # requests queued for a slot
+    down_until: float = 0.0      # mirrors: skipped until then (monotonic clock)
+    quota_warned: bool = False   # a low-quota warning was logged; cleared when it recovers
     stats: dict[str, int | None] = field(default_factory=lambda: {
-        "requests": 0, "bytes": 0, "retries": 0, "errors": 0, "ratelimit_remaining": None})
+        "requests": 0, "bytes": 0, "retries": 0, "errors": 0, "ratelimit_remaining": None,
+        "ratelimit_limit": None, "ratelimit_window_seconds": None,
+        "fallbacks": 0, "corrupt": 0, "timeouts": 0})
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one connection of this host's budget."""
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            self.semaphore.release()
 
     async def pace(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """Space request starts by ``interval`` (requests_per_second)."""
@@ -124,6 +170,7 @@ class Transport:
         self.policy = RetryPolicy(net.retries, net.backoff_base, net.backoff_cap, net.retry_after_cap)
         self.credentials = credentials or Credentials()
         self.tokens = TokenCache(clock)
+        self.clock = clock
         self._session = session
         self._own_session = session is None
         self._trust_env = trust_env
@@ -150,35 +197,72 @@ class Transport:
         self._session = None
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per host: requests, bytes, retries, errors, ratelimit_remaining, range_supported."""
-        return {key: {**h.stats, "range_supported": h.range_supported} for key, h in self._hosts.items()}
+        """Per host (registry or mirror, ``host[:port]``), JSON-ready:
 
-    def host(self, key: str) -> Host:
+        counters ``requests``, ``bytes``, ``retries``, ``errors``, ``fallbacks`` (requests
+        this mirror failed, answered by the next endpoint), ``corrupt`` (contents it served
+        with a wrong digest or size), ``timeouts``; the budget ``max_connections``,
+        ``connections_in_use``, ``connections_waiting``, ``requests_per_second`` (None: no
+        pacing); Docker Hub's quota ``ratelimit_remaining``, ``ratelimit_limit``,
+        ``ratelimit_window_seconds`` (None until the registry sent them); ``role``
+        ("registry" | "mirror"), ``down`` and ``down_seconds`` (mirrors in cooldown), and
+        ``range_supported``.
+        """
+        now = self.clock()
+        out: dict[str, dict[str, Any]] = {}
+        for key, h in self._hosts.items():
+            down = max(0.0, h.down_until - now)
+            out[key] = {
+                **h.stats,
+                "role": "mirror" if h.mirror else "registry",
+                "max_connections": h.limit,
+                "connections_in_use": h.in_use,
+                "connections_waiting": h.waiting,
+                "requests_per_second": 1.0 / h.interval if h.interval else None,
+                "down": down > 0,
+                "down_seconds": round(down, 1),
+                "range_supported": h.range_supported,
+            }
+        return out
+
+    def host(self, key: str, *, mirror: bool = False) -> Host:
         host = self._hosts.get(key)
         if host is None:
             reg = self.config.registry(key)
             rps = reg.requests_per_second
-            host = Host(asyncio.Semaphore(reg.max_connections or self.net.max_connections),
-                         interval=1.0 / rps if rps else 0.0)
+            limit = reg.max_connections or self.net.max_connections
+            host = Host(asyncio.Semaphore(limit), limit=limit, interval=1.0 / rps if rps else 0.0,
+                        mirror=mirror)
             self._hosts[key] = host
         return host
 
     # ------------------------------------------------------------------ endpoints
 
-    def endpoints(self, ref: Reference, *, tag: bool) -> list[Endpoint]:
-        """Mirrors in configured order (digest_only ones skipped for tags), then upstream."""
+    def endpoints(
+        self, ref: Reference, *, tag: bool, exclude: frozenset[str] = frozenset()
+    ) -> list[Endpoint]:
+        """Mirrors in configured order, then upstream (always last, never excluded).
+
+        Skipped: digest_only mirrors for tags, mirrors in ``exclude`` (keys), mirrors in
+        their cooldown, plain-HTTP mirrors not marked insecure.
+        """
         reg = self.config.registry(ref.registry)
         out: list[Endpoint] = []
+        now = self.clock()
         for mirror in reg.mirrors:
             if tag and mirror.digest_only:
                 continue
             parts = urlsplit(mirror.url)
+            if parts.netloc in exclude or self.host(parts.netloc, mirror=True).down_until > now:
+                continue
             allow = mirror.insecure or is_loopback(parts.netloc)
             if parts.scheme == "http" and not allow:
                 log.warning("skipping plain-HTTP mirror %s of %s: set insecure = true on it to use it",
                             parts.netloc, ref.registry)
                 continue
-            out.append(Endpoint(parts.netloc, mirror.url, ref.registry, allow, mirror=mirror))
+            timeout = mirror.timeout if mirror.timeout is not None else self.net.mirror_timeout
+            out.append(Endpoint(parts.netloc, mirror.url, ref.registry, allow, mirror=mirror,
+                                verify_tls=not mirror.insecure, timeout=timeout))
         loopback = is_loopback(ref.api_host)
         # Loopback registries speak plain HTTP (as Docker assumes); hosts marked insecure
         # get HTTPS without certificate checks (self-signed) and plain HTTP if TLS fails.
@@ -189,16 +273,43 @@ class Transport:
         return out
 
     async def each_endpoint(
-        self, ref: Reference, tag: bool, op: Callable[[Endpoint], Awaitable[T]]
+        self, ref: Reference, tag: bool, op: Callable[[Endpoint], Awaitable[T]],
+        exclude: frozenset[str] = frozenset(),
     ) -> T:
-        """Run ``op`` on each endpoint in turn; mirrors' failures fall through to the next."""
-        endpoints = self.endpoints(ref, tag=tag)
+        """Run ``op`` on each endpoint in turn; mirrors' failures fall through to the next.
+
+        The upstream's error is the one raised. A mirror's wrong bytes are counted
+        (``corrupt``) and logged as a warning; its other failures count as ``fallbacks``.
+        """
+        endpoints = self.endpoints(ref, tag=tag, exclude=exclude)
         for ep in endpoints[:-1]:
             try:
                 return await op(ep)
             except FetchdError as e:
-                log.info("%s failed for %s (%s); trying the next source", ep.label, ref, e.code)
+                self.mirror_failed(ep, ref, e)
         return await op(endpoints[-1])
+
+    def mirror_failed(self, ep: Endpoint, ref: Reference, e: FetchdError) -> None:
+        host = self.host(ep.key)
+        host.bump("fallbacks")
+        if isinstance(e, _WRONG_BYTES):
+            host.bump("corrupt")
+            log.warning("%s served wrong content for %s (%s: %s); skipped for it, trying the "
+                        "next source", ep.label, ref, e.code, e.message)
+        elif isinstance(e, _NOT_THERE):
+            log.info("%s does not have %s (%s); trying the next source", ep.label, ref, e.code)
+        else:
+            log.warning("%s failed for %s (%s); trying the next source", ep.label, ref, e.code)
+
+    def mark_down(self, ep: Endpoint, reason: str) -> None:
+        """A mirror that cannot be reached is skipped for ``mirror_cooldown`` seconds."""
+        host = self.host(ep.key)
+        if self.net.mirror_cooldown <= 0:
+            return
+        if host.down_until <= self.clock():
+            log.warning("%s of %s unreachable (%s); skipping it for %.0f s", ep.label, ep.registry,
+                        reason, self.net.mirror_cooldown)
+        host.down_until = self.clock() + self.net.mirror_cooldown
 
     # ------------------------------------------------------------------ requests
 
@@ -248,11 +359,19 @@ class Transport:
         origin = target.origin()
         foreign = ep.anonymous
         host = self.host(ep.key)
+        extra: dict[str, Any] = {}
+        if ep.timeout is not None:
+            # Mirrors must answer quickly, headers and every body read: the upstream is the
+            # fallback, not a long wait.
+            extra["timeout"] = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(self.net.connect_timeout, ep.timeout),
+                sock_read=ep.timeout)
         for _ in range(MAX_REDIRECTS + 1):
             host.bump("requests")
-            resp = await self.session().request(
-                method, target, headers=hdrs, allow_redirects=False,
-                ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE)
+            async with asyncio.timeout(ep.timeout) if ep.timeout is not None else nullcontext():
+                resp = await self.session().request(
+                    method, target, headers=hdrs, allow_redirects=False,
+                    ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE, **extra)
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp, foreign
@@ -282,15 +401,21 @@ class Transport:
         what: str,
         headers: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
+        retries: int | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A response with a status in ``ok``, after auth, redirects and retries.
 
         The host's connection slot is held until the caller's block ends, so a body
         being read counts against the budget. Failures the caller meets while reading
-        the body are the caller's to handle (they are not retried here).
+        the body are the caller's to handle (they are not retried here). ``retries``
+        lowers the configured count for this request; mirrors get none (the next
+        endpoint is their retry) and are put in cooldown when they cannot be reached.
         """
         host = self.host(ep.key)
-        retries = min(1, self.policy.retries) if ep.mirror else self.policy.retries
+        if ep.mirror is not None:
+            retries = 0
+        else:
+            retries = self.policy.retries if retries is None else min(retries, self.policy.retries)
         scope = pull_scope(ref.repository)
         attempt, refreshed = 0, False
         while True:
@@ -303,7 +428,7 @@ class Transport:
                     raise
                 auth, failure = None, f"token server: {e.message}"
             if not failure:
-                async with host.semaphore:
+                async with host.slot():
                     await host.pace(self.sleep)
                     try:
                         resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth)
@@ -317,10 +442,19 @@ class Transport:
                         raise _tls_error(ep, e) from e
                     except TRANSIENT as e:
                         failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                        if isinstance(e, asyncio.TimeoutError):
+                            host.bump("timeouts")
+                        if ep.mirror is not None:
+                            self.mark_down(ep, failure)
+                    except aiohttp.ClientError as e:  # not worth a retry (bad URL, bad HTTP)
+                        host.bump("errors")
+                        raise RegistryError(f"{ep.label}: {what} of {ref.name} failed "
+                                            f"({type(e).__name__}); check the address") from e
                     else:
                         remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
                         if remaining is not None:
                             host.stats["ratelimit_remaining"] = remaining
+                            self._note_quota(ep, host, resp.headers.get("ratelimit-limit"))
                         status = resp.status
                         if status in ok:
                             try:
@@ -365,6 +499,21 @@ class Transport:
             attempt += 1
             await self.sleep(delay)
 
+    def _note_quota(self, ep: Endpoint, host: Host, limit_header: str | None) -> None:
+        """Keep Docker Hub's quota (``ratelimit-limit: 100;w=21600``) for stats()."""
+        limit = parse_ratelimit(limit_header)
+        if limit is not None:
+            host.stats["ratelimit_limit"] = limit
+        window = _window(limit_header)
+        if window is not None:
+            host.stats["ratelimit_window_seconds"] = window
+        remaining = host.stats["ratelimit_remaining"]
+        low = remaining is not None and bool(limit) and remaining * 10 < (limit or 0)
+        if low and not host.quota_warned:
+            log.warning("%s: %d of %d manifest pulls left in its quota window; add a mirror or "
+                        "log in for a higher quota", ep.label, remaining, limit)
+        host.quota_warned = low
+
     async def _accept_challenge(
         self, ep: Endpoint, ref: Reference, scope: str, challenges: list[Challenge]
     ) -> bool:
@@ -388,6 +537,15 @@ class Transport:
         return Unauthorized(
             f"{ep.label} refused {ref.name} (401): {how}. Log in with 'podman login {ep.key}' "
             f"or 'docker login {ep.key}', or set auth_file for it in the fetchd config")
+
+
+def _window(value: str | None) -> int | None:
+    """The ``w=<seconds>`` of a rate-limit header; None if absent."""
+    for part in (value or "").split(";")[1:]:
+        name, _, number = part.strip().partition("=")
+        if name.strip().lower() == "w" and number.strip().isdigit():
+            return int(number.strip())
+    return None
 
 
 def foreign_endpoint(url: str, registry: str) -> Endpoint | None:

@@ -22,6 +22,8 @@ from .errors import InvalidReference
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
+# Docker and skopeo write these as docker.io.
+_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
 
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -138,6 +140,8 @@ def split_name(name: str, original: str | None = None) -> tuple[str, str]:
             raise InvalidReference(f"invalid image reference {shown!r}: bad registry host {registry!r}")
     else:
         registry, path = DOCKER_HUB, name
+    if registry in _HUB_ALIASES:
+        registry = DOCKER_HUB
     if not path:
         raise InvalidReference(f"invalid image reference {shown!r}: no repository after the host")
     if registry == DOCKER_HUB and "/" not in path:

@@ -30,6 +30,9 @@ PARSE = [
     (f"ghcr.io/o/r@{D}", "ghcr.io", "o/r", None, D, f"ghcr.io/o/r@{D}"),
     (f"127.0.0.1:5000/a:t@{D}", "127.0.0.1:5000", "a", "t", D, f"127.0.0.1:5000/a:t@{D}"),
     (f"debian@{D}", "docker.io", "library/debian", None, D, f"docker.io/library/debian@{D}"),
+    ("index.docker.io/debian:12", "docker.io", "library/debian", "12", None,
+     "docker.io/library/debian:12"),
+    ("registry-1.docker.io/user/app", "docker.io", "user/app", None, None, "docker.io/user/app"),
     ("my_app/with-dash__and.dot", "docker.io", "my_app/with-dash__and.dot", None, None,
      "docker.io/my_app/with-dash__and.dot"),
 ]

@@ -330,7 +330,8 @@ class Puller:
                                   f"pack {where}"):
                 job.push({"event": "pack", "state": "start", "level": req.level})
                 packed = await pack_image(self.store, image, config_raw, repo_tag, req.level,
-                                          progress=_PackProgress(job), image_name=where)
+                                          progress=_PackProgress(job), image_name=where,
+                                          manifest_digest=manifest_digest)
             archive = packed.digest
             pack_stats = (packed.frames_compressed, packed.frames_reused)
         path = self.store.blob_path(archive)

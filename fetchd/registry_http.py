@@ -446,10 +446,8 @@ class Transport:
                             host.bump("timeouts")
                         if ep.mirror is not None:
                             self.mark_down(ep, failure)
-                    except aiohttp.ClientError as e:  # not worth a retry (bad URL, bad HTTP)
-                        host.bump("errors")
-                        raise RegistryError(f"{ep.label}: {what} of {ref.name} failed "
-                                            f"({type(e).__name__}); check the address") from e
+                    except aiohttp.ClientError as e:  # a malformed answer: maybe a bad proxy
+                        failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                     else:
                         remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
                         if remaining is not None:

@@ -80,7 +80,8 @@ class BasicCredentials:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    url: str                              # scheme://host[:port][/prefix]; /v2/ is appended
+    url: str                              # scheme://host[:port][/prefix]; /v2/ is appended,
+    #                                       unless the path has a /v2 segment: see repository_prefix
     digest_only: bool = False             # never ask this mirror for a tag
     headers: tuple[tuple[str, str], ...] = ()
     ns: bool = False                      # add ?ns=<upstream registry> (containerd's convention)
@@ -91,6 +92,27 @@ class MirrorConfig:
     @property
     def host(self) -> str:
         return urlsplit(self.url).netloc
+
+    @property
+    def base(self) -> str:
+        """``scheme://host[:port][/prefix]`` that ``/v2/...`` is appended to."""
+        return self.url[: len(self.url) - len(self._v2_tail)] if self._v2_tail else self.url
+
+    @property
+    def repository_prefix(self) -> str:
+        """Put in front of every repository: ``https://harbor/v2/hub-proxy`` -> ``hub-proxy``.
+
+        A URL whose path contains a ``/v2`` segment names the API root itself (containerd's
+        ``override_path``); what follows it prefixes repositories (Harbor's proxy-cache
+        projects: ``/v2/<project>/library/debian/...``).
+        """
+        return self._v2_tail[len("/v2"):].strip("/")
+
+    @property
+    def _v2_tail(self) -> str:
+        path = urlsplit(self.url).path
+        index = f"{path}/".find("/v2/")
+        return path[index:] if index >= 0 else ""
 
 
 @dataclass(frozen=True)

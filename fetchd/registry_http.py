@@ -87,8 +87,13 @@ class Endpoint:
     auth_file: str | None = None
     timeout: float | None = None  # mirrors: seconds for the headers and for each body read
 
+    def repository(self, ref: Reference) -> str:
+        """The repository as this endpoint names it (a mirror may prefix it)."""
+        prefix = self.mirror.repository_prefix if self.mirror is not None else ""
+        return f"{prefix}/{ref.repository}" if prefix else ref.repository
+
     def path(self, ref: Reference, kind: str, target: str) -> str:
-        path = f"/v2/{ref.repository}/{kind}/{target}"
+        path = f"/v2/{self.repository(ref)}/{kind}/{target}"
         if self.mirror is not None and self.mirror.ns:
             path += f"?ns={self.registry}"
         return path
@@ -261,7 +266,7 @@ class Transport:
                             parts.netloc, ref.registry)
                 continue
             timeout = mirror.timeout if mirror.timeout is not None else self.net.mirror_timeout
-            out.append(Endpoint(parts.netloc, mirror.url, ref.registry, allow, mirror=mirror,
+            out.append(Endpoint(parts.netloc, mirror.base, ref.registry, allow, mirror=mirror,
                                 verify_tls=not mirror.insecure, timeout=timeout))
         loopback = is_loopback(ref.api_host)
         # Loopback registries speak plain HTTP (as Docker assumes); hosts marked insecure
@@ -416,7 +421,7 @@ class Transport:
             retries = 0
         else:
             retries = self.policy.retries if retries is None else min(retries, self.policy.retries)
-        scope = pull_scope(ref.repository)
+        scope = pull_scope(ep.repository(ref))
         attempt, refreshed = 0, False
         while True:
             failure, retry_after = "", None

@@ -102,10 +102,26 @@ class Daemon:
             return ""
 
     def fetch(self, spec: FetchSpec) -> dict[str, Any]:
+        """One request; the result dict gets ``_phases``: seconds from the request to the
+        first and last time each progress event kind was seen (``layer:done``,
+        ``pack:start``, ...), which shows where the time went."""
         spec.dest.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        phases: dict[str, list[float]] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = f"{event.get('event', '?')}:{event.get('state', '')}"
+            if kind.startswith(("progress", "heartbeat")) or kind == "pack:layer-progress":
+                return
+            t = round(time.perf_counter() - start, 4)
+            phases.setdefault(kind, [t, t])[1] = t
+
         try:
-            result: dict[str, Any] = self.client.fetch(spec.reference, platform=spec.platform, level=spec.level,
-                                     repo_tag=spec.repo_tag, dest=str(spec.dest))
+            result: dict[str, Any] = self.client.fetch(
+                spec.reference, platform=spec.platform, level=spec.level, repo_tag=spec.repo_tag,
+                dest=str(spec.dest), on_event=on_event)
+            result["_phases"] = phases
+            result["_seconds"] = round(time.perf_counter() - start, 4)
             return result
         except FetchdClientError as e:
             raise DaemonError(f"fetch {spec.reference} {spec.platform} level {spec.level}: "

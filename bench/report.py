@@ -103,6 +103,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", "### Images", "", "| image | platforms | blob MB | tar MB |", "|---|---|---|---|"]
     for name, im in r["images"].items():
         lines.append(f"| {name} | {im['platforms']} | {_mb(im['blob_bytes'])} | {_mb(im['tar_bytes'])} |")
+    lines += _timelines(r)
     if r.get("checks"):
         lines += ["", "### Output checks (first run, first network)", "",
                   "| scenario | fetchd valid | seed valid | same tar bytes |", "|---|---|---|---|"]
@@ -119,6 +120,26 @@ def render_markdown(r: dict[str, Any]) -> str:
                          + (f" (error: {data['error'][:200]})" if isinstance(data, dict)
                             and "error" in data else ""))
     return "\n".join(lines)
+
+
+def _span(t: dict[str, Any], first: str, last: str) -> str:
+    a, b = t.get(first), t.get(last)
+    return "-" if not a or not b else f"{a[0]:.2f}-{b[1]:.2f}"
+
+
+def _timelines(r: dict[str, Any]) -> list[str]:
+    """Where fetchd's time goes: the client's view of the daemon's progress events."""
+    out = ["", "### Where fetchd's time goes (median run, seconds since the request)", "",
+           "| scenario | network | request | downloads (first start - last done) "
+           "| pack (start - done) | total |", "|---|---|---|---|---|---|"]
+    for row in r["scenarios"]:
+        if row["scenario"] not in ("cold", "all", "level", "shared", "fanin-one"):
+            continue
+        for t in (row.get("fetchd") or {}).get("extra", {}).get("timeline", []):
+            out.append(f"| {row['scenario']} | {row['network']} | {t.get('platform')} "
+                       f"| {_span(t, 'layer:downloading', 'layer:done')} "
+                       f"| {_span(t, 'pack:start', 'pack:done')} | {t.get('seconds')} |")
+    return out
 
 
 def write_doc(doc: Path, block: str, begin: str, end: str) -> None:

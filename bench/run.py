@@ -144,6 +144,17 @@ def measure_floors(inputs: dict[str, dict[str, Any]], runs: int) -> dict[str, di
     return out
 
 
+def combine_floors(floor_runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per scenario: the median run's figures, with the median CPU and every run's seconds."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in floor_runs[0] if floor_runs else ():
+        runs = sorted((r[name] for r in floor_runs), key=lambda f: f["seconds"])
+        out[name] = {**runs[len(runs) // 2],
+                     "cpu_s": round(statistics.median(f["cpu_s"] for f in runs), 3),
+                     "runs_s": [f["seconds"] for f in runs]}
+    return out
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -192,7 +203,7 @@ def _side_summary(samples: list[Sample]) -> dict[str, Any]:
         "runs_s": [round(x, 4) for x in secs],
         "peak_rss_mb": round(max(s.peak_rss_kb for s in samples) / 1024, 1),
         "registry_bytes": int(statistics.median(s.registry_bytes for s in samples)),
-        "extra": samples[len(samples) // 2].extra,
+        "extra": sorted(samples, key=lambda s: s.seconds)[len(samples) // 2].extra,
     }
 
 
@@ -355,8 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             imgs = push_all(reg, imgs)
             log(f"pushed {len(imgs.all())} images in {time.perf_counter() - t:.1f}s")
             inputs = scenario_inputs(imgs)
-            floors = measure_floors(inputs, 1 if args.quick or args.tiny else min(args.runs, 3))
-            log("floors: " + ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in floors.items()))
+            floor_runs: list[dict[str, dict[str, Any]]] = []
             proxies = {"loopback": WanProxy(reg.host).start(),
                        "wan": WanProxy(reg.host, rate=WAN_RATE, delay=WAN_DELAY).start()}
             try:
@@ -388,12 +398,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if not args.keep:
                             cleanup(ctx, tag)
                     per_run.append(runs)
+                    # The floor once per run, between the sides' runs: it meets the same load.
+                    floor_runs.append(measure_floors(inputs, 1))
+                    log("floors: " + ", ".join(f"{k} {v['seconds']:.2f}s"
+                                               for k, v in floor_runs[-1].items()))
             finally:
                 for p in proxies.values():
                     p.stop()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    floors = combine_floors(floor_runs)
     rows = aggregate(per_run, networks, floors, inputs)
     results: dict[str, Any] = {
         "machine": {**machine_info(), "loadavg_start": [round(x, 2) for x in load_start],

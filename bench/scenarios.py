@@ -95,7 +95,12 @@ def _measure(ctx: Context, pid: int | None, step: Callable[[], list[Path]]) -> S
             seconds = time.perf_counter() - start
             cpu = cpu_seconds(pid) - cpu0
         peak = rss.peak_kb
-    return Sample(seconds, peak, ctx.proxy.reset().bytes_down, outputs, cpu_s=cpu)
+    sample = Sample(seconds, peak, ctx.proxy.reset().bytes_down, outputs, cpu_s=cpu)
+    if pid is not None and _LAST_PHASES:
+        # timelines of up to 5 requests (fan-in would repeat the same one 16 times)
+        sample.extra["timeline"] = list(_LAST_PHASES[:5])
+        _LAST_PHASES.clear()
+    return sample
 
 
 # --------------------------------------------------------------------------- fetchd
@@ -108,7 +113,13 @@ def _spec(ctx: Context, img: ti.CatalogImage, platform: str, dest: Path, level: 
 
 def _fetch(daemon: Daemon, specs: Sequence[FetchSpec]) -> list[Path]:
     results = daemon.fetch_many(specs)
+    _LAST_PHASES[:] = [{"platform": s.platform, "seconds": r.get("_seconds"),
+                        **r.get("_phases", {})} for r, s in zip(results, specs, strict=True)]
     return [Path(r.get("path") or s.dest) for r, s in zip(results, specs, strict=True)]
+
+
+# The event timeline of the last _fetch (the harness runs one measured step at a time).
+_LAST_PHASES: list[dict[str, Any]] = []
 
 
 def _warm(ctx: Context, daemon: Daemon, img: ti.CatalogImage, platform: str, out: Path

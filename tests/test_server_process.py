@@ -287,7 +287,7 @@ def test_sigkill_mid_pull_then_resume(
     assert code != 0 and err.startswith("fetchd: error:"), err
     assert "Traceback" not in err
     sent_before = proxy.bytes_sent(f"/blobs/{layer.digest}")
-    assert sent_before < layer.size, (seen, proxy.log, daemon.log.read_text())
+    assert sent_before < layer.size, (seen, daemon.log.read_text())
 
     proxy.reset_rules()
     proxy.reset_stats()
@@ -295,7 +295,8 @@ def test_sigkill_mid_pull_then_resume(
     code, out, err = _finish(daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst"))
     assert code == 0, err  # the CLI re-hashed the output against the archive digest
     resumed = proxy.bytes_sent(f"/blobs/{layer.digest}")
-    assert 0 < resumed < layer.size, (resumed, layer.size)
+    # Only what the store did not hold was fetched again (a range probe may add a few bytes).
+    assert 0 < resumed <= layer.size - seen + 1024, (resumed, layer.size, seen)
     assert "(hardlink)" in out
     assert daemon.stop() == 0
 

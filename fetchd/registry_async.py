@@ -311,7 +311,8 @@ class RegistryClient:
     ) -> None:
         host = self._t.host(ep.key)
         remaining = desc.size - sink.offset
-        if remaining >= self.net.range_threshold and self.net.range_parts > 1:
+        ranges_ok = ep.mirror is None or ep.mirror.ranges  # see MirrorConfig.ranges
+        if remaining >= self.net.range_threshold and self.net.range_parts > 1 and ranges_ok:
             if host.range_supported is None:
                 await self._probe_ranges(ep, ref, desc, path)
             if host.range_supported:

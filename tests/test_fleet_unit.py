@@ -180,6 +180,20 @@ async def test_blame_names_the_mirror_and_exclude_skips_it(upstream, mirror) -> 
     assert len(mirror.requests("blob")) == 1
 
 
+@pytest.mark.parametrize("ranges", [False, True])
+async def test_mirror_gets_one_stream_unless_ranges_are_enabled(upstream, mirror, ranges: bool) -> None:
+    sink = MemorySink()
+    async with client_for(upstream, MirrorConfig(url=mirror.url, ranges=ranges),
+                          range_threshold=1024, range_parts=4) as client:
+        await client.fetch_blob(ref(upstream), DESC, sink)
+    sink.verify(DESC.digest, DESC.size)
+    with_range = [s for s in mirror.requests("blob") if "Range" in s.headers]
+    if ranges:
+        assert len(with_range) >= 3              # the probe, then two parts or more
+    else:
+        assert len(mirror.requests("blob")) == 1 and with_range == []
+
+
 # --------------------------------------------------------------------------- credentials, paths
 
 

@@ -93,6 +93,7 @@ def test_fetch_sends_the_request_and_reports_events(fake: FakeDaemon, tmp_path: 
     result = {"path": str(tmp_path / "out.zst"), "delivery": "hardlink", "store_path": str(store),
               "archive_digest": digest}
     fake.lines = [{"event": "manifest", "layers": 2}, {"event": "heartbeat"}, {"result": result}]
+    os.link(store, tmp_path / "out.zst")  # what the daemon did
     events: list[dict[str, Any]] = []
     os.chdir(tmp_path)
     got = Client(fake.path).fetch("debian:bookworm", arch="armhf", level=9, repo_tag="x:1",
@@ -116,6 +117,23 @@ def test_client_copy_is_done_by_the_client_atomically(fake: FakeDaemon, tmp_path
     assert dest.read_bytes() == store.read_bytes()
     assert os.stat(dest).st_ino != os.stat(store).st_ino
     assert [p.name for p in dest.parent.iterdir()] == ["image.zst"]
+
+
+def test_placement_invisible_here_is_copied_here(fake: FakeDaemon, tmp_path: Path) -> None:
+    """The daemon linked in its own view of the filesystem (another mount namespace), so
+    nothing is at ``dest`` here: the client copies the store file itself."""
+    store, digest = _archive(tmp_path)
+    dest = tmp_path / "image.zst"
+    fake.lines = [{"result": {"path": str(dest), "delivery": "hardlink", "store_path": str(store),
+                              "archive_digest": digest, "size": store.stat().st_size}}]
+    got = Client(fake.path).fetch("debian", dest=str(dest))
+    assert got["delivery"] == "client-copy"
+    assert dest.read_bytes() == store.read_bytes()
+    fake.lines = [{"result": {"path": str(dest), "delivery": "hardlink",
+                              "store_path": str(tmp_path / "not-here"), "archive_digest": digest}}]
+    with pytest.raises(FetchdClientError) as err:
+        Client(fake.path).fetch("debian", dest=str(tmp_path / "other.zst"))
+    assert err.value.code == "store-not-visible"
 
 
 def test_error_line_becomes_an_exception(fake: FakeDaemon) -> None:

@@ -176,14 +176,30 @@ class Client:
     # -- plumbing ------------------------------------------------------------------------
 
     def _finish_delivery(self, result: Event, dest: str | None) -> Event:
-        if dest is not None and result.get("delivery") == "client-copy":
-            store_path = result.get("store_path")
-            if not isinstance(store_path, str):
-                raise FetchdClientError("protocol", "client-copy result without store_path")
-            digest = result.get("archive_digest")
-            copy_atomic(store_path, dest, digest if isinstance(digest, str) else None)
-            result = dict(result, path=dest)
-        return result
+        """Make sure ``dest`` holds the archive as this process sees the filesystem.
+
+        The daemon may see another filesystem than this process (a build in a container with
+        its own mounts, the daemon under ``PrivateTmp``): when its placement is not visible
+        here, or it said ``client-copy``, copy the store file here, atomically and verified.
+        """
+        if dest is None:
+            return result
+        delivery = result.get("delivery")
+        if delivery != "client-copy" and _holds(dest, result.get("size")):
+            return result
+        store_path = result.get("store_path")
+        if not isinstance(store_path, str):
+            raise FetchdClientError("protocol", "the daemon's result names no store_path")
+        if not os.path.exists(store_path):
+            raise FetchdClientError(
+                "store-not-visible",
+                f"the daemon placed the archive where this process cannot see it, and its store "
+                f"file {store_path} is not visible here either: run the build where the "
+                "daemon's store is mounted at the same path",
+            )
+        digest = result.get("archive_digest")
+        copy_atomic(store_path, dest, digest if isinstance(digest, str) else None)
+        return dict(result, path=dest, delivery="client-copy")
 
     def _request(
         self, method: str, path: str, body: Event | None, timeout: float | None
@@ -272,6 +288,14 @@ class Client:
                     yield obj
         finally:
             conn.close()
+
+
+def _holds(path: str, size: Any) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not isinstance(size, int) or st.st_size == size
 
 
 def _error_of(obj: Any, status: int | None) -> FetchdClientError:

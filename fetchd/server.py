@@ -189,8 +189,8 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         peer = peer_of(request)
         dest = check_destination(body["dest"], peer)
     job = services.puller.submit(fetch_request)
-    log.info("fetch %s %s level %d for pid %s", reference, fetch_request.platform,
-             fetch_request.level, peer.pid if peer else "?")
+    log.info("fetch %s %s level %d%s", reference, fetch_request.platform, fetch_request.level,
+             f" for pid {peer.pid} uid {peer.uid}" if peer else "")
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
@@ -198,12 +198,13 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         # Events are written in batches (all that are ready at once), and the last batch goes
         # out with the final line: a warm request is answered in one write.
         tail = b""
-        async for batch, ended in event_batches(job.events(), HEARTBEAT):
-            data = b"".join(_line(event) for event in batch)
-            if ended:
-                tail = data
-            elif data:
-                await response.write(data)
+        async with contextlib.aclosing(event_batches(job.events(), HEARTBEAT)) as batches:
+            async for batch, ended in batches:
+                data = b"".join(_line(event) for event in batch)
+                if ended:
+                    tail = data
+                elif data:
+                    await response.write(data)
         try:
             result = await job.wait()
             final = {"result": await _hand_back(services, result, dest, peer)}

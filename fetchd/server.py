@@ -29,7 +29,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -247,7 +247,7 @@ _END: dict[str, Any] = {}
 
 async def event_batches(
     events: AsyncIterator[dict[str, Any]], interval: float
-) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+) -> AsyncGenerator[tuple[list[dict[str, Any]], bool], None]:
     """Group ``events`` into batches of what is ready at once; ``(batch, True)`` comes last.
 
     After ``interval`` seconds without an event, a batch of one ``{"event": "heartbeat"}`` is

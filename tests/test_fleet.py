@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from support.images import Catalog, CatalogImage
 from support.proxy import RegistryProxy
 from support.registry import LocalRegistry, free_port
@@ -35,6 +36,7 @@ from fetchd.platform import Platform
 from fetchd.pull import FetchRequest, FetchResult, Puller
 from fetchd.reference import Reference
 from fetchd.registry_async import RegistryClient
+from fetchd.server import Services, make_app
 
 pytestmark = pytest.mark.registry
 
@@ -331,3 +333,27 @@ async def test_upstream_failing_without_the_tag_cached_is_a_clear_error(
     async with _answering(upstream, int(failure)) if failure != "down" else nullcontext():
         with pytest.raises(expected, match="not in fetchd's tag cache.*pin the image by digest"):
             await host.pull(image.ref(upstream), Platform.parse("linux/amd64"))
+
+
+# --------------------------------------------------------------------------- status and metrics
+
+
+async def test_budget_and_mirror_state_show_in_status_and_metrics(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy], make_host: Callable[..., Host],
+) -> None:
+    image = images["shared-a"]
+    upstream = proxy_factory()
+    dead = f"127.0.0.1:{free_port()}"
+    host = make_host("h", upstream.host, [{"url": f"http://{dead}"}])
+    await host.pull(image.ref(upstream.host), Platform.parse("linux/amd64"))
+    services = Services(host.puller, host.store, host.client, host.puller.config)
+    async with TestClient(TestServer(make_app(services))) as http:
+        status = await (await http.get("/v1/status")).json()
+        metrics = await (await http.get("/metrics")).text()
+    mirror, registry = status["registries"][dead], status["registries"][upstream.host]
+    assert (mirror["role"], mirror["down"], mirror["fallbacks"]) == ("mirror", True, 1)
+    assert registry["role"] == "registry" and registry["max_connections"] == 8
+    assert registry["connections_in_use"] == 0 and registry["requests"] >= 1
+    assert f'fetchd_registry_fallbacks{{registry="{dead}"}} 1' in metrics
+    assert f'fetchd_registry_down{{registry="{dead}"}} 1' in metrics
+    assert f'fetchd_registry_max_connections{{registry="{upstream.host}"}} 8' in metrics

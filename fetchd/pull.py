@@ -466,10 +466,12 @@ class Puller:
         tries = len(self.config.registry(ref.registry).mirrors) + 2
         for attempt in range(tries):
             sources: list[str] = []
+            resumed: list[bool] = []
 
             async def fetch(sink: Any, exclude: frozenset[str] = exclude,
-                            sources: list[str] = sources) -> None:
+                            sources: list[str] = sources, resumed: list[bool] = resumed) -> None:
                 progress.done = sink.offset
+                resumed.append(sink.offset > 0)
                 sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
                                                               exclude=exclude))
 
@@ -478,8 +480,10 @@ class Puller:
                 break
             except (DigestMismatch, SizeMismatch) as e:
                 bad = self.registry.blame(ref, layer, tuple(sources)) - exclude
-                joined = not sources  # another task's (or process's) fetch failed
-                if attempt + 1 >= tries or not (bad or joined):
+                # Another task's (or process's) fetch failed, or ours resumed a partial of
+                # unknown origin: the store dropped those bytes, so one more try is fair.
+                unknown = not sources or any(resumed)
+                if attempt + 1 >= tries or not (bad or unknown):
                     raise
                 exclude |= bad
                 if bad:

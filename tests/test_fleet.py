@@ -357,3 +357,25 @@ async def test_budget_and_mirror_state_show_in_status_and_metrics(
     assert f'fetchd_registry_fallbacks{{registry="{dead}"}} 1' in metrics
     assert f'fetchd_registry_down{{registry="{dead}"}} 1' in metrics
     assert f'fetchd_registry_max_connections{{registry="{upstream.host}"}} 8' in metrics
+
+
+async def test_wrong_partial_left_by_an_earlier_run_is_dropped_and_fetched_again(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy], make_host: Callable[..., Host],
+) -> None:
+    image = images["single-docker"]
+    layer = max(image.only.layers, key=lambda lyr: lyr.size)
+    upstream = proxy_factory()
+    host = make_host("h", upstream.host)
+
+    async def bad_then_cut(sink: Any) -> None:
+        # what a mirror serving wrong bytes could have left before the daemon stopped
+        await sink.write_at(0, b"\0" * (layer.size // 2))
+        raise RegistryError("cut (test)")
+
+    with pytest.raises(RegistryError):
+        await host.store.ensure_blob(layer.digest, layer.size, bad_then_cut)
+    assert list(host.store.ingest_dir.glob("*.part"))  # kept for a resume
+    await host.pull(image.ref(upstream.host), Platform.parse("linux/amd64"))
+    assert _stored_ok(host.store, layer.digest)
+    ranges = [r.range for r in upstream.log if r.path.endswith(f"/blobs/{layer.digest}")]
+    assert len(ranges) == 2 and ranges[0] is not None and ranges[1] is None  # resume, then whole

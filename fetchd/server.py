@@ -62,7 +62,8 @@ SHUTDOWN_GRACE = 10.0
 
 class PullerLike(Protocol):
     def submit(self, request: FetchRequest) -> Job: ...
-    async def resolve(self, reference: Reference, offline: bool = False) -> dict[str, Any]: ...
+    async def resolve(self, reference: Reference, offline: bool = False,
+                      max_age: float | None = None) -> dict[str, Any]: ...
     def jobs(self) -> list[dict[str, Any]]: ...
     async def close(self) -> None: ...
 
@@ -104,7 +105,7 @@ FETCH_SCHEMA: Schema = {
     "reference": (str, True), "platform": (str, False), "arch": (str, False),
     "level": (int, False), "repo_tag": (str, False), "dest": (str, False), "offline": (bool, False),
 }
-RESOLVE_SCHEMA: Schema = {"reference": (str, True), "offline": (bool, False)}
+RESOLVE_SCHEMA: Schema = {"reference": (str, True), "offline": (bool, False), "max_age": (int, False)}
 DELIVER_SCHEMA: Schema = {"archive_digest": (str, True), "dest": (str, True)}
 GC_SCHEMA: Schema = {"max_size": (int, False)}
 VERIFY_SCHEMA: Schema = {}
@@ -296,7 +297,12 @@ async def handle_resolve(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = await read_body(request, RESOLVE_SCHEMA)
     reference = Reference.parse(body["reference"])
-    return web.json_response(await services.puller.resolve(reference, offline=body.get("offline", False)))
+    max_age = body.get("max_age")
+    if max_age is not None and max_age < 0:
+        raise InvalidRequest("field 'max_age' must be >= 0 (seconds; 0 forces a fresh lookup)")
+    resolved = await services.puller.resolve(reference, offline=body.get("offline", False),
+                                             max_age=max_age)
+    return web.json_response(resolved)
 
 
 async def handle_deliver(request: web.Request) -> web.Response:

@@ -145,9 +145,15 @@ class Client:
             )
         return self._finish_delivery(result, dest)
 
-    def resolve(self, reference: str, *, offline: bool = False) -> Event:
-        """Tag -> digest: ``{"digest", "media_type", "cached"}``."""
-        return self._json("POST", API + "/resolve", {"reference": reference, "offline": offline})
+    def resolve(self, reference: str, *, offline: bool = False, max_age: int | None = None) -> Event:
+        """Tag -> digest: ``{"digest", "media_type", "cached"}``.
+
+        ``max_age`` (seconds) bounds how old a tag-cache answer may be; 0 asks the registry.
+        """
+        body: Event = {"reference": reference, "offline": offline}
+        if max_age is not None:
+            body["max_age"] = max_age
+        return self._json("POST", API + "/resolve", body)
 
     def deliver(self, archive_digest: str, dest: str) -> Event:
         """Place an archive the daemon already has at ``dest`` (hard link when possible)."""

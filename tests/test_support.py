@@ -249,3 +249,30 @@ def test_pull_through_registry_and_clean_stop(registry_factory: Callable[..., Lo
     assert not cache.running
     with pytest.raises(urllib.error.URLError):
         _OPENER.open(f"{cache.url}/v2/", timeout=5)
+
+
+def test_proxy_error_answers_to_head_carry_no_body(images: Catalog, proxy: RegistryProxy) -> None:
+    """A HEAD that meets an injected 429 gets headers only, so a keep-alive client stays in sync."""
+    import socket
+
+    img = images["single-oci"]
+    proxy.rate_limit(r"/manifests/", retry_after=1, times=1)
+    host, port = proxy.host.split(":")
+    request = (f"HEAD /v2/{img.repository}/manifests/{img.tag} HTTP/1.1\r\n"
+               f"Host: {proxy.host}\r\nAccept: {img.media_type}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        sock.settimeout(0.5)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except TimeoutError:
+            pass
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429"), head
+    assert b"Retry-After: 1" in head
+    assert rest == b"", f"a HEAD answer must carry no body, got {rest[:80]!r}"

@@ -372,6 +372,8 @@ class RegistryProxy:
                    ("Docker-Distribution-Api-Version", "registry/2.0")]
         if rule.retry_after is not None:
             headers.append(("Retry-After", rule.retry_after))
+        if tx.method == "HEAD":
+            body = b""  # a HEAD answer carries the length of the body it does not send
         tx.status, tx.sent = rule.status, len(body)
         tx.finish(True)
         w.write(_build_head(f"HTTP/1.1 {rule.status} Fault", headers) + body)

@@ -41,7 +41,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import archive_key, check_level, pack_image
+from .pack import archive_key, check_level, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient
@@ -322,20 +322,27 @@ class Puller:
         repo_tag = req.archive_name
         key = archive_key(manifest_digest, repo_tag, req.level)
         archive = self.store.get_alias("archive", key)
+        size = _size(self.store.blob_path(archive)) if archive is not None else None
         downloaded = 0
         pack_stats = (0, len(image.layers))
-        if archive is None:
-            downloaded = await self._ensure_layers(job, ref, image, config.diff_ids, req)
-            with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers)],
-                                  f"pack {where}"):
+        if archive is None or size is None:
+            # One lease from the first look at the store to the committed archive: a gc
+            # (automatic after any commit, or `fetchd gc` in another process) must not take
+            # a layer fetched or found here, nor a cached frame that stands in for a layer
+            # this job therefore does not download, before pack has read it.
+            frames = [f for d in config.diff_ids
+                      if (f := self.store.get_alias("frame", frame_key(d, req.level))) is not None]
+            with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
+                                   *frames], f"pull {where}"):
+                downloaded = await self._ensure_layers(job, ref, image, config.diff_ids, req)
                 job.push({"event": "pack", "state": "start", "level": req.level})
                 packed = await pack_image(self.store, image, config_raw, repo_tag, req.level,
                                           progress=_PackProgress(job), image_name=where,
                                           manifest_digest=manifest_digest)
             archive = packed.digest
+            size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
         path = self.store.blob_path(archive)
-        size = path.stat().st_size
         self.store.record_image(str(ref), str(chosen or req.platform), manifest_digest, archive, req.level)
         return FetchResult(
             reference=str(ref.with_digest(resolved.top_digest)),
@@ -433,7 +440,7 @@ class Puller:
         for i, layer in enumerate(image.layers):
             if i < len(diff_ids):
                 self.store.record_blob_info(layer.digest, media_type=layer.media_type, diff_id=diff_ids[i])
-                if self.store.get_alias("frame", f"{diff_ids[i]}@{req.level}") is not None:
+                if self.store.get_alias("frame", frame_key(diff_ids[i], req.level)) is not None:
                     job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
                                     "state": "frame-cached"})
                     continue
@@ -524,6 +531,14 @@ class _PackProgress:
 
 def _read(path: Path) -> bytes:
     return path.read_bytes()
+
+
+def _size(path: Path) -> int | None:
+    """The size of a store file, None when gc took it since it was looked up."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _s(digest: Digest | None) -> str | None:

@@ -1,0 +1,93 @@
+"""pull.Puller against the session registry: what a job holds in the store while it runs.
+
+A gc may run at any moment (automatically after a commit, or `fetchd gc` from another
+process); these tests run one with ``max_size=0`` (evict everything not leased) at the
+worst moment of a job and check that the job still completes with the right archive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.images import Catalog
+
+from fetchd.config import Config
+from fetchd.digest import Digest
+from fetchd.layer_store import LayerStore
+from fetchd.pack import frame_key
+from fetchd.platform import Platform
+from fetchd.pull import FetchRequest, Puller
+from fetchd.reference import Reference
+from fetchd.registry_async import RegistryClient
+
+pytestmark = pytest.mark.registry
+
+AMD64 = Platform.parse("linux/amd64")
+
+
+@pytest.fixture
+async def puller(tmp_path: Path) -> AsyncIterator[Puller]:
+    config = Config.from_dict({"network": {"retries": 1, "backoff_base": 0.001}},
+                              env={"FETCHD_STORE": str(tmp_path / "store")})
+    store = LayerStore(tmp_path / "store")
+    client = RegistryClient(config)
+    p = Puller(store, client, config)
+    try:
+        yield p
+    finally:
+        await p.close()
+        await client.close()
+        store.close()
+
+
+def _gc_after_layers(puller: Puller, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Run an evict-everything gc right after the job brought its layers into the store."""
+    removed: list[int] = []
+    original = Puller._ensure_layers
+
+    async def then_gc(self: Puller, *args: Any) -> int:
+        n = await original(self, *args)
+        removed.append((await self.store.gc(max_size=0)).removed)
+        return n
+
+    monkeypatch.setattr(Puller, "_ensure_layers", then_gc)
+    return removed
+
+
+async def _pull(puller: Puller, reference: str, repo_tag: str | None = None) -> Digest:
+    job = puller.submit(FetchRequest(Reference.parse(reference), AMD64, repo_tag=repo_tag))
+    result = await job.wait()
+    assert puller.store.has(Digest.parse(result.archive_digest))
+    return Digest.parse(result.archive_digest)
+
+
+async def test_gc_between_download_and_pack_keeps_the_jobs_layers(
+    images: Catalog, puller: Puller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = images["single-oci"]
+    removed = _gc_after_layers(puller, monkeypatch)
+    await _pull(puller, image.reference)
+    assert removed[0] > 0  # the gc did evict something (the manifest), just not what pack needs
+    for layer in image.only.layers:
+        assert puller.store.has(layer.digest)
+
+
+async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
+    images: Catalog, puller: Puller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = images["single-oci"]
+    store = puller.store
+    await _pull(puller, image.reference)
+    frames = [store.get_alias("frame", frame_key(d, 3)) for d in image.only.diff_ids]
+    assert all(f is not None for f in frames)
+    # Only the frames stay: the next job (another RepoTags name, so no cached archive) does
+    # not download the layers, it relies on the frames.
+    with store.lease([f for f in frames if f is not None]):
+        await store.gc(max_size=0)
+    assert not any(store.has(layer.digest) for layer in image.only.layers)
+    _gc_after_layers(puller, monkeypatch)
+    await _pull(puller, image.reference, repo_tag="example.org/other:1")
+    assert not any(store.has(layer.digest) for layer in image.only.layers)

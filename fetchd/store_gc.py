@@ -94,6 +94,13 @@ def scan_blobs(store: GcStore) -> dict[Digest, os.stat_result]:
     return found
 
 
+def _present(store: GcStore, key: str) -> bool:
+    try:
+        return store.blob_path(Digest.parse(key)).is_file()
+    except ValueError:
+        return False
+
+
 def _lock_of(store: GcStore, d: Digest) -> FileLock:
     return FileLock(store.locks_dir / f"{d.algorithm}-{d.hex}.lock")
 
@@ -119,7 +126,9 @@ def collect(store: GcStore, max_size: int | None) -> GcReport:
                     )
             keys = {str(d) for d in on_disk}
             for key in rows:
-                if key not in keys:
+                # A blob committed since the scan has its row but was not seen: look again,
+                # or its row (and then its aliases, in drop_dangling) would be dropped.
+                if key not in keys and not _present(store, key):
                     index.remove_blob_row(c, key)
         rows = index.all_blob_rows()
         total = sum(st.st_size for st in on_disk.values())

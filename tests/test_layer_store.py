@@ -588,3 +588,17 @@ async def test_read_only_store(small_fs: Path) -> None:
     with pytest.raises(StoreError) as info2:
         LayerStore(small_fs / "elsewhere")
     assert "read-only" in str(info2.value)
+
+
+async def test_gc_keeps_the_row_and_alias_of_a_blob_committed_during_its_scan(
+    store: LayerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetchd import store_gc
+
+    tmp = store.temp_path()
+    tmp.write_bytes(b"archive committed while gc scanned blobs/")
+    d = store.commit_file(tmp, alias=("archive", "k"))
+    monkeypatch.setattr(store_gc, "scan_blobs", lambda _store: {})  # the scan ran just before
+    report = await store.gc()
+    assert report.dropped_aliases == 0
+    assert store.get_alias("archive", "k") == d and store.usage()[1] == 1

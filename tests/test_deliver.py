@@ -9,11 +9,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import fetchd.deliver as deliver_module
 from fetchd.deliver import (
     CLIENT_COPY,
     COPY,
@@ -236,3 +238,101 @@ def test_peer_credentials_of_a_unix_socket() -> None:
         peer = Peer.of_socket(a)
     assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
     assert set(os.getgroups()) <= peer.groups
+
+
+# -- races between the check and the rename ------------------------------------------------------
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def rename_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a race test with renameat2 and with the link/compare fallback (no renameat2)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(deliver_module, "_libc", None)
+    return str(request.param)
+
+
+def _race(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> None:
+    """Run ``act`` after the checks and the staging, just before the rename."""
+    real_stage = deliver_module._stage
+
+    def stage(*args: Any) -> str:
+        mode = real_stage(*args)
+        act()
+        return mode
+
+    monkeypatch.setattr(deliver_module, "_stage", stage)
+
+
+@needs_root
+def test_file_created_in_a_sticky_dir_after_the_check_is_not_replaced(
+    store_file: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch, rename_impl: str
+) -> None:
+    sticky = open_tmp / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    dest = sticky / "image.zst"
+    _race(monkeypatch, lambda: dest.write_bytes(b"root's own file"))  # owned by root, not nobody
+    with pytest.raises(PermissionRefused, match="sticky"):
+        deliver(store_file, str(dest), AS_NOBODY)
+    assert dest.read_bytes() == b"root's own file"
+    assert _leftovers(sticky) == []
+
+
+def test_symlink_swapped_in_after_the_check_is_refused(
+    store_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rename_impl: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "image.zst"
+    dest.write_bytes(b"my old output")
+
+    def swap() -> None:
+        dest.unlink()
+        dest.symlink_to(victim)
+
+    _race(monkeypatch, swap)
+    with pytest.raises(PermissionRefused, match="symlink"):
+        deliver(store_file, str(dest), ME)
+    assert dest.is_symlink() and victim.read_bytes() == b"precious"
+    assert _leftovers(tmp_path) == []
+
+
+def test_own_file_appearing_after_the_check_is_replaced(
+    store_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rename_impl: str
+) -> None:
+    # Two deliveries to one path at once: the second replaces the first's file.
+    dest = tmp_path / "image.zst"
+    _race(monkeypatch, lambda: dest.write_bytes(b"another delivery"))
+    assert deliver(store_file, str(dest), ME).mode == HARDLINK
+    assert os.stat(dest).st_ino == os.stat(store_file).st_ino
+    assert _leftovers(tmp_path) == []
+
+
+def test_directory_swapped_for_a_symlink_is_checked_where_it_points(
+    store_file: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The early check saw a writable directory; by delivery time the path leads elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    mine = open_tmp / "mine"
+    mine.mkdir()
+    mine.chmod(0o777)
+    closed = open_tmp / "closed"
+    closed.mkdir(mode=0o755)  # nobody may not write here
+    dest = mine / "image.zst"
+    check_destination(str(dest), AS_NOBODY)  # what the server does before the job
+    mine.rmdir()
+    mine.symlink_to(closed)
+    with pytest.raises(PermissionRefused, match="may not write"):
+        deliver(store_file, str(dest), AS_NOBODY)
+    assert list(closed.iterdir()) == []
+
+
+def test_peer_groups_come_from_the_kernel_not_from_a_reused_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setattr(deliver_module, "_groups_of", lambda *a: pytest.fail("/proc was read"))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        peer = Peer.of_socket(a)
+    assert peer.groups == frozenset({os.getgid(), *os.getgroups()})

@@ -58,6 +58,9 @@ MAX_BODY = 64 * 1024  # every request body is a small JSON object
 HEARTBEAT = 5.0  # seconds of silence on a fetch stream before a heartbeat line
 HEARTBEAT_EVENT: dict[str, Any] = {"event": "heartbeat"}
 SHUTDOWN_GRACE = 10.0
+BODY_TIMEOUT = 30.0  # seconds to send a (small) request body: a stalled client is cut off
+KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection is kept (aiohttp: an hour)
+LINGERING_TIME = 2.0  # seconds spent draining a body the handler did not read (aiohttp: 10)
 
 
 class PullerLike(Protocol):
@@ -114,7 +117,11 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
     """The request's JSON object, checked against ``schema`` (no unknown fields, exact types)."""
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
     if not raw.strip():
         obj: Any = {}
     else:
@@ -364,6 +371,11 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+# Keys of the registry client's per-host stats that only grow (the rest are levels).
+REGISTRY_COUNTERS = frozenset({"requests", "bytes", "retries", "errors", "fallbacks", "corrupt",
+                               "timeouts"})
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     lines: list[str] = []
@@ -397,7 +409,10 @@ async def handle_metrics(request: web.Request) -> web.Response:
                 for key, value in _numbers(counters):
                     per_key.setdefault(key, []).append((f'{{registry="{_label(str(host))}"}}', value))
     for key, samples in sorted(per_key.items()):
-        metric(f"fetchd_registry_{key}", "gauge", f"registry {key.replace('_', ' ')}", samples)
+        if key in REGISTRY_COUNTERS:  # cumulative: a counter, named as Prometheus wants it
+            metric(f"fetchd_registry_{key}_total", "counter", f"registry {key} so far", samples)
+        else:
+            metric(f"fetchd_registry_{key}", "gauge", f"registry {key.replace('_', ' ')}", samples)
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")
 
@@ -465,7 +480,7 @@ def _short(report: Any) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-_HTTP_CODES = {404: "not-found", 405: "method-not-allowed", 413: "request-too-large",
+_HTTP_CODES = {408: "request-timeout", 404: "not-found", 405: "method-not-allowed", 413: "request-too-large",
                415: "unsupported-media-type"}
 
 
@@ -486,6 +501,8 @@ async def error_middleware(
             raise
         if e.status == 413:
             message = f"request body too large: at most {MAX_BODY} bytes of JSON"
+        elif e.status == 408:
+            message = f"the request body did not arrive within {BODY_TIMEOUT:.0f}s"
         elif e.status == 404:
             message = f"no such endpoint {request.path}: see docs/API.md (paths start with {API}/)"
         elif e.status == 405:
@@ -495,6 +512,8 @@ async def error_middleware(
         response = web.json_response(
             {"code": _HTTP_CODES.get(e.status, "http-error"), "message": message}, status=e.status
         )
+        if e.status in (408, 413):
+            response.force_close()  # do not linger reading the rest of a stalled or huge body
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as e:
@@ -552,6 +571,9 @@ def listen_unix(path: str, mode: int = 0o660, group: str | None = None) -> socke
         log.info("removing stale socket %s", path)
         target.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind() creates the socket file with the umask's mode: keep it closed to others until
+    # the chmod/chown below (only the startup thread runs here, the umask is process-wide).
+    old_umask = os.umask(0o177)
     try:
         sock.bind(path)
         os.chmod(path, mode)
@@ -560,6 +582,8 @@ def listen_unix(path: str, mode: int = 0o660, group: str | None = None) -> socke
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {path}: {e.strerror}") from e
+    finally:
+        os.umask(old_umask)
     sock.setblocking(False)
     return sock
 
@@ -640,7 +664,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         puller = Puller(store, registry, config)
         services = Services(puller, store, registry, config, socket_path=socket_path)
         runner = web.AppRunner(make_app(services), handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE)
+                               shutdown_timeout=SHUTDOWN_GRACE, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                               lingering_time=LINGERING_TIME)
         # Exit order (reverse): park the jobs first so that waiting handlers answer and end,
         # then let the runner close the connections.
         stack.push_async_callback(runner.cleanup)

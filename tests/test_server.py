@@ -25,6 +25,7 @@ from aiohttp import web
 from support.images import Catalog
 from support.registry import LocalRegistry
 
+import fetchd.server as server_module
 from fetchd.config import Config
 from fetchd.layer_store import LayerStore
 from fetchd.pull import Puller
@@ -184,6 +185,12 @@ async def test_ls_gc_verify_metrics(daemon: Daemon, images: Catalog) -> None:
     sample = re.compile(r'^[a-z_][a-z0-9_]*(\{[a-z_]+="[^"\n]*"(,[a-z_]+="[^"\n]*")*\})? -?[0-9.e+-]+$')
     for line in text.splitlines():
         assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
+    # Prometheus conventions: a counter's name ends in _total, and only a counter's does.
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
+    assert types["fetchd_registry_requests_total"] == "counter"
+    assert types["fetchd_registry_bytes_total"] == "counter"
+    for name, kind in types.items():
+        assert name.endswith("_total") == (kind == "counter"), (name, kind)
 
 
 BAD_FETCHES: list[tuple[str, bytes, int, str]] = [
@@ -268,10 +275,31 @@ async def test_client_that_goes_away_does_not_cancel_the_job(
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     await writer.drain()
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-    writer.close()  # gone before the result
+    puller = daemon.services.puller
+    tasks = [job.task for job in puller._jobs.values() if job.task]  # type: ignore[attr-defined]
+    writer.close()  # gone before the result, while it was the job's only client
+    await asyncio.wait(tasks)
+    assert (puller.completed, puller.failed) == (1, 0)  # type: ignore[attr-defined]
     result = await daemon.call("fetch", image.reference, dest=str(tmp_path / "a.zst"))
     assert result["delivery"] == "hardlink"
+    assert result["blobs_downloaded"] == 0 and result["frames_compressed"] == 0
     _zstd_ok(tmp_path / "a.zst")
+
+
+async def test_stalled_request_body_is_cut_off(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "BODY_TIMEOUT", 0.2)
+    reader, writer = await asyncio.open_unix_connection(daemon.socket_path)
+    writer.write(b"POST /v1/fetch HTTP/1.1\r\nHost: fetchd\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"refer")  # and then nothing
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    body = await reader.readexactly(length)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"Connection: close" in head
+    assert json.loads(body)["code"] == "request-timeout"
+    assert (await daemon.call("health"))["status"] == "ok"
 
 
 async def test_heartbeat_fills_silence_and_ready_events_come_together() -> None:
@@ -314,3 +342,24 @@ def test_live_socket_is_not_stolen_and_stale_one_is_replaced(tmp_path: Path) -> 
     with second:
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
         assert second.family == socket.AF_UNIX
+
+
+def test_socket_is_never_open_to_others_while_it_is_set_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_chmod = os.chmod
+
+    def chmod(path: Any, mode: int, **kwargs: Any) -> None:
+        seen.append(os.stat(path).st_mode & 0o777)  # as bind() made it
+        real_chmod(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    old = os.umask(0)
+    try:
+        sock = listen_unix(str(tmp_path / "fetchd.sock"), 0o660)
+    finally:
+        os.umask(old)
+    sock.close()
+    assert seen and seen[0] & 0o077 == 0, oct(seen[0])
+    assert os.stat(tmp_path / "fetchd.sock").st_mode & 0o777 == 0o660

@@ -6,9 +6,12 @@ Invariants:
   back from the file once the prefix reaches them, in a thread.
 - A write never changes bytes inside the hashed prefix (such writes are trimmed), so
   the hash always describes the bytes on disk.
-- The sidecar ``.state`` file records the hashed prefix length (rewritten atomically
-  every few MiB and on suspend); after a crash the next ingest re-hashes that prefix
-  and resumes from there. Bytes beyond it are dropped.
+- The sidecar ``.state`` file records the prefix length and the extents written beyond
+  it (parallel parts), all bytes that are on disk (rewritten atomically every 2 MiB of
+  progress and on suspend). After a crash the next ingest re-hashes that prefix, hashes
+  the recorded extents that continue it, and keeps the others as ``held_ranges()``: a
+  resumed fetch asks only for the gaps. Bytes on disk outside the record are dropped or
+  rewritten; nothing is trusted before the commit's digest check anyway.
 - ``commit`` is the only way into ``blobs/``: fsync, size and digest check, chmod 0444,
   rename, fsync of the directory.
 
@@ -24,8 +27,10 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
@@ -150,8 +155,9 @@ class Ingest:
         self.offset = 0
         # Bytes below the floor are held or being hashed right now: writes never touch them.
         self._floor = 0
-        self._state_at = 0
-        self._extents: list[tuple[int, int]] = []  # disjoint, sorted, all above _hashed
+        self._state_at = 0  # bytes held (prefix + extents) when the sidecar was last written
+        self._state_lock = threading.Lock()  # sidecar writers run in threads
+        self._extents: list[tuple[int, int]] = []  # disjoint, sorted, all above the prefix
         self._advancing = False
         self._writes = 0  # writes in flight
         self.resumed_from = 0
@@ -162,6 +168,10 @@ class Ingest:
         self.on_change: Callable[[], None] | None = None  # the store's flight listens here
 
     # -- BlobSink ----------------------------------------------------------------------
+
+    def held_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges beyond ``offset`` already on disk (parts of an earlier parallel fetch)."""
+        return list(self._extents)
 
     async def write_at(self, offset: int, data: bytes) -> None:
         if offset < 0 or offset + len(data) > self.size:
@@ -195,6 +205,8 @@ class Ingest:
             else:
                 await self._io(self._pwrite, offset, data)
                 self._add_extent(offset, offset + n)
+                if self._held(self.offset) - self._state_at >= _STATE_EVERY:
+                    await self._io(self._save_state)
             self.bytes_written += n
             await self._advance()
         finally:
@@ -206,6 +218,7 @@ class Ingest:
         size = max(0, min(size, self.size))
         while self._advancing:
             await self._wait_changed()
+        await self.quiesce()  # no thread may write the sidecar with what is cut off here
         self._extents = [(a, min(b, size)) for a, b in self._extents if a < size]
         if size < self.offset:
             self._advancing = True
@@ -236,17 +249,25 @@ class Ingest:
 
     def _open_sync(self) -> None:
         self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        held = 0
+        on_disk = min(os.fstat(self._fd).st_size, self.size)
+        held, extents = 0, []
         try:
             state = json.loads(self.state_path.read_text())
             if state.get("digest") == str(self.digest) and state.get("size") == self.size:
-                held = min(int(state["offset"]), os.fstat(self._fd).st_size, self.size)
+                held = min(int(state["offset"]), on_disk)
+                extents = _extents_within(state.get("extents", []), held, on_disk)
         except (OSError, ValueError, KeyError, TypeError):
-            held = 0  # no usable record of what is valid: start over
-        # Bytes past the recorded prefix may hold holes (out-of-order parts): drop them.
-        os.ftruncate(self._fd, held)
+            held, extents = 0, []  # no usable record of what is valid: start over
+        # Bytes past the last recorded extent may be a part cut mid-way: drop them.
+        os.ftruncate(self._fd, max([held] + [b for _, b in extents]))
         self._hash_range(0, held)
-        self.offset = self._floor = self.resumed_from = self._state_at = held
+        self.offset = held
+        while extents and extents[0][0] <= self.offset:  # parts that continue the prefix
+            _, end = extents.pop(0)
+            self._hash_range(self.offset, end)
+            self.offset = end
+        self._extents = extents
+        self._floor = self.resumed_from = self.offset
         self._save_state()
 
     async def quiesce(self) -> None:
@@ -375,16 +396,27 @@ class Ingest:
             self._hash.update(chunk)
             pos += len(chunk)
 
-    def _maybe_save_state(self, hashed: int) -> None:
-        if hashed - self._state_at >= _STATE_EVERY:
-            self._save_state(hashed)
+    def _held(self, prefix: int) -> int:
+        """Bytes on disk: the prefix and the parts beyond it."""
+        return prefix + sum(b - max(a, prefix) for a, b in list(self._extents) if b > prefix)
 
-    def _save_state(self, hashed: int | None = None) -> None:
-        held = self.offset if hashed is None else hashed
-        tmp = self.state_path.with_suffix(".state.tmp")
-        tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "offset": held}))
-        os.replace(tmp, self.state_path)
-        self._state_at = held
+    def _maybe_save_state(self, prefix: int) -> None:
+        if self._held(prefix) - self._state_at >= _STATE_EVERY:
+            self._save_state(prefix)
+
+    def _save_state(self, prefix: int | None = None) -> None:
+        """Record ``prefix`` (default: the hashed prefix) and the extents beyond it.
+
+        Only bytes already written are recorded: ``_extents`` gets a part after its pwrite.
+        """
+        with self._state_lock:
+            held = self.offset if prefix is None else prefix
+            extents = [[max(a, held), b] for a, b in list(self._extents) if b > held]
+            tmp = self.state_path.with_suffix(".state.tmp")
+            tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size,
+                                       "offset": held, "extents": extents}))
+            os.replace(tmp, self.state_path)
+            self._state_at = held + sum(b - a for a, b in extents)
 
     def _add_extent(self, start: int, end: int) -> None:
         merged: list[tuple[int, int]] = []
@@ -412,3 +444,19 @@ class Ingest:
                     await self._io(self._maybe_save_state, end)
         finally:
             self._advancing = False
+
+
+def _extents_within(raw: Any, start: int, end: int) -> list[tuple[int, int]]:
+    """A sidecar's extents clipped to ``[start, end)``, sorted and merged; bad entries dropped."""
+    spans = sorted(
+        (max(int(a), start), min(int(b), end))
+        for a, b in (raw if isinstance(raw, list) else [])
+        if isinstance(a, int) and isinstance(b, int) and max(a, start) < min(b, end)
+    )
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged

@@ -80,11 +80,14 @@ class StoreSettings:
 class BlobSink(Protocol):
     """Where a fetcher writes a blob's bytes (``ingest.Ingest`` implements it).
 
-    ``offset`` is the contiguous prefix already held: the fetch writes [offset, size).
+    ``offset`` is the contiguous prefix already held: the fetch writes [offset, size),
+    and may skip the ``held_ranges()`` beyond it (parts an earlier fetch completed).
     """
 
     @property
     def offset(self) -> int: ...
+
+    def held_ranges(self) -> list[tuple[int, int]]: ...
 
     async def write_at(self, offset: int, data: bytes) -> None: ...
 

@@ -7,8 +7,8 @@ tokens and the counters; this module adds what manifests and blobs need on top.
 Invariants:
 - ``get_manifest`` / ``get_blob_bytes`` return only bytes whose digest was checked
   (manifests by tag: the digest is computed from the body, never taken from a header).
-- ``fetch_blob`` writes exactly the bytes ``[sink.offset, size)`` of the blob into the
-  sink, or raises; it never writes past ``size``. Verifying a streamed blob is the
+- ``fetch_blob`` writes the bytes ``[sink.offset, size)`` of the blob into the sink, except
+  the ``sink.held_ranges()`` when it can skip them, or raises; it never writes past ``size``. Verifying a streamed blob is the
   sink owner's job (the store hashes on commit); it returns the endpoints that wrote,
   so a caller whose commit fails can ``blame`` them and fetch again with ``exclude``.
 - Registry credentials never leave the registry's origin (redirects, foreign URLs)
@@ -67,6 +67,10 @@ class BlobSink(Protocol):
     @property
     def offset(self) -> int:
         """Contiguous bytes already held from the start: the resume point."""
+        ...
+
+    def held_ranges(self) -> list[tuple[int, int]]:
+        """Ranges beyond ``offset`` already held (parts of an earlier parallel fetch)."""
         ...
 
     async def write_at(self, offset: int, data: bytes) -> None: ...
@@ -280,7 +284,7 @@ class RegistryClient:
                 f"[network] max_blob_size ({self.net.max_blob_size}); raise it if this is expected")
         if sink.offset > size:
             await sink.truncate(0)
-        counter = _Counter(progress, sink.offset)
+        counter = _Counter(progress, size - sum(b - a for a, b in _gaps(sink, size)))
         if sink.offset == size:
             return ()
 
@@ -310,14 +314,17 @@ class RegistryClient:
         path: str,
     ) -> None:
         host = self._t.host(ep.key)
-        remaining = desc.size - sink.offset
+        gaps = _gaps(sink, desc.size)
+        remaining = sum(b - a for a, b in gaps)
         ranges_ok = ep.mirror is None or ep.mirror.ranges  # see MirrorConfig.ranges
-        if remaining >= self.net.range_threshold and self.net.range_parts > 1 and ranges_ok:
+        # Several gaps: parts of an earlier parallel fetch are held; ranges skip them.
+        if ((remaining >= self.net.range_threshold or len(gaps) > 1)
+                and self.net.range_parts > 1 and ranges_ok):
             if host.range_supported is None:
                 await self._probe_ranges(ep, ref, desc, path)
             if host.range_supported:
                 try:
-                    await self._fetch_parallel(ep, ref, desc, sink, counter, path)
+                    await self._fetch_parallel(ep, ref, desc, sink, counter, path, gaps)
                     return
                 except _RangeIgnored:
                     host.range_supported = False
@@ -335,10 +342,13 @@ class RegistryClient:
 
     async def _fetch_parallel(
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
-        path: str,
+        path: str, gaps: list[tuple[int, int]],
     ) -> None:
-        spans = split(sink.offset, desc.size, self.net.range_parts,
-                      min_part=max(1024 * 1024, self.net.range_threshold // (2 * self.net.range_parts)))
+        """The ``gaps`` as parallel Range requests, about ``range_parts`` in all."""
+        parts, total = self.net.range_parts, sum(b - a for a, b in gaps)
+        min_part = max(1024 * 1024, self.net.range_threshold // (2 * parts))
+        spans = [span for a, b in gaps
+                 for span in split(a, b, max(1, round(parts * (b - a) / total)), min_part)]
         tasks = [asyncio.create_task(self._fetch_span(ep, ref, desc, sink, a, b, counter,
                                                       restart_ok=False, path=path))
                  for a, b in spans]
@@ -461,6 +471,9 @@ class _MemorySink:
     async def truncate(self, size: int) -> None:
         del self.buf[size:]
 
+    def held_ranges(self) -> list[tuple[int, int]]:
+        return []
+
 
 def _salvage(content: Any) -> list[bytes]:
     """Bytes aiohttp received but had not handed out when the connection failed.
@@ -479,6 +492,21 @@ def _salvage(content: Any) -> list[bytes]:
         chunks[0] = chunks[0][skip:]
     buffer.clear()
     return chunks
+
+
+def _gaps(sink: BlobSink, size: int) -> list[tuple[int, int]]:
+    """The ranges of ``[sink.offset, size)`` the sink does not hold yet, in order."""
+    out: list[tuple[int, int]] = []
+    pos = sink.offset
+    for a, b in sorted(sink.held_ranges()):
+        if a > pos:
+            out.append((pos, min(a, size)))
+        pos = max(pos, b)
+        if pos >= size:
+            break
+    if pos < size:
+        out.append((pos, size))
+    return [(a, b) for a, b in out if a < b]
 
 
 def _maybe_digest(text: str | None) -> Digest | None:

@@ -29,6 +29,10 @@ class MemorySink:
             end = max(end, stop)
         return end
 
+    def held_ranges(self) -> list[tuple[int, int]]:
+        start = self.offset
+        return sorted((a, b) for a, b in self._covered if a > start)
+
     async def write_at(self, offset: int, data: bytes) -> None:
         if offset > len(self.data):
             self.data.extend(b"\0" * (offset - len(self.data)))

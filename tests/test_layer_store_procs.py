@@ -77,6 +77,17 @@ async def hang(args):
         await asyncio.sleep(3600)
     await store.ensure_blob(d, args["size"], fetch)
 
+async def hang_parts(args):
+    store = LayerStore(Path(args["root"]))
+    data, d = blob(args["seed"], args["size"])
+    async def fetch(sink):
+        for a, b in args["parts"]:  # parallel parts, as the registry client writes them
+            for pos in range(a, b, 256 * 1024):
+                await sink.write_at(pos, data[pos:min(pos + 256 * 1024, b)])
+        Path(args["ready"]).touch()
+        await asyncio.sleep(3600)
+    await store.ensure_blob(d, args["size"], fetch)
+
 async def slow(args):
     store = LayerStore(Path(args["root"]))
     data, d = blob(args["seed"], args["size"])
@@ -98,7 +109,8 @@ async def lease(args):
         await asyncio.sleep(3600)
 
 args = json.loads(sys.argv[1])
-asyncio.run({"ingest": ingest, "hang": hang, "slow": slow, "lease": lease}[args["mode"]](args))
+asyncio.run({"ingest": ingest, "hang": hang, "hang_parts": hang_parts, "slow": slow,
+             "lease": lease}[args["mode"]](args))
 '''
 
 
@@ -258,6 +270,41 @@ async def test_sigkill_mid_ingest_then_resume_fetches_only_the_rest(
     [(offset, written)] = seen
     assert 0 < offset <= cut and written == size - offset
     assert path.read_bytes() == data
+    assert list(store.ingest_dir.iterdir()) == []
+    store.close()
+
+
+async def test_sigkill_with_parallel_parts_done_then_resume_fetches_only_the_gaps(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    root, ready = tmp_path / "store", tmp_path / "ready"
+    size = 16 * MiB + 77
+    data, d = blob(78, size)
+    # Four parts in flight when the process dies: the first and third done, the others cut.
+    parts = [(0, 4 * MiB), (4 * MiB, 5 * MiB), (8 * MiB, 12 * MiB), (12 * MiB, 13 * MiB)]
+    procs.append(spawn(mode="hang_parts", root=str(root), seed=78, size=size, parts=parts,
+                       ready=str(ready)))
+    await wait_for(ready, procs[0])
+    procs[0].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(procs[0].wait)
+    store = LayerStore(root)
+    asked: list[tuple[int, int]] = []
+
+    async def fetch(sink: BlobSink) -> None:
+        pos = sink.offset
+        for a, b in [*sink.held_ranges(), (size, size)]:
+            if a > pos:
+                asked.append((pos, a))
+                await sink.write_at(pos, data[pos:a])
+            pos = max(pos, b)
+
+    path = await store.ensure_blob(d, size, fetch)
+    assert path.read_bytes() == data
+    # What the dead process recorded (every 2 MiB of progress) is not asked for again:
+    # at most the last 2 MiB it wrote are, never the whole of a finished part.
+    fetched = sum(b - a for a, b in asked)
+    assert fetched <= size - 10 * MiB + 2 * MiB
+    assert not any(a <= 8 * MiB and 10 * MiB <= b for a, b in asked)
     assert list(store.ingest_dir.iterdir()) == []
     store.close()
 

@@ -96,3 +96,29 @@ async def test_resume_asks_the_registry_for_the_rest_only(images, tmp_path: Path
     assert host["bytes"] == layer.size - cut  # only the missing range crossed the wire
     assert path.read_bytes() == data
     store.close()
+
+
+async def test_resume_keeps_parallel_parts_done_beyond_the_prefix(images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image, layer = _biggest_layer(images)
+    data = layer.read()
+    n = layer.size
+    done = [(0, n // 8), (n // 2, 3 * n // 4)]  # the first and third of four parts finished
+    store = LayerStore(tmp_path / "store")
+
+    async def interrupted(sink: BlobSink) -> None:
+        for a, b in done:
+            await sink.write_at(a, data[a:b])
+        raise RegistryError("connection cut (test)")
+
+    with pytest.raises(RegistryError):
+        await store.ensure_blob(layer.digest, layer.size, interrupted)
+    store.close()
+    store = LayerStore(tmp_path / "store")  # as after a restart of the daemon
+    async with _client() as client:
+        ref = Reference.parse(image.reference)
+        path = await store.ensure_blob(
+            layer.digest, layer.size, lambda sink: client.fetch_blob(ref, layer.descriptor(), sink))
+        host = client.stats()[images.host]
+    assert path.read_bytes() == data
+    assert host["bytes"] == n - sum(b - a for a, b in done)  # only the gaps crossed the wire
+    store.close()

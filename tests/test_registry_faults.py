@@ -369,6 +369,24 @@ async def test_parallel_ranges_with_a_cut_part_complete_and_verify(fake) -> None
     assert sink.written == len(BLOB)
 
 
+async def test_parts_held_beyond_the_prefix_are_not_fetched_again(fake) -> None:
+    """A resume after a crash mid-parallel-fetch asks only for the gaps between held parts."""
+    held = [(1_000_000, 1_500_000), (2_000_000, len(BLOB) - 1000)]
+    sink = MemorySink(BLOB[:300_000])
+    for a, b in held:
+        await sink.write_at(a, BLOB[a:b])
+    before = sink.written
+    seen: list[int] = []
+    # far below the range threshold: the held parts alone make ranges worth it
+    async with make_client(range_threshold=1 << 30, range_parts=4) as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink, progress=seen.append)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    ranges = {s.headers["Range"] for s in fake.requests("blob")[1:]}  # after the probe
+    assert ranges == {"bytes=300000-999999", "bytes=1500000-1999999", f"bytes={len(BLOB) - 1000}-"}
+    assert len(fake.requests("blob")) == 4
+    assert sink.written - before == 700_000 + 500_000 + 1000 == sum(seen)
+
+
 async def test_host_without_range_support_is_probed_once_and_streamed(fake) -> None:
     fake.fault("blob", Fault(ignore_range=True))
     async with make_client(range_threshold=1024 * 1024, range_parts=4) as client:

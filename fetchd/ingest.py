@@ -240,11 +240,19 @@ class Ingest:
     async def open(cls, root: Path, part: Path, digest: Digest, size: int, fsync: bool) -> Ingest:
         """Open (or resume) the partial; the hashed prefix is re-hashed from disk."""
         ing = cls(root, part, digest, size, fsync)
+        opening = asyncio.ensure_future(asyncio.to_thread(ing._open_sync))
         try:
-            await asyncio.to_thread(ing._open_sync)
-        except OSError as e:
+            await asyncio.shield(opening)
+        except BaseException as e:
+            # Also when cancelled: the thread still works on the file (re-hashing a big
+            # partial takes a while) and the caller releases the digest's lock next; wait
+            # for it so that no other ingest opens the file meanwhile and no fd leaks.
+            if not opening.done():
+                await asyncio.wait([opening])
             ing.close()
-            raise store_error(e, root, f"open the ingest file for {digest}") from e
+            if isinstance(e, OSError):
+                raise store_error(e, root, f"open the ingest file for {digest}") from e
+            raise
         return ing
 
     def _open_sync(self) -> None:

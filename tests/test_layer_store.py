@@ -602,3 +602,41 @@ async def test_gc_keeps_the_row_and_alias_of_a_blob_committed_during_its_scan(
     report = await store.gc()
     assert report.dropped_aliases == 0
     assert store.get_alias("archive", "k") == d and store.usage()[1] == 1
+
+
+def _open_part_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return [p for p in out if p.endswith(".part")]
+
+
+async def test_cancel_while_a_partial_is_rehashed_waits_and_leaks_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from fetchd.ingest import Ingest
+
+    store = LayerStore(tmp_path / "s")
+    data, d = blob(MiB, seed=50)
+    started, finished, real = threading.Event(), threading.Event(), Ingest._hash_range
+
+    def slow_rehash(self: Ingest, start: int, end: int) -> None:
+        started.set()
+        time.sleep(0.3)
+        real(self, start, end)
+        finished.set()
+
+    monkeypatch.setattr(Ingest, "_hash_range", slow_rehash)
+    task = asyncio.create_task(store.ensure_blob(d, len(data), Source(data)))
+    await asyncio.to_thread(started.wait)
+    store.close()  # cancels the flight while Ingest.open re-hashes in its thread
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The digest's lock is released only after the thread let go of the file, and the
+    # file was closed after it (not under it, and not never).
+    assert finished.is_set() and _open_part_files() == []

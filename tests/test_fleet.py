@@ -354,7 +354,7 @@ async def test_budget_and_mirror_state_show_in_status_and_metrics(
     assert (mirror["role"], mirror["down"], mirror["fallbacks"]) == ("mirror", True, 1)
     assert registry["role"] == "registry" and registry["max_connections"] == 8
     assert registry["connections_in_use"] == 0 and registry["requests"] >= 1
-    assert f'fetchd_registry_fallbacks{{registry="{dead}"}} 1' in metrics
+    assert f'fetchd_registry_fallbacks_total{{registry="{dead}"}} 1' in metrics
     assert f'fetchd_registry_down{{registry="{dead}"}} 1' in metrics
     assert f'fetchd_registry_max_connections{{registry="{upstream.host}"}} 8' in metrics
 

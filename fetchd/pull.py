@@ -478,7 +478,7 @@ class Puller:
             async def fetch(sink: Any, exclude: frozenset[str] = exclude,
                             sources: list[str] = sources, resumed: list[bool] = resumed) -> None:
                 progress.done = sink.offset + sum(b - a for a, b in sink.held_ranges())
-                resumed.append(sink.offset > 0)
+                resumed.append(progress.done > 0)  # bytes of unknown origin held
                 sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
                                                               exclude=exclude))
 

@@ -379,3 +379,25 @@ async def test_wrong_partial_left_by_an_earlier_run_is_dropped_and_fetched_again
     assert _stored_ok(host.store, layer.digest)
     ranges = [r.range for r in upstream.log if r.path.endswith(f"/blobs/{layer.digest}")]
     assert len(ranges) == 2 and ranges[0] is not None and ranges[1] is None  # resume, then whole
+
+
+async def test_wrong_part_beyond_the_prefix_left_by_an_earlier_run_is_fetched_again(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy], make_host: Callable[..., Host],
+) -> None:
+    image = images["single-docker"]
+    layer = max(image.only.layers, key=lambda lyr: lyr.size)
+    third = layer.size // 3
+    upstream = proxy_factory()
+    host = make_host("h", upstream.host)
+
+    async def bad_part_then_cut(sink: Any) -> None:
+        # a parallel part from a mirror serving wrong bytes; the first part had not started
+        await sink.write_at(third, b"\0" * third)
+        raise RegistryError("cut (test)")
+
+    with pytest.raises(RegistryError):
+        await host.store.ensure_blob(layer.digest, layer.size, bad_part_then_cut)
+    await host.pull(image.ref(upstream.host), Platform.parse("linux/amd64"))
+    assert _stored_ok(host.store, layer.digest)
+    ranges = [r.range for r in upstream.log if r.path.endswith(f"/blobs/{layer.digest}")]
+    assert ranges[-1] is None and len(ranges) >= 3  # probe and gaps, then the whole blob

@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_ERROR
+    except OSError as e:  # reading OUTPUT back to verify it, for example
+        _fail(_os_error(e))
+        return EXIT_ERROR
 
 
 def _ensure_client_importable() -> None:
@@ -161,9 +164,17 @@ def _serve(args: argparse.Namespace) -> int:
     except FetchdError as e:
         _fail(e.message)
         return EXIT_ERROR
+    except OSError as e:  # e.g. a store or socket directory this user may not create
+        _fail(f"cannot start the daemon: {_os_error(e)}")
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
 
 
 def _setup_logging(level: str) -> None:

@@ -549,7 +549,11 @@ def listen_unix(path: str, mode: int = 0o660, group: str | None = None) -> socke
     target = Path(path)
     if not target.is_absolute():
         raise ConfigError(f"socket path {path!r} must be absolute")
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as e:
+        raise ConfigError(f"cannot create the socket's directory {target.parent}: {e.strerror}; "
+                          "create it or choose another --socket") from e
     gid = None
     if group:
         try:

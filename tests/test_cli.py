@@ -194,3 +194,30 @@ def test_progress_renders_layers_and_total() -> None:
 def test_main_returns_code_without_exiting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--socket", str(tmp_path / "none.sock")]) == 3
     assert capsys.readouterr().err.startswith("fetchd: error: cannot reach the fetchd daemon")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--socket", "/proc/no-such-dir/fetchd.sock", "--store", "{tmp}/store"], "/proc/no-such-dir"),
+    (["--socket", "{tmp}/fetchd.sock", "--store", "/proc/no-such-store"], "/proc/no-such-store"),
+    (["--socket", "{tmp}/fetchd.sock", "--config", "{tmp}/none.toml"], "none.toml"),
+])
+def test_serve_failures_are_one_line(tmp_path: Path, argv: list[str], words: str) -> None:
+    proc = fetchd("serve", *[a.format(tmp=tmp_path) for a in argv])
+    assert proc.returncode == 1
+    assert words in _one_error_line(proc)
+
+
+def test_output_that_cannot_be_read_back_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon said done, but OUTPUT is gone when the CLI checks it: exit 1, no traceback."""
+    import fetchd_client
+
+    def fetch(self: object, *args: object, **kwargs: object) -> dict[str, object]:
+        return {"size": 1, "archive_digest": "sha256:" + "0" * 64, "delivery": "hardlink"}
+
+    monkeypatch.setattr(fetchd_client.Client, "fetch", fetch)
+    code = main(["pull", "debian", "-o", str(tmp_path / "gone.zst"), "--socket", str(tmp_path / "s")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fetchd: error: ") and "gone.zst" in err[0]

@@ -180,11 +180,19 @@ def _os_error(e: OSError) -> str:
 def _setup_logging(level: str) -> None:
     import logging
 
+    class OneLine(logging.Formatter):
+        """One event, one line: a traceback or a multi-line message is folded with `` | ``."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            return " | ".join(line for line in super().format(record).splitlines() if line.strip())
+
     # Under systemd the journal stamps the time itself.
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -221,3 +221,22 @@ def test_output_that_cannot_be_read_back_is_one_line(
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fetchd: error: ") and "gone.zst" in err[0]
+
+
+def test_daemon_log_is_one_line_per_event() -> None:
+    code = (
+        "import logging\n"
+        "from fetchd.cli import _setup_logging\n"
+        "_setup_logging('info')\n"
+        "log = logging.getLogger('fetchd.test')\n"
+        "log.warning('first\\nsecond')\n"
+        "try:\n"
+        "    raise RuntimeError('boom')\n"
+        "except RuntimeError:\n"
+        "    log.exception('unexpected')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].endswith("WARNING fetchd.test: first | second")
+    assert "unexpected | Traceback" in lines[1] and "RuntimeError: boom" in lines[1]

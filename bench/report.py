@@ -152,3 +152,26 @@ def write_doc(doc: Path, block: str, begin: str, end: str) -> None:
     else:
         text = f"{text.rstrip()}\n\n## Latest results\n\n{begin}\n{block}\n{end}\n".lstrip()
     doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RESULTS.json``: put those results into bench/results.json and
+    the generated block of docs/BENCHMARKS.md (e.g. a run made with ``--out``)."""
+    import json
+    import shutil
+    import sys
+
+    from bench.run import BEGIN, DOC, END, RESULTS
+
+    args = sys.argv[1:] if argv is None else argv
+    src = Path(args[0]) if args else RESULTS
+    results = json.loads(src.read_text())
+    if src.resolve() != RESULTS.resolve():
+        shutil.copyfile(src, RESULTS)
+    write_doc(DOC, render_markdown(results), BEGIN, END)
+    print(f"{RESULTS} and {DOC} now hold the results of {src}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

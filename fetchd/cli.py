@@ -424,9 +424,13 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
+    store = answer.get("store")
+    if isinstance(store, dict) and isinstance(store.get("bytes"), int):
+        print(f"store: {store.get('blobs')} blobs, {_human(store['bytes'])}")
     if not images:
         print("no images in the store")
         return 0
+    now = time.time()
     for image in images:
         if not isinstance(image, dict):
             print(image)
@@ -437,6 +441,11 @@ def _ls(args: argparse.Namespace) -> int:
             parts.append(f"zstd-{image['level']}")
         if isinstance(size, int):
             parts.append(_human(size))
+        elif image.get("present") is False:
+            parts.append("(collected)")
+        last_used = image.get("last_used")
+        if isinstance(last_used, (int, float)):
+            parts.append(f"used {_duration(max(0.0, now - last_used))} ago")
         digest = image.get("archive_digest") or image.get("archive")
         if digest:
             parts.append(str(digest))

@@ -77,6 +77,7 @@ class StoreLike(Protocol):
     def lease(self, digests: Any, reason: str = ...) -> contextlib.AbstractContextManager[Any]: ...
     def usage(self) -> Any: ...
     def list_images(self) -> Any: ...
+    def blob_info(self, digest: Digest) -> Any: ...
     def gc(self, *args: Any, **kwargs: Any) -> Any: ...
     def verify(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -343,8 +344,16 @@ async def handle_status(request: web.Request) -> web.Response:
 
 
 async def handle_images(request: web.Request) -> web.Response:
+    """The archives in the store with their size and last use, and the store's totals."""
     services = request.app[SERVICES]
-    return web.json_response({"images": jsonable(await _call(services.store.list_images))})
+    images = []
+    for entry in await _call(services.store.list_images):
+        item = jsonable(entry)
+        info = services.store.blob_info(entry.archive_digest) if entry.present else None
+        item["size"] = getattr(info, "size", None)
+        item["last_used"] = getattr(info, "last_used", None)
+        images.append(item)
+    return web.json_response({"images": images, "store": store_usage(await _call(services.store.usage))})
 
 
 async def handle_gc(request: web.Request) -> web.Response:

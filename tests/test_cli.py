@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -137,6 +138,9 @@ def test_status_ls_gc_verify_resolve(daemon: str, images: Catalog, tmp_path: Pat
     assert status.returncode == 0 and "jobs: 0 running" in status.stdout and "store:" in status.stdout
     ls = fetchd("ls", "--socket", daemon)
     assert ls.returncode == 0 and image.reference in ls.stdout
+    assert re.search(r"^store: \d+ blobs, ", ls.stdout, re.M), ls.stdout  # blobs and sizes
+    line = next(x for x in ls.stdout.splitlines() if image.reference in x)
+    assert re.search(r"\d+\.\d (KiB|MiB) +used \d+:\d\d ago", line), line  # size, last use
     resolved = fetchd("resolve", image.reference, "--socket", daemon)
     assert resolved.returncode == 0 and resolved.stdout.strip().startswith(str(image.digest))
     verify = fetchd("verify", "--socket", daemon)

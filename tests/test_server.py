@@ -171,8 +171,10 @@ async def test_unknown_image_and_platform_are_clear_errors(daemon: Daemon, image
 
 async def test_ls_gc_verify_metrics(daemon: Daemon, images: Catalog) -> None:
     result = await daemon.call("fetch", images["zstd"].reference)
-    listed = (await daemon.call("ls"))["images"]
-    assert any(item["archive_digest"] == result["archive_digest"] for item in listed)
+    answer = await daemon.call("ls")
+    item = next(i for i in answer["images"] if i["archive_digest"] == result["archive_digest"])
+    assert item["size"] == result["size"] and item["last_used"] > 0
+    assert answer["store"]["blobs"] >= 3 and answer["store"]["bytes"] > result["size"]
     report = await daemon.call("verify")
     assert report["checked"] >= 3 and report["corrupt"] == []
     gc = await daemon.call("gc", 0)

@@ -2,8 +2,9 @@
 
 Works on Python >= 3.9 and imports nothing from ``fetchd``, so that BitBake fetchers and
 scripts can use it as they are. Every failure is a ``FetchdClientError`` with a stable
-``code`` (the daemon's codes, plus ``daemon-unreachable``, ``protocol`` and
-``digest-mismatch`` from this side) and a message that says what to do.
+``code`` (the daemon's codes, plus this side's: ``daemon-unreachable``, ``permission-refused``,
+``timeout``, ``daemon-disconnected``, ``protocol``, ``store-not-visible``, ``digest-mismatch``,
+``io-error``, ``invalid-request``; docs/API.md) and a message that says what to do.
 
 Example::
 

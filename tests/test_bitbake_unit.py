@@ -100,10 +100,10 @@ def test_arch_table_matches_the_daemons() -> None:
     ("arm64", "arm64", "linux/arm64/v8"),
     ("armhf", "arm/v7", "linux/arm/v7"),
     ("armel", "arm/v6", "linux/arm/v6"),
-    ("i386", "386", "linux/386"),
-    ("mipsel", "mipsle", "linux/mipsle"),
-    ("mips64el", "mips64le", "linux/mips64le"),
-    ("ppc64el", "ppc64le", "linux/ppc64le"),
+    ("i386", "i386", "linux/386"),  # Isar's directory, the right platform
+    ("mipsel", "mipsel", "linux/mipsle"),
+    ("mips64el", "mips64el", "linux/mips64le"),
+    ("ppc64el", "ppc64el", "linux/ppc64le"),
     ("riscv64", "riscv64", "linux/riscv64"),
     ("s390x", "s390x", "linux/s390x"),
     ("loong64", "loong64", "linux/loong64"),
@@ -128,7 +128,7 @@ def test_no_two_debian_arches_share_a_directory() -> None:
     ("docker://127.0.0.1:5000/foo/bar;tag=2", "armel",
      "container-images/arm/v6/127.0.0.1:5000.foo.bar_2.zst", "127.0.0.1:5000.foo.bar:2.zst"),
     (f"docker://localhost:5000/x;digest={DIGEST_B}", "i386",
-     f"container-images/386/localhost:5000.x_sha256-{HEX_B}.zst", "localhost:5000.x:latest.zst"),
+     f"container-images/i386/localhost:5000.x_sha256-{HEX_B}.zst", "localhost:5000.x:latest.zst"),
 ])
 def test_names_are_isars(fake: FakeClient, tmp_path: Path, url: str, arch: str, localfile: str,
                          workdir: str) -> None:
@@ -448,7 +448,7 @@ def test_unpack_copies_as_last_resort(fake: FakeClient, tmp_path: Path, monkeypa
 
 def test_file_premirror_keeps_the_arch_directory(fake: FakeClient, tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
-    for arch_dir in ("arm/v7", "arm/v6", "386"):
+    for arch_dir in ("arm/v7", "arm/v6", "i386"):
         p = mirror / "container-images" / arch_dir / f"debian_sha256-{HEX_A}.zst"
         p.parent.mkdir(parents=True)
         p.write_bytes(arch_dir.encode())
@@ -460,7 +460,7 @@ def test_file_premirror_keeps_the_arch_directory(fake: FakeClient, tmp_path: Pat
         got[arch] = (tmp_path / arch / "work" / "debian:latest.zst").read_bytes()
         assert not (tmp_path / arch / "work" / "debian:latest.zst").is_symlink()
         assert os.path.exists(ud.localpath + ".done")
-    assert got == {"armhf": b"arm/v7", "armel": b"arm/v6", "i386": b"386"}
+    assert got == {"armhf": b"arm/v7", "armel": b"arm/v6", "i386": b"i386"}
     assert fake.calls == []
 
 

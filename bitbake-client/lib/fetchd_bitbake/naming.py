@@ -8,9 +8,11 @@ without a datastore. Invariants:
   ``container-images/<arch>[/<variant>]/<name with / -> .>_<digest with : -> - | tag>.zst``
   at the default zstd level (3); any other level adds ``.level<N>`` before
   ``.zst``, so a level change is a different file and BitBake fetches again;
-- the arch directory never collides between two Debian architectures: armhf and
-  armel keep Isar's ``arm/v7`` and ``arm/v6``, every other known architecture
-  uses its OCI name (i386 -> ``386``, ppc64el -> ``ppc64le``, ...).
+- the arch directory is Isar's ``ud.arch[/ud.variant]``: ``arm/v7`` and ``arm/v6``
+  for armhf and armel, PACKAGE_ARCH itself otherwise (``i386``, ``ppc64el``, ...),
+  so no two Debian architectures share a directory. Only the platform asked of
+  the daemon uses the OCI name (i386 -> ``linux/386``), which is where Isar was
+  wrong.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class ArchSpec:
     """Where an architecture's files live and which platform the daemon is asked for."""
 
     package_arch: str
-    arch: str                 # Isar's ud.arch (directory level 1)
-    variant: str | None    # Isar's ud.variant (directory level 2, armhf/armel only)
+    arch: str                 # Isar's ud.arch (directory level 1): PACKAGE_ARCH, or arm
+    variant: str | None       # Isar's ud.variant (directory level 2, armhf/armel only)
     platform: str             # linux/<oci arch>[/<variant>], for the daemon
 
     @property
@@ -65,20 +67,17 @@ class ArchSpec:
 
 
 def arch_spec(package_arch: str) -> ArchSpec:
-    """Map PACKAGE_ARCH to the DL_DIR directory and the OCI platform.
+    """Map PACKAGE_ARCH to Isar's DL_DIR directory and the OCI platform.
 
-    An unknown name is passed through as Isar does (directory and OCI arch are
-    the name itself); the daemon then says which platforms the image has.
+    An unknown name is passed through as Isar does (OCI arch = the name itself);
+    the daemon then says which platforms the image has.
     """
     if package_arch in ("armhf", "armel"):
         variant = "v7" if package_arch == "armhf" else "v6"
         return ArchSpec(package_arch, "arm", variant, "linux/arm/" + variant)
-    oci = DEBIAN_ARCHES.get(package_arch)
-    if oci is None:
-        return ArchSpec(package_arch, package_arch, None, "linux/" + package_arch)
-    oci_arch, oci_variant = oci
+    oci_arch, oci_variant = DEBIAN_ARCHES.get(package_arch, (package_arch, None))
     platform = "linux/" + oci_arch + ("/" + oci_variant if oci_variant else "")
-    return ArchSpec(package_arch, oci_arch, None, platform)
+    return ArchSpec(package_arch, package_arch, None, platform)
 
 
 def zstd_level(zstd_defaults: str | None, compression_level: str | None) -> tuple[int, list[str]]:

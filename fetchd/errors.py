@@ -11,6 +11,8 @@ Messages never contain credentials, tokens or URL userinfo.
 
 from __future__ import annotations
 
+import errno
+
 
 class FetchdError(Exception):
     """Base of every error fetchd raises on purpose."""
@@ -130,6 +132,22 @@ class StoreError(FetchdError):
 
     code = "store-error"
     http_status = 507
+
+
+def store_error(exc: OSError, root: object, what: str) -> StoreError:
+    """The StoreError for an OSError met writing the store at ``root``: names the store,
+    the operation and the remedy (disk full, read-only, permissions)."""
+    code = exc.errno or 0
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = "the filesystem is full: free space, run `fetchd gc` or lower store.max_size"
+    elif code == errno.EROFS:
+        hint = "the filesystem is mounted read-only: remount it read-write or move the store"
+    elif code in (errno.EACCES, errno.EPERM):
+        hint = "permission denied: run fetchd as the store's owner or fix the ownership"
+    else:
+        hint = "check the disk and the kernel log"
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StoreError(f"store {root}: cannot {what}{where}: {exc.strerror or exc}; {hint}")
 
 
 class PermissionRefused(FetchdError):

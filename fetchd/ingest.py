@@ -33,32 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from .digest import Digest
-from .errors import DigestMismatch, SizeMismatch, StoreError
+from .errors import DigestMismatch, SizeMismatch, store_error
 
 _READ_CHUNK = 4 << 20
 _PARALLEL_HASH = 256 << 10  # writes at least this big hash in a second thread meanwhile
 _STATE_EVERY = 2 << 20  # bytes of progress between sidecar updates (lost on SIGKILL at most)
-
-# errno values that mean "the store cannot take writes": reported as StoreError.
-STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
-
-
-def store_error(exc: OSError, root: Path, what: str) -> StoreError:
-    """A StoreError that names the store, the failed operation and the remedy."""
-    code = exc.errno or 0
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        hint = (
-            "the filesystem is full: free space, run `fetchd gc` or lower store.max_size"
-        )
-    elif code == errno.EROFS:
-        hint = "the filesystem is mounted read-only: remount it read-write or move the store"
-    elif code in (errno.EACCES, errno.EPERM):
-        hint = "permission denied: run fetchd as the store's owner or fix the ownership"
-    else:
-        hint = "check the disk and the kernel log"
-    where = f" ({exc.filename})" if exc.filename else ""
-    return StoreError(f"store {root}: cannot {what}{where}: {exc.strerror or exc}; {hint}")
-
 
 class FileLock:
     """An exclusive ``flock`` on a lock file, polled so that waiting stays cancellable.

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
 from .digest import Digest
-from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError
-from .ingest import FileLock, Ingest, fsync_dir, hash_file, store_error
+from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError, store_error
+from .ingest import FileLock, Ingest, fsync_dir, hash_file
 from .store_follow import CHUNK, Flight, follow_flight, follow_other_process
 from .store_gc import GcReport, VerifyReport, collect, verify_all
 from .store_index import ImageRow, StoreIndex
@@ -356,6 +356,19 @@ class LayerStore:
             raise store_error(e, self.root, f"commit {tmp.name}") from e
         self._committed(d, size, media_type, alias)
         return d
+
+    def commit_bytes(
+        self, data: bytes, digest: Digest | None = None, media_type: str | None = None
+    ) -> Digest:
+        """``commit_file`` for content held in memory (a manifest, a config). Blocking."""
+        tmp = self.temp_path()
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise store_error(e, self.root, f"write {digest or 'a blob'}") from e
+        return self.commit_file(tmp, digest, media_type=media_type)
 
     async def acommit_file(
         self,

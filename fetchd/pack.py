@@ -67,7 +67,13 @@ from .archive_format import (
 )
 from .decompress import decompressed_chunks
 from .digest import Digest
-from .errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch, ManifestInvalid
+from .errors import (
+    CompressionLevelInvalid,
+    DiffIdMismatch,
+    DigestMismatch,
+    ManifestInvalid,
+    store_error,
+)
 from .manifest import Descriptor, ImageManifest, parse_config
 
 MIN_LEVEL = 1
@@ -83,6 +89,9 @@ _PROGRESS_INTERVAL = 0.25
 
 class PackStore(Protocol):
     """What pack needs from the store (``fetchd.layer_store.LayerStore`` implements it)."""
+
+    @property
+    def root(self) -> Path: ...
 
     def open_blob(self, digest: Digest) -> BinaryIO: ...
 
@@ -473,8 +482,20 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
     ``manifest_digest`` the config digest stands in for it (the archive's content depends
     only on the config, the layers it names and ``repo_tag``).
-    When this returns, ``PackResult.path`` is a complete, committed archive.
+    When this returns, ``PackResult.path`` is a complete, committed archive. A file system
+    failure (disk full, read-only store) raises StoreError; nothing half-written is kept.
     """
+    try:
+        return await _pack_image(store, manifest, config_raw, repo_tag, level, threads=threads,
+                                 progress=progress, image_name=image_name,
+                                 manifest_digest=manifest_digest)
+    except OSError as e:
+        raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
+
+
+async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
+                      level: int, *, threads: int | None, progress: ProgressSink | None,
+                      image_name: str, manifest_digest: Digest | None) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)

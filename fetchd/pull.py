@@ -404,33 +404,38 @@ class Puller:
         self.store.record_tag(ref.name, tag, head.digest, head.media_type)
         return _Resolved(head.digest, head.media_type, False)
 
-    async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool) -> bytes:
-        if self.store.has(digest):
+    async def _stored(self, digest: Digest) -> bytes | None:
+        """A small blob's bytes from the store; None when absent (or collected meanwhile)."""
+        try:
             return await asyncio.to_thread(_read, self.store.blob_path(digest))
+        except FileNotFoundError:
+            return None
+
+    async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool) -> bytes:
+        stored = await self._stored(digest)
+        if stored is not None:
+            return stored
         if offline:
             raise NetworkDisabled(
                 f"manifest {digest} of {ref.name} is not in the store and network access is disabled"
             )
         fetched = await self.registry.get_manifest(ref.with_digest(digest))
-        await asyncio.to_thread(self._commit_bytes, fetched.body, digest, fetched.media_type)
+        await asyncio.to_thread(self.store.commit_bytes, fetched.body, digest,
+                                fetched.media_type or None)
         return fetched.body
 
     async def _config_bytes(self, ref: Reference, image: ImageManifest, offline: bool) -> bytes:
         desc = image.config
-        if self.store.has(desc.digest):
-            return await asyncio.to_thread(_read, self.store.blob_path(desc.digest))
+        stored = await self._stored(desc.digest)
+        if stored is not None:
+            return stored
         if offline:
             raise NetworkDisabled(
                 f"config {desc.digest} of {ref.name} is not in the store and network access is disabled"
             )
         body = await self.registry.get_blob_bytes(ref, desc)
-        await asyncio.to_thread(self._commit_bytes, body, desc.digest, desc.media_type)
+        await asyncio.to_thread(self.store.commit_bytes, body, desc.digest, desc.media_type or None)
         return body
-
-    def _commit_bytes(self, body: bytes, digest: Digest, media_type: str) -> None:
-        tmp = self.store.temp_path(".json")
-        tmp.write_bytes(body)
-        self.store.commit_file(tmp, digest=digest, media_type=media_type or None)
 
     async def _ensure_layers(self, job: Job, ref: Reference, image: ImageManifest,
                              diff_ids: tuple[Digest, ...], req: FetchRequest) -> int:

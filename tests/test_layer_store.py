@@ -640,3 +640,17 @@ async def test_cancel_while_a_partial_is_rehashed_waits_and_leaks_no_descriptor(
     # The digest's lock is released only after the thread let go of the file, and the
     # file was closed after it (not under it, and not never).
     assert finished.is_set() and _open_part_files() == []
+
+
+def test_commit_bytes_and_disk_full(store: LayerStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = store.commit_bytes(b'{"config": 1}', Digest.of(b'{"config": 1}'), "application/json")
+    assert store.blob_path(d).read_bytes() == b'{"config": 1}'
+
+    def full(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(StoreError) as info:
+        store.commit_bytes(b"manifest", Digest.of(b"manifest"))
+    assert str(store.root) in info.value.message and "full" in info.value.message
+    assert list(store.tmp_dir.iterdir()) == [] and not store.has(Digest.of(b"manifest"))

@@ -33,7 +33,7 @@ from support.images import (
 
 from fetchd.archive_format import docker_archive_chunks
 from fetchd.digest import Digest
-from fetchd.errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch
+from fetchd.errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch, StoreError
 from fetchd.layer_store import LayerStore, StoreSettings
 from fetchd.manifest import ImageManifest, parse_manifest
 from fetchd.pack import (
@@ -343,6 +343,29 @@ async def test_config_not_of_this_manifest_is_refused(store: LayerStore,
     manifest = put_image(store, part)
     with pytest.raises(DigestMismatch):
         await pack_image(store, manifest, part.config_bytes + b" ", "x:1", 3)
+
+
+async def test_disk_full_while_packing_is_a_store_error_and_keeps_nothing(
+        store: LayerStore, catalog: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from fetchd import pack as pack_module
+
+    part = catalog["single-oci"].only
+    manifest = put_image(store, part)
+
+    def full(self: object, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pack_module._Tee, "write", full)
+    with pytest.raises(StoreError) as info:
+        await pack_image(store, manifest, part.config_bytes, "x:1", 3)
+    assert str(store.root) in info.value.message and "full" in info.value.message
+    assert list(store.tmp_dir.iterdir()) == []
+    monkeypatch.undo()
+    result = await pack_image(store, manifest, part.config_bytes, "x:1", 3)
+    assert result.frames_compressed == len(part.layers)
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -446,13 +447,15 @@ class Transport:
                         host.bump("errors")
                         raise _tls_error(ep, e) from e
                     except TRANSIENT as e:
-                        failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                        failure = f"{type(e).__name__}: {redact(str(e))}" if str(e) \
+                            else type(e).__name__
                         if isinstance(e, asyncio.TimeoutError):
                             host.bump("timeouts")
                         if ep.mirror is not None:
                             self.mark_down(ep, failure)
                     except aiohttp.ClientError as e:  # a malformed answer: maybe a bad proxy
-                        failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                        first_line = (redact(str(e)).splitlines() or [""])[0]
+                        failure = f"{type(e).__name__}: {first_line[:200]}"
                     else:
                         remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
                         if remaining is not None:
@@ -540,6 +543,19 @@ class Transport:
         return Unauthorized(
             f"{ep.label} refused {ref.name} (401): {how}. Log in with 'podman login {ep.key}' "
             f"or 'docker login {ep.key}', or set auth_file for it in the fetchd config")
+
+
+_URL_SECRETS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^\s/@'\"]*@)?"
+                          r"(?P<rest>[^\s?#'\"]*)(?:\?[^\s#'\"]*)?", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with URLs cut to scheme://host/path: no userinfo, no query.
+
+    aiohttp's exceptions quote the URL they failed on; after a redirect that is an object
+    storage URL whose query string is a signature, as good as a token while it lasts.
+    """
+    return _URL_SECRETS.sub(lambda m: f"{m['scheme']}{m['rest']}", text)
 
 
 def _window(value: str | None) -> int | None:

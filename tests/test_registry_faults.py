@@ -569,3 +569,28 @@ async def test_plain_http_registry_needs_insecure(fake, remote_session) -> None:
     async with RegistryClient(insecure, remote_session) as client:
         fetched = await client.get_manifest(remote)
     assert fetched.body == MANIFEST
+
+
+async def test_failure_messages_and_logs_carry_no_url_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp quotes the URL it failed on; a signed storage URL's query is a secret."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    signed = URL("https://storage.example/blob?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA")
+    info = aiohttp.RequestInfo(signed, "GET", CIMultiDictProxy(CIMultiDict()), signed)
+
+    class BrokenSession:
+        async def request(self, *args: Any, **kwargs: Any) -> Any:
+            raise aiohttp.ClientResponseError(info, (), status=400, message="Invalid header")
+
+        async def close(self) -> None:
+            pass
+
+    client = RegistryClient(Config(network=replace(NetworkConfig(), retries=1)),
+                            session=BrokenSession(), sleep=Sleeps())  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG), pytest.raises(RegistryError) as err:
+        await client.get_manifest(Reference.parse("127.0.0.1:5000/x/y:v1"))
+    assert "storage.example/blob" in err.value.message
+    for text in (err.value.message, caplog.text):
+        assert "s3cr3t" not in text and "AKIA" not in text
+

@@ -83,7 +83,8 @@ class MirrorConfig:
     url: str                              # scheme://host[:port][/prefix]; /v2/ is appended,
     #                                       unless the path has a /v2 segment: see repository_prefix
     digest_only: bool = False             # never ask this mirror for a tag
-    headers: tuple[tuple[str, str], ...] = ()
+    # May hold a token (Authorization, X-Registry-Auth): kept out of repr like credentials.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     ns: bool = False                      # add ?ns=<upstream registry> (containerd's convention)
     insecure: bool = False                # allow plain HTTP and skip TLS certificate checks
     credentials: BasicCredentials | None = None

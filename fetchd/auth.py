@@ -374,9 +374,12 @@ class Credentials:
             return None
         try:
             out, _ = await asyncio.wait_for(proc.communicate(server.encode()), HELPER_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        except BaseException as e:  # timed out, or the pull was cancelled: no stray helper
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+            if not isinstance(e, TimeoutError):
+                raise
             log.warning("credential helper %s timed out for %s", program, registry)
             return None
         if proc.returncode != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -196,3 +197,20 @@ async def test_unreadable_auth_file_is_skipped(tmp_path: Path) -> None:
     assert good.exists()
     creds = Credentials(env={"REGISTRY_AUTH_FILE": str(bad), "HOME": str(tmp_path / "home")})
     assert await creds.lookup("a.io") == BasicCredentials("u", "p")
+
+
+async def test_cancelled_lookup_leaves_no_helper_running(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    pid_file = tmp_path / "helper.pid"
+    helper(bin_dir, "slow", f'echo $$ > {pid_file}; exec sleep 60\n')
+    write(tmp_path / "home/.docker/config.json", {"credsStore": "slow"})
+    env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    task = asyncio.create_task(Credentials(env=env).lookup("quay.io"))
+    while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    pid = int(pid_file.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left to run for a minute
+        os.kill(pid, 0)

@@ -184,7 +184,9 @@ class Ingest:
             else:
                 await self._io(self._pwrite, offset, data)
                 self._add_extent(offset, offset + n)
-                if self._held(self.offset) - self._state_at >= _STATE_EVERY:
+                held = self._held(self.offset)
+                if held - self._state_at >= _STATE_EVERY:
+                    self._state_at = held  # parts finishing meanwhile need no save of their own
                     await self._io(self._save_state)
             self.bytes_written += n
             await self._advance()

@@ -257,7 +257,10 @@ class RegistryClient:
             await self._fetch_span(ep, ref, descriptor, sink, 0, descriptor.size,
                                    _Counter(None, 0), restart_ok=True)
             verifier = Verifier(descriptor.digest, descriptor.size, f"{ref.name} blob")
-            verifier.feed(memoryview(sink.buf))
+            if len(sink.buf) > FLUSH_SIZE:  # a big one is hashed off the event loop
+                await asyncio.to_thread(verifier.feed, memoryview(sink.buf))
+            else:
+                verifier.feed(memoryview(sink.buf))
             verifier.check()
             return bytes(sink.buf)
 

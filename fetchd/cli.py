@@ -140,6 +140,13 @@ def _with_hint(code: str, message: str) -> str:
     return message
 
 
+def _printed_as_json(args: argparse.Namespace, answer: Any) -> bool:
+    """With ``--json``, print ``answer`` as the daemon gave it and say so."""
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    return bool(args.json)
+
+
 def _client(args: argparse.Namespace) -> Any:
     from fetchd_client import Client
 
@@ -223,9 +230,7 @@ def _pull(args: argparse.Namespace) -> int:
     if size != result.get("size"):
         raise FetchdClientError("size-mismatch", f"{output} has {size} bytes, expected {result.get('size')}")
     verify_file(output, str(result["archive_digest"]))
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    if not _printed_as_json(args, result):
         print(f"{output}: {result['repo_tag']} {result['platform']} "
               f"{_human(int(result['size']))} ({result['delivery']}) {result['archive_digest']}")
     return 0
@@ -359,9 +364,7 @@ def _duration(seconds: float) -> str:
 
 def _resolve(args: argparse.Namespace) -> int:
     result = _client(args).resolve(args.reference, offline=args.offline)
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    if not _printed_as_json(args, result):
         print(f"{result['digest']}{' (cached)' if result.get('cached') else ''}")
     return 0
 
@@ -372,17 +375,14 @@ def _deliver(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
     result = _client(args).deliver(args.archive_digest, output)
     verify_file(output, args.archive_digest)
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    if not _printed_as_json(args, result):
         print(f"{output}: {args.archive_digest} ({result.get('delivery')})")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     status = _client(args).status()
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+    if _printed_as_json(args, status):
         return 0
     print(f"fetchd {status.get('version')} pid {status.get('pid')} on {status.get('socket')}, "
           f"up {_duration(float(status.get('uptime') or 0))}, store {status.get('store_path')}")
@@ -421,8 +421,7 @@ def _is_size(key: str, value: Any) -> bool:
 def _ls(args: argparse.Namespace) -> int:
     answer = _client(args).ls()
     images = answer.get("images") or []
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
+    if _printed_as_json(args, answer):
         return 0
     store = answer.get("store")
     if isinstance(store, dict) and isinstance(store.get("bytes"), int):
@@ -458,23 +457,19 @@ def _gc(args: argparse.Namespace) -> int:
 
     max_size = parse_size(args.max_size) if args.max_size else None
     report = _client(args).gc(max_size)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
+    if not _printed_as_json(args, report):
         _print_mapping(report, "")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     report = _client(args).verify()
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
+    if not _printed_as_json(args, report):
         _print_mapping(report, "")
-    bad = [k for k in ("corrupt", "bad", "damaged", "errors", "missing")
-           if isinstance(report, dict) and report.get(k)]
-    if bad:
-        _fail("the store has damaged entries (" + ", ".join(bad) + "); they were removed: fetch again")
+    corrupt = report.get("corrupt") if isinstance(report, dict) else None
+    if corrupt:
+        _fail(f"{len(corrupt)} corrupt blob(s) moved to quarantine; they are fetched again when "
+              "next needed (check the disk: files under blobs/ are read-only)")
         return EXIT_ERROR
     return 0
 

@@ -244,3 +244,19 @@ def test_daemon_log_is_one_line_per_event() -> None:
     assert len(lines) == 2, proc.stderr
     assert lines[0].endswith("WARNING fetchd.test: first | second")
     assert "unexpected | Traceback" in lines[1] and "RuntimeError: boom" in lines[1]
+
+
+def test_verify_with_corrupt_blobs_exits_1(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import fetchd_client
+
+    report = {"checked": 3, "bytes_checked": 10, "corrupt": ["sha256:" + "1" * 64],
+              "quarantined": ["/store/quarantine/x"]}
+    monkeypatch.setattr(fetchd_client.Client, "verify", lambda self: report)
+    assert main(["verify", "--socket", "/nonexistent"]) == 1
+    out = capsys.readouterr()
+    assert "checked: 3" in out.out
+    assert out.err.strip() == ("fetchd: error: 1 corrupt blob(s) moved to quarantine; they are fetched "
+                               "again when next needed (check the disk: files under blobs/ are read-only)")
+    monkeypatch.setattr(fetchd_client.Client, "verify", lambda self: dict(report, corrupt=[]))
+    assert main(["verify", "--socket", "/nonexistent"]) == 0

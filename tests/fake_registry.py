@@ -257,3 +257,21 @@ class FakeRegistry:
             return resp
         finally:
             self.in_flight -= 1
+
+
+class Clock:
+    """A monotonic clock a test moves by hand (token expiry, mirror cooldowns)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sleeps(list[float]):
+    """Records the client's backoff sleeps instead of sleeping (no slow tests)."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        await asyncio.sleep(0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_registry import FakeRegistry, Fault
+from fake_registry import Clock, FakeRegistry, Fault, Sleeps
 from registry_sinks import MemorySink
 
 from fetchd.auth import Credentials
@@ -37,20 +37,6 @@ MANIFEST = json.dumps({
                 "digest": str(Digest.of(BLOB)), "size": len(BLOB)}],
 }).encode()
 DESC = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(BLOB), len(BLOB))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sleeps(list[float]):
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-        await asyncio.sleep(0)
 
 
 async def _fake(**kwargs: Any) -> FakeRegistry:

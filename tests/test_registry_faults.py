@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 import pytest
-from fake_registry import FakeRegistry, Fault
+from fake_registry import Clock, FakeRegistry, Fault, Sleeps
 from registry_sinks import MemorySink
 
 from fetchd.auth import Credentials
@@ -47,22 +47,6 @@ MANIFEST = json.dumps({
     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                 "digest": str(Digest.of(BLOB)), "size": len(BLOB)}],
 }).encode()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sleeps(list[float]):
-    """Records the client's backoff sleeps instead of sleeping (no slow tests)."""
-
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -275,3 +275,14 @@ class Sleeps(list[float]):
     async def __call__(self, seconds: float) -> None:
         self.append(seconds)
         await asyncio.sleep(0)
+
+
+def one_layer_manifest(blob: bytes) -> bytes:
+    """An OCI manifest of config ``{}`` and ``blob`` as its one gzip layer."""
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": str(Digest.of(b"{}")), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": str(Digest.of(blob)), "size": len(blob)}],
+    }).encode()

@@ -16,26 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_registry import Clock, FakeRegistry, Fault, Sleeps
+from fake_registry import Clock, FakeRegistry, Fault, Sleeps, one_layer_manifest
 from registry_sinks import MemorySink
 
 from fetchd.auth import Credentials
 from fetchd.config import BasicCredentials, Config, MirrorConfig, NetworkConfig, RegistryConfig
 from fetchd.digest import Digest
 from fetchd.errors import ConfigError, DigestMismatch
-from fetchd.manifest import OCI_MANIFEST, Descriptor
+from fetchd.manifest import Descriptor
 from fetchd.reference import Reference
 from fetchd.registry_async import RegistryClient
 
 REPO = "x/y"
 BLOB = os.urandom(2 * 1024 * 1024 + 5)
-MANIFEST = json.dumps({
-    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-               "digest": str(Digest.of(b"{}")), "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": str(Digest.of(BLOB)), "size": len(BLOB)}],
-}).encode()
+MANIFEST = one_layer_manifest(BLOB)
 DESC = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(BLOB), len(BLOB))
 
 

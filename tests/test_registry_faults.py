@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 import pytest
-from fake_registry import Clock, FakeRegistry, Fault, Sleeps
+from fake_registry import Clock, FakeRegistry, Fault, Sleeps, one_layer_manifest
 from registry_sinks import MemorySink
 
 from fetchd.auth import Credentials
@@ -34,19 +34,13 @@ from fetchd.errors import (
     Unauthorized,
     UnsupportedManifest,
 )
-from fetchd.manifest import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor
+from fetchd.manifest import DOCKER_MANIFEST, Descriptor
 from fetchd.reference import Reference
 from fetchd.registry_async import RegistryClient
 
 REPO = "x/y"
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
-MANIFEST = json.dumps({
-    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-               "digest": str(Digest.of(b"{}")), "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": str(Digest.of(BLOB)), "size": len(BLOB)}],
-}).encode()
+MANIFEST = one_layer_manifest(BLOB)
 
 
 @pytest.fixture

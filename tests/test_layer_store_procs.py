@@ -71,16 +71,6 @@ async def hang(args):
     store = LayerStore(Path(args["root"]))
     data, d = blob(args["seed"], args["size"])
     async def fetch(sink):
-        for pos in range(0, args["cut"], 256 * 1024):
-            await sink.write_at(pos, data[pos:min(pos + 256 * 1024, args["cut"])])
-        Path(args["ready"]).touch()
-        await asyncio.sleep(3600)
-    await store.ensure_blob(d, args["size"], fetch)
-
-async def hang_parts(args):
-    store = LayerStore(Path(args["root"]))
-    data, d = blob(args["seed"], args["size"])
-    async def fetch(sink):
         for a, b in args["parts"]:  # parallel parts, as the registry client writes them
             for pos in range(a, b, 256 * 1024):
                 await sink.write_at(pos, data[pos:min(pos + 256 * 1024, b)])
@@ -109,8 +99,7 @@ async def lease(args):
         await asyncio.sleep(3600)
 
 args = json.loads(sys.argv[1])
-asyncio.run({"ingest": ingest, "hang": hang, "hang_parts": hang_parts, "slow": slow,
-             "lease": lease}[args["mode"]](args))
+asyncio.run({"ingest": ingest, "hang": hang, "slow": slow, "lease": lease}[args["mode"]](args))
 '''
 
 
@@ -248,7 +237,8 @@ async def test_sigkill_mid_ingest_then_resume_fetches_only_the_rest(
     root, ready = tmp_path / "store", tmp_path / "ready"
     size, cut = 6 * MiB + 333, 5 * MiB + 1000
     data, d = blob(77, size)
-    procs.append(spawn(mode="hang", root=str(root), seed=77, size=size, cut=cut, ready=str(ready)))
+    procs.append(spawn(mode="hang", root=str(root), seed=77, size=size, parts=[(0, cut)],
+                       ready=str(ready)))
     await wait_for(ready, procs[0])
     store = LayerStore(root)
     seen: list[tuple[int, int]] = []
@@ -282,7 +272,7 @@ async def test_sigkill_with_parallel_parts_done_then_resume_fetches_only_the_gap
     data, d = blob(78, size)
     # Four parts in flight when the process dies: the first and third done, the others cut.
     parts = [(0, 4 * MiB), (4 * MiB, 5 * MiB), (8 * MiB, 12 * MiB), (12 * MiB, 13 * MiB)]
-    procs.append(spawn(mode="hang_parts", root=str(root), seed=78, size=size, parts=parts,
+    procs.append(spawn(mode="hang", root=str(root), seed=78, size=size, parts=parts,
                        ready=str(ready)))
     await wait_for(ready, procs[0])
     procs[0].send_signal(signal.SIGKILL)

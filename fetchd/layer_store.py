@@ -510,13 +510,24 @@ class LayerStore:
         """Evict LRU unleased blobs (see StoreSettings), reap stale ingests and metadata."""
         async with self._gc_lock:
             self.flush_uses()
-            report = await asyncio.to_thread(collect, self, max_size)
+            report = await self._store_errors("collect garbage", asyncio.to_thread(
+                collect, self, max_size))
             self._usage = report.remaining_bytes
             return report
 
     async def verify(self) -> VerifyReport:
         """Re-hash every blob; corrupt ones move to quarantine/ (and will be re-fetched)."""
-        return await verify_all(self)
+        return await self._store_errors("verify blobs", verify_all(self))
+
+    async def _store_errors(self, what: str, work: Awaitable[_T]) -> _T:
+        """``work``'s result; file system and index failures as StoreError naming the store."""
+        try:
+            return await work
+        except OSError as e:
+            raise store_error(e, self.root, what) from e
+        except sqlite3.Error as e:
+            raise StoreError(f"store {self.root}: cannot {what}: index.sqlite failed: {e}; "
+                             "check that the store is writable") from e
 
     def close(self) -> None:
         if self._closed:

@@ -654,3 +654,19 @@ def test_commit_bytes_and_disk_full(store: LayerStore, monkeypatch: pytest.Monke
         store.commit_bytes(b"manifest", Digest.of(b"manifest"))
     assert str(store.root) in info.value.message and "full" in info.value.message
     assert list(store.tmp_dir.iterdir()) == [] and not store.has(Digest.of(b"manifest"))
+
+
+async def test_gc_on_a_store_that_refuses_writes_is_a_store_error(
+    store: LayerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetchd import store_gc
+
+    await _fill(store, 2, 1000)
+
+    def read_only(path: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(store_gc.os, "unlink", read_only)
+    with pytest.raises(StoreError) as info:
+        await store.gc(max_size=0)
+    assert "read-only" in info.value.message and str(store.root) in info.value.message

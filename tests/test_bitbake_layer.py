@@ -118,3 +118,38 @@ def test_recipes_without_docker_urls_are_left_alone(tmp_path: Path) -> None:
 def test_refresh_tags_reruns_fetch_only_for_unpinned(tmp_path: Path, src_uri: str, nostamp: str | None) -> None:
     rd, _ = parse(tmp_path, src_uri, FETCHD_REFRESH_TAGS="1")
     assert rd.getVarFlag("do_fetch", "nostamp") == nostamp
+
+
+def _isar_like_build(tmp: Path) -> Path:
+    """A build dir whose core layer declares Isar's series (meta/conf/layer.conf of Isar)."""
+    core = tmp / "isar-meta"
+    (core / "conf").mkdir(parents=True)
+    (core / "classes").mkdir()
+    (core / "conf" / "layer.conf").write_text(
+        'BBPATH .= ":${LAYERDIR}"\n'
+        'BBFILE_COLLECTIONS += "core"\n'
+        'BBFILE_PATTERN_core = "^${LAYERDIR}/"\n'
+        'LAYERSERIES_CORENAMES = "v0.6 next"\n'
+        'LAYERSERIES_COMPAT_core = "v0.6"\n'
+    )
+    (core / "conf" / "bitbake.conf").write_text('INHERIT += "fetchd"\n')
+    (core / "classes" / "base.bbclass").write_text("")
+    build = tmp / "build"
+    (build / "conf").mkdir(parents=True)
+    (build / "conf" / "bblayers.conf").write_text(f'BBLAYERS = "{core} {LAYER}"\n')
+    return build
+
+
+def test_layer_is_accepted_next_to_isars_core_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BitBake refuses a layer whose LAYERSERIES_COMPAT misses the core layer's series."""
+    import bb.cookerdata
+
+    build = _isar_like_build(tmp_path)
+    monkeypatch.chdir(build)
+    monkeypatch.delenv("BBPATH", raising=False)
+    cfg = bb.cookerdata.CookerConfiguration()
+    cfg.env = {}
+    builder = bb.cookerdata.CookerDataBuilder(cfg)
+    data = builder.parseConfigurationFiles([], [])  # bb.fatal (an exception) when incompatible
+    assert "fetchd" in data.getVar("BBFILE_COLLECTIONS").split()
+    assert data.getVar("FETCHD_LAYERDIR") == str(LAYER)

@@ -125,6 +125,7 @@ async def test_fetch_streams_events_and_hard_links(daemon: Daemon, images: Catal
     assert result["manifest_digest"] == str(image.platform("linux/arm/v7").manifest_digest)
     assert os.stat(dest).st_ino == os.stat(result["store_path"]).st_ino
     assert os.stat(dest).st_size == result["size"]
+    assert os.stat(dest).st_mode & 0o7777 == 0o444  # a build cannot write the store through it
     kinds = {e["event"] for e in events}
     assert {"manifest", "layer"} <= kinds
     _zstd_ok(dest)

@@ -320,8 +320,9 @@ class RegistryClient:
         gaps = _gaps(sink, desc.size)
         remaining = sum(b - a for a, b in gaps)
         ranges_ok = ep.mirror is None or ep.mirror.ranges  # see MirrorConfig.ranges
-        # Several gaps: parts of an earlier parallel fetch are held; ranges skip them.
-        if ((remaining >= self.net.range_threshold or len(gaps) > 1)
+        # Parts of an earlier parallel fetch are held beyond the prefix: ranges skip them.
+        skips = gaps != [(sink.offset, desc.size)]
+        if ((remaining >= self.net.range_threshold or skips)
                 and self.net.range_parts > 1 and ranges_ok):
             if host.range_supported is None:
                 await self._probe_ranges(ep, ref, desc, path)

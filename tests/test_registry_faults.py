@@ -365,6 +365,15 @@ async def test_parts_held_beyond_the_prefix_are_not_fetched_again(fake) -> None:
     assert sink.written - before == 700_000 + 500_000 + 1000 == sum(seen)
 
 
+async def test_a_held_tail_is_not_fetched_again(fake) -> None:
+    sink = MemorySink(BLOB[:100_000])
+    await sink.write_at(1_000_000, BLOB[1_000_000:])  # every part but the first finished
+    async with make_client(range_threshold=1 << 30) as client:
+        await client.fetch_blob(ref(fake), blob_desc(), sink)
+    sink.verify(Digest.of(BLOB), len(BLOB))
+    assert [s.headers["Range"] for s in fake.requests("blob")] == ["bytes=0-0", "bytes=100000-999999"]
+
+
 async def test_host_without_range_support_is_probed_once_and_streamed(fake) -> None:
     fake.fault("blob", Fault(ignore_range=True))
     async with make_client(range_threshold=1024 * 1024, range_parts=4) as client:

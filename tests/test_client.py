@@ -136,6 +136,18 @@ def test_placement_invisible_here_is_copied_here(fake: FakeDaemon, tmp_path: Pat
     assert err.value.code == "store-not-visible"
 
 
+def test_stale_file_of_the_same_size_is_not_taken_for_the_link(fake: FakeDaemon, tmp_path: Path) -> None:
+    """The daemon linked into its own private /tmp; here an old file of the same size sits there."""
+    store, digest = _archive(tmp_path)
+    dest = tmp_path / "image.zst"
+    dest.write_bytes(b"X" * store.stat().st_size)
+    fake.lines = [{"result": {"path": str(dest), "delivery": "hardlink", "store_path": str(store),
+                              "archive_digest": digest, "size": store.stat().st_size}}]
+    got = Client(fake.path).fetch("debian", dest=str(dest))
+    assert got["delivery"] == "client-copy"
+    assert dest.read_bytes() == store.read_bytes()
+
+
 def test_error_line_becomes_an_exception(fake: FakeDaemon) -> None:
     fake.lines = [{"event": "manifest"}, {"error": {"code": "platform-not-found", "message": "no s390x"}}]
     with pytest.raises(FetchdClientError) as err:

@@ -191,8 +191,7 @@ class Client:
         """
         if dest is None:
             return result
-        delivery = result.get("delivery")
-        if delivery != "client-copy" and _holds(dest, result.get("size")):
+        if result.get("delivery") != "client-copy" and _placed_here(dest, result):
             return result
         store_path = result.get("store_path")
         if not isinstance(store_path, str):
@@ -297,11 +296,26 @@ class Client:
             conn.close()
 
 
-def _holds(path: str, size: Any) -> bool:
+def _placed_here(path: str, result: Event) -> bool:
+    """Whether ``path``, as this process sees it, is what the daemon placed.
+
+    A hard link must be the store file itself whenever the store is visible here: a file of
+    the same size left over from an earlier run (the daemon linked into its own private
+    ``/tmp``, say) is not it. Otherwise the size must match.
+    """
     try:
         st = os.stat(path)
     except OSError:
         return False
+    store_path = result.get("store_path")
+    if result.get("delivery") == "hardlink" and isinstance(store_path, str):
+        try:
+            store = os.stat(store_path)
+        except OSError:
+            pass
+        else:
+            return (st.st_dev, st.st_ino) == (store.st_dev, store.st_ino)
+    size = result.get("size")
     return not isinstance(size, int) or st.st_size == size
 
 

@@ -236,6 +236,18 @@ def test_tag_and_digest_disagreeing_is_a_checksum_error(fake: FakeClient, tmp_pa
     assert not os.path.exists(ud.localpath)
 
 
+def test_offline_a_stale_tag_cache_does_not_fail_a_pinned_digest(
+        fake: FakeClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fake.tags["debian:12"] = DIGEST_B  # what the daemon's tag cache last saw
+    fake.offline_store.add(f"debian@{DIGEST_A}")
+    d = make_datastore(tmp_path, BB_NO_NETWORK="1")
+    with caplog.at_level(logging.WARNING):
+        ud = fetch(f"docker://debian;digest={DIGEST_A};tag=12", d)
+    assert os.path.exists(ud.localpath + ".done")
+    assert fake.calls[0][2]["offline"] is True
+    assert "not checked again offline" in caplog.text
+
+
 def test_missing_digest_strict_is_an_error_before_any_download(fake: FakeClient, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     fake.tags["debian:12"] = DIGEST_A

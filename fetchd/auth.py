@@ -192,7 +192,10 @@ async def fetch_token(
     realm = challenge.realm
     if not realm:
         raise Unauthorized(f"registry {registry} asked for a bearer token but named no realm")
-    parts = urlsplit(realm)
+    try:
+        parts = urlsplit(realm)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise Unauthorized(f"registry {registry}: its token realm is not a valid URL") from None
     if parts.scheme == "http" and not (allow_http or is_loopback(parts.netloc)):
         raise InsecureRegistry(
             f"registry {registry} sends its token requests to plain-HTTP {parts.netloc}; "

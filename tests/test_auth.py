@@ -22,7 +22,7 @@ from fetchd.auth import (
     parse_challenges,
 )
 from fetchd.config import BasicCredentials
-from fetchd.errors import InsecureRegistry
+from fetchd.errors import InsecureRegistry, Unauthorized
 
 CHALLENGES = [
     ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -84,6 +84,13 @@ async def test_plain_http_token_realm_is_refused_unless_allowed() -> None:
     challenge = Challenge("bearer", (("realm", "http://auth.example.com/token"),))
     with pytest.raises(InsecureRegistry, match="insecure = true"):
         # refused before any connection is made: no session is needed
+        await fetch_token(None, challenge, "repository:a:pull", None,  # type: ignore[arg-type]
+                          registry="quay.io", allow_http=False, timeout=1)
+
+
+async def test_malformed_token_realm_is_a_clear_error() -> None:
+    challenge = Challenge("bearer", (("realm", "https://[::1/token"),))
+    with pytest.raises(Unauthorized, match="not a valid URL"):
         await fetch_token(None, challenge, "repository:a:pull", None,  # type: ignore[arg-type]
                           registry="quay.io", allow_http=False, timeout=1)
 

@@ -606,6 +606,10 @@ def _answers(path: str) -> bool:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
+        except PermissionError:
+            raise ConfigError(f"{path} exists and this user may not connect to it, so it cannot "
+                              "tell whether a daemon answers there: remove it as its owner, or "
+                              "choose another --socket") from None
         except OSError as e:
             return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
     return True

@@ -366,3 +366,25 @@ def test_socket_is_never_open_to_others_while_it_is_set_up(
     sock.close()
     assert seen and seen[0] & 0o077 == 0, oct(seen[0])
     assert os.stat(tmp_path / "fetchd.sock").st_mode & 0o777 == 0o660
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to probe as another uid")
+def test_socket_this_user_may_not_probe_is_not_called_another_daemon() -> None:
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="fetchd-test-"))  # pytest's tmp_path is root-only
+    tmp_path.chmod(0o755)
+    listen_unix(str(tmp_path / "fetchd.sock"), 0o600).close()  # root's, stale
+    code = ("import os, sys\nfrom fetchd.server import listen_unix\n"
+            f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+            "try:\n    listen_unix(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fetchd.sock")],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    shutil.rmtree(tmp_path)
+    assert "may not connect to it" in out.stdout, out.stdout + out.stderr
+    assert "another fetchd" not in out.stdout

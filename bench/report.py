@@ -64,7 +64,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "### Scenarios",
         "",
-        "Times are wall medians. Registry MB = bytes the registry served through the counting "
+        "Times are wall medians; the ratios are medians of each run's ratio (fetchd and seed, "
+        "and the floor, are measured minutes apart within a run). Registry MB = bytes the registry served through the counting "
         "proxy (headers included). RSS: fetchd = daemon peak (VmHWM after a reset, and VmRSS "
         "of its process tree polled every 20 ms); seed = largest `ru_maxrss` of its processes.",
         "",

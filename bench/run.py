@@ -151,7 +151,7 @@ def combine_floors(floor_runs: list[dict[str, dict[str, Any]]]) -> dict[str, dic
         runs = sorted((r[name] for r in floor_runs), key=lambda f: f["seconds"])
         out[name] = {**runs[len(runs) // 2],
                      "cpu_s": round(statistics.median(f["cpu_s"] for f in runs), 3),
-                     "runs_s": [f["seconds"] for f in runs]}
+                     "runs_s": [r[name]["seconds"] for r in floor_runs]}  # in run order
     return out
 
 
@@ -207,9 +207,18 @@ def _side_summary(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+def _per_run_ratio(pairs: list[tuple[float, float]]) -> float | None:
+    """Median over runs of a/b: each run's two figures were taken minutes apart at most, so
+    this follows a host whose load drifts better than a ratio of medians does."""
+    ratios = [a / b for a, b in pairs if b > 0]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def aggregate(per_run: list[dict[str, dict[str, dict[str, Sample]]]], networks: Sequence[str],
-              floors: dict[str, dict[str, Any]], inputs: dict[str, dict[str, Any]]
-              ) -> list[dict[str, Any]]:
+              floors: dict[str, dict[str, Any]], inputs: dict[str, dict[str, Any]],
+              floor_runs: Sequence[dict[str, dict[str, Any]]] = ()) -> list[dict[str, Any]]:
+    """One row per scenario and network. ``ratio_seed``/``ratio_floor`` are medians of the
+    per-run ratios (``*_of_medians`` keep the ratio of the medians)."""
     rows = []
     names = ["cold", "all", "shared", "level", "warm", "warm-small", "fanin-one", "fanin"]
     for net in networks:
@@ -225,13 +234,23 @@ def aggregate(per_run: list[dict[str, dict[str, dict[str, Sample]]]], networks: 
             if scen == "warm-small" and "seed" in row:
                 row["seed"]["note"] = "no cache: a fresh destination is a full run (= shared)"
             if "fetchd" in row and "seed" in row:
-                row["ratio_seed"] = round(row["fetchd"]["median_s"] / row["seed"]["median_s"], 3)
+                row["ratio_seed"] = _per_run_ratio(
+                    [(r[net]["fetchd"][scen].seconds, r[net]["seed"][scen].seconds)
+                     for r in per_run if "fetchd" in r.get(net, {}) and "seed" in r.get(net, {})])
+                row["ratio_seed_of_medians"] = round(
+                    row["fetchd"]["median_s"] / row["seed"]["median_s"], 3)
                 if row["seed"]["cpu_s"] > 0:
                     row["cpu_ratio_seed"] = round(row["fetchd"]["cpu_s"] / row["seed"]["cpu_s"], 3)
             if scen in floors:
                 row["floor_s"] = floors[scen]["seconds"]
                 if "fetchd" in row:
-                    row["ratio_floor"] = round(row["fetchd"]["median_s"] / floors[scen]["seconds"], 3)
+                    row["ratio_floor_of_medians"] = round(
+                        row["fetchd"]["median_s"] / floors[scen]["seconds"], 3)
+                    row["ratio_floor"] = _per_run_ratio(
+                        [(r[net]["fetchd"][scen].seconds, fl[scen]["seconds"])
+                         for r, fl in zip(per_run, floor_runs, strict=False)
+                         if "fetchd" in r.get(net, {}) and scen in fl]
+                    ) or row["ratio_floor_of_medians"]
                     if floors[scen]["cpu_s"] > 0:
                         row["cpu_ratio_floor"] = round(
                             row["fetchd"]["cpu_s"] / floors[scen]["cpu_s"], 3)
@@ -409,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     floors = combine_floors(floor_runs)
-    rows = aggregate(per_run, networks, floors, inputs)
+    rows = aggregate(per_run, networks, floors, inputs, floor_runs)
     results: dict[str, Any] = {
         "machine": {**machine_info(), "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},

@@ -65,11 +65,14 @@ class WanProxy:
     """
 
     def __init__(self, upstream: str, *, rate: float | None = None, delay: float = 0.0,
-                 burst: int = 256 * 1024, listen_host: str = "127.0.0.1") -> None:
+                 burst: int = 256 * 1024, listen_host: str = "127.0.0.1",
+                 log_requests: bool = False) -> None:
         host, _, port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host, int(port)
         self.rate, self.delay, self.burst = rate, delay, burst
         self.listen_host = listen_host
+        self.log_requests = log_requests
+        self.requests: list[tuple[float, int, str]] = []  # (monotonic, connection, request line)
         self.port = 0
         self._down = self._up = self._conns = 0
         self._lock = threading.Lock()
@@ -119,6 +122,7 @@ class WanProxy:
         self._tasks.add(task)
         with self._lock:
             self._conns += 1
+            conn_id = self._conns
         try:
             ureader, uwriter = await asyncio.open_connection(self.upstream_host, self.upstream_port,
                                                              limit=4 * CHUNK)
@@ -128,7 +132,7 @@ class WanProxy:
             return
         # Pending request time: set by the client->upstream pump, consumed by the other one.
         state: dict[str, float | None] = {"request_at": None}
-        up = asyncio.ensure_future(self._pump_up(creader, uwriter, state))
+        up = asyncio.ensure_future(self._pump_up(creader, uwriter, state, conn_id))
         down = asyncio.ensure_future(self._pump_down(ureader, cwriter, state))
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -143,10 +147,14 @@ class WanProxy:
             self._tasks.discard(task)
 
     async def _pump_up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       state: dict[str, float | None]) -> None:
+                       state: dict[str, float | None], conn_id: int = 0) -> None:
         while data := await reader.read(CHUNK):
             if state["request_at"] is None:
                 state["request_at"] = time.monotonic()
+                if self.log_requests:  # diagnostics: which requests, in what order
+                    line = data.split(b"\r\n", 1)[0].decode("latin-1")[:200]
+                    with self._lock:
+                        self.requests.append((state["request_at"], conn_id, line))
             writer.write(data)
             with self._lock:
                 self._up += len(data)

@@ -150,11 +150,11 @@ class WanProxy:
                        state: dict[str, float | None], conn_id: int = 0) -> None:
         while data := await reader.read(CHUNK):
             if state["request_at"] is None:
-                state["request_at"] = time.monotonic()
+                now = state["request_at"] = time.monotonic()
                 if self.log_requests:  # diagnostics: which requests, in what order
                     line = data.split(b"\r\n", 1)[0].decode("latin-1")[:200]
                     with self._lock:
-                        self.requests.append((state["request_at"], conn_id, line))
+                        self.requests.append((now, conn_id, line))
             writer.write(data)
             with self._lock:
                 self._up += len(data)

@@ -91,6 +91,9 @@ class HashingSink:
         async with self._lock:  # one writer/hasher at a time; the event loop stays free
             await asyncio.to_thread(self._absorb, offset, data)
 
+    def held_ranges(self) -> list[tuple[int, int]]:
+        return []  # a fresh sink holds nothing beyond its prefix (no resume in this bench)
+
     async def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, 0)
         self.hash, self.hashed, self.spans = hashlib.sha256(), 0, []
@@ -111,6 +114,9 @@ class NullSink:
 
     async def write_at(self, offset: int, data: bytes) -> None:
         self.written += len(data)
+
+    def held_ranges(self) -> list[tuple[int, int]]:
+        return []
 
     async def truncate(self, size: int) -> None:
         self.written = 0

@@ -21,10 +21,14 @@ sha256 + zstd into the file, then writes the header frame into the reserved spac
 8 GiB or more needs a PAX header, 1536 bytes: that rare file is rewritten once.)
 
 Assembly overlaps compression: the archive file is appended in layer order while layers are
-compressed, up to ``threads`` layers at a time, each with ``threads`` zstd workers. Cached
+compressed, each in a slot of a ``CompressionBudget`` (the daemon shares one among all packs,
+so CPU and zstd memory stay bounded however many images are packed at once). Cached
 frames are copied in (``copy_file_range``); the first layer still to be made when everything
 before it is in writes its output to its frame file and to the archive at once, so the
 biggest bytes (a single-layer base image) are never copied. The tail frame closes the file.
+
+Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
+is decompressed and compressed as its bytes come in (``LayerStore.read_following``).
 
 Concurrent packs in one process share frames being made (single-flight per store and frame
 key): two images on one new base compress that base once.
@@ -42,6 +46,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -50,11 +55,11 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, TypeVar, cast
 
 import zstandard
 
@@ -85,6 +90,7 @@ FRAME_MEDIA_TYPE = "application/vnd.fetchd.tar-member+zstd"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
 _PROGRESS_INTERVAL = 0.25
+_R = TypeVar("_R")
 
 
 class PackStore(Protocol):
@@ -166,6 +172,209 @@ def raw_zstd_frame(data: bytes) -> bytes:
         raise ValueError(f"raw zstd frame of {n} bytes not supported")
     return (_ZSTD_MAGIC + b"\x60" + (n - 256).to_bytes(2, "little")
             + (1 | n << 3).to_bytes(3, "little") + data)
+
+
+# --------------------------------------------------------------------------- the CPU budget
+
+MiB = 1 << 20
+# RSS growth of one ZstdCompressor stream (python-zstandard 0.25.0) while it compresses a
+# large input: (upper bound of the level band, MiB with threads=1, MiB per extra thread).
+# Measured by streaming 160 MiB through a fresh context; a later level's window and tables
+# dominate, the worker count adds buffers.
+_CONTEXT_MEMORY = ((1, 11, 2), (4, 33, 9), (8, 40, 13), (9, 74, 26), (11, 84, 36),
+                   (16, 130, 57), (19, 210, 112))
+_OWN_BUFFERS = 12 * MiB  # per layer: 1 MiB chunks, <= 8 MiB queued for sha256, write buffers
+
+
+def context_memory(level: int, threads: int) -> int:
+    """Estimated peak bytes one layer compression at ``level`` with ``threads`` takes."""
+    for top, one, extra in _CONTEXT_MEMORY:
+        if level <= top:
+            return (one + extra * (max(1, threads) - 1)) * MiB + _OWN_BUFFERS
+    raise CompressionLevelInvalid(f"no memory estimate for zstd level {level}")
+
+
+class CompressionBudget:
+    """The daemon-wide bound on layer compressions, shared by every pack of one process.
+
+    A compression holds a slot from before its ZstdCompressor exists until the frame is
+    written. Invariants: at most ``workers`` compressions hold slots at once, and their
+    estimated memory (``context_memory``) stays within ``memory`` -- except that one
+    compression may always run alone, so a level whose single context exceeds ``memory``
+    (17-19) still works, one layer at a time. Each compression gets the most zstd threads
+    (up to ``workers``) whose estimate fits ``memory``: the output bytes are the same for any
+    thread count >= 1, so this changes speed and memory, never the archive.
+
+    Slots go first come, first served, except that a waiter whose input is complete (its
+    ``ready()`` is true) goes before one still waiting for bytes: a slot should not sit idle
+    behind a download while a downloaded layer waits. Use only from one event loop.
+    """
+
+    def __init__(self, workers: int | None = None, memory: int = 128 * MiB) -> None:
+        self.workers = max(1, workers if workers is not None else usable_cpus())
+        self.memory = memory
+        self.active = 0
+        self.used = 0
+        self.peak_active = 0  # the most compressions that ever held slots at once
+        self._waiters: list[tuple[asyncio.Future[None], int, Callable[[], bool] | None]] = []
+
+    def threads(self, level: int) -> int:
+        """zstd threads for one compression at ``level`` (>= 1; the bytes do not depend on it)."""
+        t = self.workers
+        while t > 1 and context_memory(level, t) > self.memory:
+            t -= 1
+        return t
+
+    @contextlib.asynccontextmanager
+    async def slot(self, level: int,
+                   ready: Callable[[], bool] | None = None) -> AsyncIterator[int]:
+        """Hold a compression slot for ``level``; yields the zstd thread count to use."""
+        threads = self.threads(level)
+        cost = context_memory(level, threads)
+        if self._waiters or not self._fits(cost):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (fut, cost, ready)
+            self._waiters.append(entry)
+            try:
+                await fut
+            except BaseException:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                elif fut.done() and not fut.cancelled():
+                    self._release(cost)  # granted just as we were cancelled: pass it on
+                raise
+        else:
+            self._take(cost)
+        try:
+            yield threads
+        finally:
+            self._release(cost)
+
+    def _fits(self, cost: int) -> bool:
+        return self.active == 0 or (self.active < self.workers and self.used + cost <= self.memory)
+
+    def _take(self, cost: int) -> None:
+        self.active += 1
+        self.used += cost
+        self.peak_active = max(self.peak_active, self.active)
+
+    def _release(self, cost: int) -> None:
+        self.active -= 1
+        self.used -= cost
+        self._grant()
+
+    def _grant(self) -> None:
+        order = ([w for w in self._waiters if w[2] is not None and w[2]()]
+                 + [w for w in self._waiters if w[2] is None or not w[2]()])
+        for entry in order:
+            fut, cost, _ = entry
+            if not self._fits(cost):
+                return  # no overtaking beyond readiness: a big compression is not starved
+            self._waiters.remove(entry)
+            self._take(cost)
+            fut.set_result(None)
+
+
+# --------------------------------------------------------------------------- following a download
+
+Follow = Callable[[Digest], AsyncIterator[bytes]]
+"""A layer's bytes while it downloads (``LayerStore.read_following``): the iterator ends
+cleanly only when the whole blob was verified (and committed) by the store."""
+
+_WAKE = 0.05  # seconds between looks at ``abort`` while a reader waits for bytes
+
+
+class _FollowReader:
+    """A blocking reader (for a worker thread) over an async byte stream of the event loop.
+
+    Each ``read`` asks the loop for the next chunk and blocks until it comes: one chunk in
+    flight, so memory stays flat whatever the layer size. While it waits it looks at
+    ``abort`` every 50 ms (the download may stall; the pack may be stopped meanwhile).
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop,
+                 abort: threading.Event) -> None:
+        self._chunks = chunks
+        self._loop = loop
+        self._abort = abort
+        self._buf = b""
+        self._eof = False
+        self._task: asyncio.Task[Any] | None = None
+
+    async def _next(self) -> bytes | None:
+        self._task = asyncio.current_task()
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return None
+        finally:
+            self._task = None
+
+    def _pull(self) -> bytes | None:
+        if self._abort.is_set() or self._loop.is_closed():
+            raise _Aborted
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+        except RuntimeError:  # the loop is closed
+            raise _Aborted from None
+        while True:
+            try:
+                return fut.result(timeout=_WAKE)
+            except concurrent.futures.TimeoutError:
+                if self._abort.is_set() or self._loop.is_closed():
+                    raise _Aborted from None
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end); all the rest when ``n`` < 0."""
+        parts = [self._buf]
+        have = len(self._buf)
+        while not self._eof and (n < 0 or have < n):
+            chunk = self._pull()
+            if chunk is None:
+                self._eof = True
+            else:
+                parts.append(chunk)
+                have += len(chunk)
+        data = b"".join(parts)
+        if n < 0 or len(data) <= n:
+            self._buf = b""
+            return data
+        self._buf = data[n:]
+        return data[:n]
+
+    def close(self) -> None:
+        """Stop the stream on the loop (closes its file); waits for that unless stopped."""
+
+        async def stop() -> None:
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+        if self._loop.is_closed():
+            return
+        try:
+            fut = asyncio.run_coroutine_threadsafe(stop(), self._loop)
+        except RuntimeError:
+            return
+        while True:
+            try:
+                fut.result(timeout=_WAKE)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._loop.is_closed():
+                    return
+            except Exception:  # noqa: BLE001 -- the stream's own error was reported by read
+                return
+
+    def __enter__(self) -> _FollowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- the archive file
@@ -431,11 +640,17 @@ def _prepend_header(path: Path, header: bytes) -> None:
 
 def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, image_name: str,
                  abort: threading.Event, progress: ProgressSink | None,
-                 archive: _ArchiveBuilder) -> Digest:
-    """Make, verify and commit one layer frame, and get it into the archive (worker thread)."""
+                 archive: _ArchiveBuilder,
+                 source: Callable[[], AbstractContextManager[Any]]) -> Digest:
+    """Make, verify and commit one layer frame, and get it into the archive (worker thread).
+
+    ``source`` opens the layer's bytes: the blob file, or a reader that follows its download
+    and ends cleanly only once the store verified and committed the blob. So a frame is
+    committed only after its layer blob was committed and its diff_id matched.
+    """
     tmp = store.temp_path(".frame.zst")
     try:
-        with store.open_blob(job.descriptor.digest) as src:
+        with source() as src:
             size, in_archive = make_layer_frame(src, tmp, job, level, threads,
                                                 image_name=image_name, abort=abort,
                                                 progress=progress, archive=archive)
@@ -475,10 +690,21 @@ def _layer_jobs(manifest: ImageManifest, diff_ids: Sequence[Digest], where: str)
 async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
                      level: int, *, threads: int | None = None,
                      progress: ProgressSink | None = None, image_name: str = "",
-                     manifest_digest: Digest | None = None) -> PackResult:
+                     manifest_digest: Digest | None = None,
+                     budget: CompressionBudget | None = None,
+                     follow: Follow | None = None) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
-    The layer blobs of ``manifest`` must be in the store (the caller leases them). The archive
+    The layer blobs of ``manifest`` must be in the store (the caller leases them), or, with
+    ``follow``, be downloading into it: a layer not in the store when its compression starts
+    is read through ``follow(digest)`` while its bytes arrive (``LayerStore.read_following``).
+    A follow that fails fails the pack; every frame and the archive are committed only from
+    a stream that ended cleanly, i.e. after the store committed (size and digest verified)
+    the blob, and after the layer's diff_id matched.
+
+    Compressions wait for slots of ``budget`` (shared by every pack of the daemon, which
+    bounds CPU and memory across images); without one, this call gets a budget of its own
+    with ``threads`` (default: usable CPUs) workers. ``threads`` never changes the bytes. The archive
     is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
     ``manifest_digest`` the config digest stands in for it (the archive's content depends
     only on the config, the layers it names and ``repo_tag``).
@@ -486,16 +712,19 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     failure (disk full, read-only store) raises StoreError; nothing half-written is kept.
     """
     try:
-        return await _pack_image(store, manifest, config_raw, repo_tag, level, threads=threads,
+        if budget is None:
+            budget = CompressionBudget(threads if threads is not None else usable_cpus())
+        return await _pack_image(store, manifest, config_raw, repo_tag, level, budget=budget,
                                  progress=progress, image_name=image_name,
-                                 manifest_digest=manifest_digest)
+                                 manifest_digest=manifest_digest, follow=follow)
     except OSError as e:
         raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
 
 
 async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
-                      level: int, *, threads: int | None, progress: ProgressSink | None,
-                      image_name: str, manifest_digest: Digest | None) -> PackResult:
+                      level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
+                      image_name: str, manifest_digest: Digest | None,
+                      follow: Follow | None) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -509,7 +738,6 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     jobs = _layer_jobs(manifest, config.diff_ids, where)
     tail = archive_tail(config_raw, qualified, where)
     key = archive_key(manifest_digest or config_digest, qualified, level)
-    workers = max(1, threads if threads is not None else _usable_cpus())
 
     cached = store.get_alias("archive", key)
     if cached is not None:
@@ -534,7 +762,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
 
     async def finish() -> Digest:
         await complete.wait()
-        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level, workers)
+        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level)
 
     # The archive is finished and committed as soon as its last layer entry is in, while the
     # frames' own commits (hashing, fsync) may still run.
@@ -551,8 +779,8 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             await asyncio.to_thread(archive.add_ready, {
                 job.entry: store.blob_path(frames[job.diff_id])
                 for job in jobs if job.diff_id in frames})
-            made, compressed = await _build_frames(store, todo, level, workers, where, progress,
-                                                   archive)
+            made, compressed = await _build_frames(store, todo, level, budget, where, progress,
+                                                   archive, follow)
             leases.enter_context(store.lease(made.values(), holder))
             _emit(progress, {"state": "assemble", "layers": len(jobs)})
             digest = await finisher
@@ -567,24 +795,32 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
 
 
 def _finish_archive(store: PackStore, archive: _ArchiveBuilder, tail: bytes, key: str,
-                    level: int, threads: int) -> Digest:
-    archive.finish(compressor(level, threads).compress(tail))
+                    level: int) -> Digest:
+    # one thread: the tail is small, and the bytes are the same for any thread count >= 1
+    archive.finish(compressor(level, 1).compress(tail))
     return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE)
 
 
-async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int, workers: int,
-                        where: str, progress: ProgressSink | None,
-                        archive: _ArchiveBuilder) -> tuple[dict[Digest, Digest], int]:
-    """Make the missing layer frames: up to ``workers`` layers at a time, each with ``workers``
-    zstd threads. Returns the frames and how many of them this call compressed itself (the
-    others were being made by a concurrent pack of another image and were waited for).
+async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
+                        budget: CompressionBudget, where: str, progress: ProgressSink | None,
+                        archive: _ArchiveBuilder,
+                        follow: Follow | None) -> tuple[dict[Digest, Digest], int]:
+    """Make the missing layer frames, each in a slot of ``budget``. Returns the frames and
+    how many of them this call compressed itself (the others were being made by a concurrent
+    pack of another image and were waited for).
 
     On the first failure the other layers stop early and that first failure is raised; so
     does cancellation (the worker threads notice ``abort`` within one chunk).
     """
     abort = threading.Event()
-    slots = asyncio.Semaphore(workers)
     flights = _flights(store)
+    loop = asyncio.get_running_loop()
+
+    def source(digest: Digest) -> Callable[[], AbstractContextManager[Any]]:
+        if follow is None or store.blob_path(digest).is_file():
+            return lambda: store.open_blob(digest)
+        # still downloading: the worker thread reads the bytes as they arrive
+        return lambda: _FollowReader(follow(digest), loop, abort)
 
     async def one(job: _LayerJob) -> tuple[Digest, bool]:
         key = frame_key(job.diff_id, level)
@@ -605,11 +841,12 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
         fut: asyncio.Future[Digest] = asyncio.get_running_loop().create_future()
         flights[key] = fut
         try:
-            async with slots:
+            blob = job.descriptor.digest
+            async with budget.slot(level, lambda: store.blob_path(blob).is_file()) as threads:
                 if abort.is_set():
                     raise _Aborted
-                digest = await asyncio.to_thread(_build_frame, store, job, level, workers, where,
-                                                 abort, progress, archive)
+                digest = await _in_thread(_build_frame, store, job, level, threads, where,
+                                          abort, progress, archive, source(blob))
             fut.set_result(digest)
             return digest, True
         except Exception as e:
@@ -654,7 +891,35 @@ def _flights(store: PackStore) -> dict[str, asyncio.Future[Digest]]:
         return {}
 
 
-def _usable_cpus() -> int:
+async def _in_thread(fn: Callable[..., _R], *args: Any) -> _R:
+    """``fn(*args)`` in a thread of its own, not the loop's default executor: a frame worker
+    may block for as long as its layer downloads, and the download's own file writes go
+    through that executor."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_R] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 -- handed to the awaiting task
+            outcome = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="fetchd-pack", daemon=True).start()
+    return await fut
+
+
+def usable_cpus() -> int:
     """CPUs this process may run on (taskset/cpuset limits count, unlike os.cpu_count())."""
     try:
         return len(os.sched_getaffinity(0)) or 1

@@ -8,7 +8,14 @@ never cancels work that others still wait for.
 Flow of a job: resolve the tag (tag cache, then HEAD) -> top manifest (store first) -> platform
 entry of an index -> manifest -> config -> layers whose zstd frame at this level is not cached
 yet (each fetched once into the store, single-flight per digest) -> ``pack_image`` under a lease
--> ``FetchResult``. Every manifest and blob is kept in the store by digest, so an offline request
+-> ``FetchResult``. The pack starts as soon as the config is known: a layer still downloading is
+compressed while its bytes arrive (``pack_image(follow=...)``); the archive is committed only
+once every layer blob it was made from is committed (size and digest verified) and each diff_id
+matched. A download that fails abandons the pack: no archive.
+
+Jobs do not wait for each other to download: network work is bounded by the registry client's
+connection budget per host, CPU work (and zstd memory) by one ``CompressionBudget`` that every
+pack of the daemon shares. Every manifest and blob is kept in the store by digest, so an offline request
 can be answered from the store alone; a miss says exactly what is missing.
 """
 
@@ -41,7 +48,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import archive_key, check_level, frame_key, pack_image
+from .pack import CompressionBudget, PackResult, archive_key, check_level, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient
@@ -198,14 +205,21 @@ class Job:
 
 
 class Puller:
-    """Runs fetch jobs against one store and one registry client (both shared by the daemon)."""
+    """Runs fetch jobs against one store and one registry client (both shared by the daemon).
 
-    def __init__(self, store: LayerStore, registry: RegistryClient, config: Config) -> None:
+    ``budget`` bounds the layer compressions of all jobs together (default: one per usable
+    CPU, within the zstd memory estimate); ``server.max_jobs`` only caps how many jobs run at
+    once (a job waiting for a slot has not started to resolve nor to download).
+    """
+
+    def __init__(self, store: LayerStore, registry: RegistryClient, config: Config,
+                 budget: CompressionBudget | None = None) -> None:
         self.store = store
         self.registry = registry
         self.config = config
+        self.budget = budget if budget is not None else CompressionBudget()
         self._jobs: dict[tuple[str, str, int, str, bool], Job] = {}
-        self._slots = asyncio.Semaphore(max(1, int(getattr(config.server, "max_jobs", 8))))
+        self._slots = asyncio.Semaphore(max(1, int(getattr(config.server, "max_jobs", 32))))
         self._closing = False
         self.tag_cache_ttl = float(getattr(config.network, "tag_cache_ttl", 60.0))
         self.completed = 0
@@ -334,11 +348,10 @@ class Puller:
                       if (f := self.store.get_alias("frame", frame_key(d, req.level))) is not None]
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
                                    *frames], f"pull {where}"):
-                downloaded = await self._ensure_layers(job, ref, image, config.diff_ids, req)
-                job.push({"event": "pack", "state": "start", "level": req.level})
-                packed = await pack_image(self.store, image, config_raw, repo_tag, req.level,
-                                          progress=_PackProgress(job), image_name=where,
-                                          manifest_digest=manifest_digest)
+                needed = self._needed_layers(job, ref, image, config.diff_ids, req)
+                downloaded = len(needed)
+                packed = await self._download_and_pack(job, ref, image, needed, config_raw,
+                                                       repo_tag, manifest_digest)
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
@@ -437,10 +450,66 @@ class Puller:
         await asyncio.to_thread(self.store.commit_bytes, body, desc.digest, desc.media_type or None)
         return body
 
-    async def _ensure_layers(self, job: Job, ref: Reference, image: ImageManifest,
-                             diff_ids: tuple[Digest, ...], req: FetchRequest) -> int:
-        """Bring into the store every layer whose frame at this level is not cached. Returns the
-        number of blobs that had to be downloaded."""
+    async def _download_and_pack(self, job: Job, ref: Reference, image: ImageManifest,
+                                 needed: list[Any], config_raw: bytes, repo_tag: str,
+                                 manifest_digest: Digest) -> PackResult:
+        """Download ``needed`` and pack the image at once; the packed archive.
+
+        The pack follows the downloads (see ``pack_image``). When a download fails, the pack
+        is cancelled and the download's error raised: no archive. When the pack fails only
+        because a layer it followed failed once (a mirror's wrong bytes, fetched again from
+        the next source by ``_download``), and every download then succeeded, the image is
+        packed again from the store.
+        """
+        req = job.request
+        where = str(ref)
+        downloads = asyncio.gather(*(self._download(job, ref, layer) for layer in needed))
+        follower = _Follower(self.store)
+
+        def pack(follow: bool) -> asyncio.Task[PackResult]:
+            return asyncio.ensure_future(pack_image(
+                self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
+                image_name=where, manifest_digest=manifest_digest, budget=self.budget,
+                follow=follower.read if follow and needed else None))
+
+        job.push({"event": "pack", "state": "start", "level": req.level})
+        packing = pack(True)
+        try:
+            both: list[asyncio.Future[Any]] = [packing, downloads]
+            await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
+            if downloads.done() and downloads.exception() is not None:
+                packing.cancel()
+                await asyncio.wait([packing])
+                if not packing.cancelled():
+                    packing.exception()  # retrieved: the download's error is the one to report
+                await downloads  # raises it
+            if packing.done() and packing.exception() is not None:
+                if not follower.failed:
+                    downloads.cancel()  # the pack's own failure (bad layer, disk full)
+                    await asyncio.wait([downloads])
+                    if not downloads.cancelled():
+                        downloads.exception()
+                    return await packing  # raises it
+                await downloads  # a download's error, if one failed for good
+                packing.exception()
+                log.info("pack of %s followed a download that was retried; packing again", where)
+                packing = pack(False)
+            await downloads
+            return await packing
+        except BaseException:
+            tasks: list[asyncio.Future[Any]] = [packing, downloads]
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()
+            raise
+
+    def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
+                       diff_ids: tuple[Digest, ...], req: FetchRequest) -> list[Any]:
+        """The distinct layers to download: those whose frame at this level is not cached
+        and whose blob is not in the store. NetworkDisabled if there are any offline."""
         needed = []
         for i, layer in enumerate(image.layers):
             if i < len(diff_ids):
@@ -459,9 +528,7 @@ class Puller:
             raise NetworkDisabled(
                 f"{ref}: layers not in the store and network access is disabled: {missing}"
             )
-        unique = {layer.digest: layer for layer in needed}
-        await asyncio.gather(*(self._download(job, ref, layer) for layer in unique.values()))
-        return len(unique)
+        return list({layer.digest: layer for layer in needed}.values())
 
     async def _download(self, job: Job, ref: Reference, layer: Any) -> None:
         """Fetch one layer into the store; wrong bytes from a mirror are fetched again elsewhere.
@@ -504,6 +571,22 @@ class Puller:
                                "the next source")
                     job.push({"event": "warning", "message": warning})
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "done"})
+
+
+class _Follower:
+    """``LayerStore.read_following`` for pack, remembering whether a followed stream failed."""
+
+    def __init__(self, store: LayerStore) -> None:
+        self.store = store
+        self.failed = False
+
+    async def read(self, digest: Digest) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.store.read_following(digest):
+                yield chunk
+        except FetchdError:
+            self.failed = True
+            raise
 
 
 class _LayerProgress:

@@ -74,21 +74,27 @@ async def follow_flight(flight: Flight, d: Digest) -> AsyncIterator[bytes]:
             ing = flight.ingest
             task = flight.task
             assert task is not None
+            if task.done():
+                path = task.result()  # raises the ingest's error
+                if fd < 0:
+                    fd = await asyncio.to_thread(_open, path)
+                async for chunk in _rest(fd, pos, hasher, d):  # same inode as the part
+                    yield chunk
+                return
             if ing is not None and ing.offset > pos:
                 if fd < 0:
-                    fd = await asyncio.to_thread(_open, ing.part)
+                    try:
+                        fd = await asyncio.to_thread(_open, ing.part)
+                    except FileNotFoundError:
+                        # committed (renamed into blobs/) or discarded since: the task
+                        # ends next and says which
+                        await asyncio.wait([task])
+                        continue
                 want = min(ing.offset - pos, CHUNK)
                 chunk = await asyncio.to_thread(pread_hash, fd, want, pos, hasher)
                 pos += len(chunk)
                 yield chunk
                 continue
-            if task.done():
-                path = task.result()  # raises the ingest's error
-                if fd < 0:
-                    fd = await asyncio.to_thread(_open, path)
-                async for chunk in _rest(fd, pos, hasher, d):
-                    yield chunk
-                return
             await flight.wait()
     finally:
         if fd >= 0:

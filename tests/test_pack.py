@@ -9,6 +9,7 @@ pack never talks to a registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -549,3 +550,253 @@ async def test_unusual_config_and_mislabeled_layer_as_skopeo(
         f"docker-archive:{out}:{repo_tag}")
     result = await pack(store, part, repo_tag)
     assert unzstd(result.path) == out.read_bytes()
+
+
+# --------------------------------------------------------------------------- following downloads
+
+
+def _layers_image(*contents: bytes) -> PlatformImage:
+    return make_image("linux/amd64", [make_layer(c, "gzip") for c in contents])
+
+
+def _manifest(part: PlatformImage) -> ImageManifest:
+    m = parse_manifest(part.manifest_bytes, part.manifest_media_type, "t")
+    assert isinstance(m, ImageManifest)
+    return m
+
+
+class _HalfThenWait:
+    """A fetch that writes the first half of a blob, then waits for ``release`` (or fails)."""
+
+    def __init__(self, data: bytes, fail: BaseException | None = None) -> None:
+        self.data = data
+        self.fail = fail
+        self.release = asyncio.Event()
+        self.half_written = asyncio.Event()
+
+    async def __call__(self, sink: Any) -> None:
+        half = len(self.data) // 2
+        await sink.write_at(0, self.data[:half])
+        self.half_written.set()
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        await sink.write_at(half, self.data[half:])
+
+
+def _counting_follow(store: LayerStore, seen: dict[Digest, int]) -> Callable[[Digest], Any]:
+    async def follow(digest: Digest) -> Any:
+        async for chunk in store.read_following(digest):
+            seen[digest] = seen.get(digest, 0) + len(chunk)
+            yield chunk
+    return follow
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    """Poll ``cond`` (the test's timeout bounds the wait; no wall-clock assertion)."""
+    while not cond():  # noqa: ASYNC110 -- set by worker threads, there is no event to await
+        await asyncio.sleep(0.005)
+
+
+async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path) -> None:
+    from support.images import text_bytes
+
+    part = _layers_image(text_bytes("base", 3 << 20), text_bytes("top", 2 << 20))
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        first, last = part.layers
+        put_blob(store, first.read())  # the base is in; the top layer is still downloading
+        fetch = _HalfThenWait(last.read())
+        download = asyncio.create_task(store.ensure_blob(last.digest, last.size, fetch))
+        await fetch.half_written.wait()
+        seen: dict[Digest, int] = {}
+        packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
+                                                 follow=_counting_follow(store, seen)))
+        # pack reads the first half of the last layer before its blob is committed
+        await _until(lambda: seen.get(last.digest, 0) >= last.size // 2)
+        assert not store.has(last.digest) and not packing.done()
+        assert store.get_alias("frame", frame_key(last.diff_id, 3)) is None
+        fetch.release.set()
+        result = await packing
+        assert (await download).is_file()
+        assert seen[last.digest] == last.size
+        # the same bytes as packing from a complete store
+        expected = await pack(reference, part, "x:1", 3)
+        assert result.digest == expected.digest
+    finally:
+        store.close()
+        reference.close()
+
+
+@pytest.mark.parametrize("failure", ["registry-error", "wrong-bytes"])
+async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
+        tmp_path: Path, failure: str) -> None:
+    from support.images import text_bytes
+
+    from fetchd.errors import RegistryError
+
+    part = _layers_image(text_bytes("only", 2 << 20))
+    (layer,) = part.layers
+    data = layer.read()
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        if failure == "registry-error":
+            fetch = _HalfThenWait(data, RegistryError("connection reset by the test"))
+            expected: type[Exception] = RegistryError
+        else:  # every byte arrives, but the second half is wrong
+            fetch = _HalfThenWait(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+            expected = DigestMismatch
+        download = asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
+        await fetch.half_written.wait()
+        seen: dict[Digest, int] = {}
+        packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
+                                                 follow=_counting_follow(store, seen)))
+        await _until(lambda: seen.get(layer.digest, 0) >= len(data) // 2)
+        fetch.release.set()
+        with pytest.raises(expected):
+            await download
+        with pytest.raises(expected):
+            await packing
+        assert not store.has(layer.digest)
+        assert store.get_alias("frame", frame_key(layer.diff_id, 3)) is None
+        assert store.get_alias("archive", archive_key(part.config_digest, "x:1", 3)) is None
+        assert list((store.root / "tmp").iterdir()) == []  # no half-made frame or archive left
+    finally:
+        store.close()
+
+
+async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path) -> None:
+    import threading
+
+    from support.images import text_bytes
+
+    part = _layers_image(text_bytes("stall", 2 << 20))
+    (layer,) = part.layers
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        fetch = _HalfThenWait(layer.read())
+        download = asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
+        await fetch.half_written.wait()
+        seen: dict[Digest, int] = {}
+        packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
+                                                 follow=_counting_follow(store, seen)))
+        await _until(lambda: seen.get(layer.digest, 0) >= layer.size // 2)
+        packing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await packing
+        # the frame worker, blocked on the stalled download, notices and ends
+        await _until(lambda: not any(t.name == "fetchd-pack" for t in threading.enumerate()))
+        assert not download.done()  # the download is not the pack's to stop
+        fetch.release.set()
+        assert (await download).is_file()
+        assert store.get_alias("archive", archive_key(part.config_digest, "x:1", 3)) is None
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+async def test_a_shared_budget_bounds_compressions_across_packs(tmp_path: Path) -> None:
+    from support.images import text_bytes
+
+    from fetchd.pack import CompressionBudget
+
+    parts = [_layers_image(text_bytes(f"img{i}a", 1 << 20), text_bytes(f"img{i}b", 1 << 20))
+             for i in range(3)]
+    budget = CompressionBudget(workers=2)
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+    try:
+        manifests = [put_image(store, p) for p in parts]
+        running = 0
+        most = 0
+        original = budget.slot
+
+        @contextlib.asynccontextmanager
+        async def counted(level: int, ready: Any = None) -> Any:
+            nonlocal running, most
+            async with original(level, ready) as threads:
+                running += 1
+                most = max(most, running)
+                try:
+                    await asyncio.sleep(0.01)  # hold it a little: let the others pile up
+                    yield threads
+                finally:
+                    running -= 1
+
+        budget.slot = counted  # type: ignore[method-assign]
+        results = await asyncio.gather(*(
+            pack_image(store, m, p.config_bytes, f"x{i}:1", 3, budget=budget)
+            for i, (m, p) in enumerate(zip(manifests, parts, strict=True))))
+        assert most == 2 and budget.peak_active == 2  # six layers, never more than two at once
+        assert budget.active == 0 and budget.used == 0
+        for i, (p, r) in enumerate(zip(parts, results, strict=True)):
+            assert r.digest == (await pack(reference, p, f"x{i}:1", 3, threads=1)).digest
+    finally:
+        store.close()
+        reference.close()
+
+
+def test_budget_threads_and_memory_by_level() -> None:
+    from fetchd.pack import CompressionBudget, context_memory
+
+    budget = CompressionBudget(workers=2)
+    assert budget.threads(3) == 2 and budget.threads(9) == 2
+    assert budget.threads(19) == 1  # one high-level context with 2 threads alone is > 300 MB
+    assert context_memory(19, 1) < context_memory(19, 2)
+    # two level-9 compressions do not fit the default memory: they run one after the other
+    assert 2 * context_memory(9, 2) > budget.memory >= 2 * context_memory(3, 2)
+
+
+async def test_budget_grants_ready_waiters_first_and_one_big_alone() -> None:
+    from fetchd.pack import CompressionBudget
+
+    budget = CompressionBudget(workers=2)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def use(name: str, level: int, ready: bool) -> None:
+        async with budget.slot(level, lambda: ready):
+            order.append(name)
+            if name == "first":
+                await gate.wait()
+
+    first = asyncio.create_task(use("first", 19, True))  # alone: too big for company
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(use("waiting-for-bytes", 3, False)),
+              asyncio.create_task(use("ready", 3, True))]
+    await asyncio.sleep(0.01)
+    assert order == ["first"] and budget.active == 1
+    gate.set()
+    await asyncio.gather(first, *others)
+    assert order == ["first", "ready", "waiting-for-bytes"]
+    assert budget.active == 0 and budget.used == 0
+
+
+async def test_budget_slot_cancelled_while_waiting_is_not_lost() -> None:
+    from fetchd.pack import CompressionBudget
+
+    budget = CompressionBudget(workers=1)
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with budget.slot(3):
+            await gate.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    gate.set()
+    await holder
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert budget.active == 0
+    async with budget.slot(3) as threads:  # the slot is free again
+        assert threads == 1

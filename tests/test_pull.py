@@ -44,16 +44,28 @@ async def puller(tmp_path: Path) -> AsyncIterator[Puller]:
 
 
 def _gc_after_layers(puller: Puller, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Run an evict-everything gc right after the job brought its layers into the store."""
+    """Run an evict-everything gc right after each layer download (the pack runs meanwhile)."""
     removed: list[int] = []
-    original = Puller._ensure_layers
+    original = Puller._download
 
-    async def then_gc(self: Puller, *args: Any) -> int:
-        n = await original(self, *args)
+    async def then_gc(self: Puller, *args: Any) -> None:
+        await original(self, *args)
         removed.append((await self.store.gc(max_size=0)).removed)
-        return n
 
-    monkeypatch.setattr(Puller, "_ensure_layers", then_gc)
+    monkeypatch.setattr(Puller, "_download", then_gc)
+    return removed
+
+
+def _gc_before_pack(puller: Puller, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Run an evict-everything gc right before the job downloads and packs."""
+    removed: list[int] = []
+    original = Puller._download_and_pack
+
+    async def gc_then(self: Puller, *args: Any) -> Any:
+        removed.append((await self.store.gc(max_size=0)).removed)
+        return await original(self, *args)
+
+    monkeypatch.setattr(Puller, "_download_and_pack", gc_then)
     return removed
 
 
@@ -88,6 +100,7 @@ async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
     with store.lease([f for f in frames if f is not None]):
         await store.gc(max_size=0)
     assert not any(store.has(layer.digest) for layer in image.only.layers)
-    _gc_after_layers(puller, monkeypatch)
+    removed = _gc_before_pack(puller, monkeypatch)
     await _pull(puller, image.reference, repo_tag="example.org/other:1")
+    assert len(removed) == 1  # the gc ran (it took the first archive, not the frames)
     assert not any(store.has(layer.digest) for layer in image.only.layers)

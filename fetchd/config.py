@@ -46,7 +46,10 @@ class ServerConfig:
     socket: str = DEFAULT_SOCKET_PATH
     socket_mode: int = 0o660
     socket_group: str | None = None
-    max_jobs: int = 4
+    # Jobs running at once (resolve, downloads, pack). Not a CPU knob: downloads are bounded by
+    # network.max_connections per host and compressions by the daemon's CompressionBudget,
+    # so this only keeps a burst of distinct requests from holding unbounded state.
+    max_jobs: int = 32
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ def test_no_file_gives_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.source is None
     assert config.store.path == DEFAULT_STORE_PATH
     assert config.server.socket == DEFAULT_SOCKET_PATH and config.server.socket_mode == 0o660
+    assert config.server.max_jobs == 32  # not a CPU bound: the compression budget is
     assert config.network == NetworkConfig()
     assert config.network.max_connections == 8 and config.network.range_parts == 8
     assert config.network.range_threshold == 32 * 1024 * 1024

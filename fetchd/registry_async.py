@@ -59,6 +59,10 @@ Progress = Callable[[int], None]
 
 MAX_SMALL_BLOB = 64 * 1024 * 1024
 FLUSH_SIZE = 1024 * 1024
+# Range pieces of a big blob are about this big: small enough that the blob arrives roughly in
+# order, big enough that a request's first-byte latency (tens of ms on a WAN) stays a small
+# share of its transfer time.
+ORDERED_SPAN = 8 * 1024 * 1024
 
 
 class BlobSink(Protocol):
@@ -348,14 +352,27 @@ class RegistryClient:
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
         path: str, gaps: list[tuple[int, int]],
     ) -> None:
-        """The ``gaps`` as parallel Range requests, about ``range_parts`` in all."""
+        """The ``gaps`` as Range requests on up to ``range_parts`` connections at once.
+
+        A big blob is cut into more spans than connections (pieces of ~``ORDERED_SPAN``),
+        taken in blob order by whichever connection is free: the bytes arrive roughly front
+        to back, so the ingest's verified prefix -- what a reader following the download
+        (pack) may use -- grows all along instead of jumping at the end.
+        """
         parts, total = self.net.range_parts, sum(b - a for a, b in gaps)
         min_part = max(1024 * 1024, self.net.range_threshold // (2 * parts))
+        pieces = max(parts, min(parts * 4, total // ORDERED_SPAN))
         spans = [span for a, b in gaps
-                 for span in split(a, b, max(1, round(parts * (b - a) / total)), min_part)]
-        tasks = [asyncio.create_task(self._fetch_span(ep, ref, desc, sink, a, b, counter,
-                                                      restart_ok=False, path=path))
-                 for a, b in spans]
+                 for span in split(a, b, max(1, round(pieces * (b - a) / total)), min_part)]
+        todo = list(reversed(spans))
+
+        async def connection() -> None:
+            while todo:
+                a, b = todo.pop()
+                await self._fetch_span(ep, ref, desc, sink, a, b, counter, restart_ok=False,
+                                       path=path)
+
+        tasks = [asyncio.create_task(connection()) for _ in range(min(parts, len(spans)))]
         try:
             await asyncio.gather(*tasks)
         except BaseException:

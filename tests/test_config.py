@@ -78,7 +78,7 @@ def test_no_file_gives_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.server.max_jobs == 32  # not a CPU bound: the compression budget is
     assert config.network == NetworkConfig()
     assert config.network.max_connections == 8 and config.network.range_parts == 8
-    assert config.network.range_threshold == 32 * 1024 * 1024
+    assert config.network.range_threshold == 4 * 1024 * 1024
     assert config.registry("quay.io") == RegistryConfig(host="quay.io")
 
 

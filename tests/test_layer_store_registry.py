@@ -122,3 +122,37 @@ async def test_resume_keeps_parallel_parts_done_beyond_the_prefix(images, tmp_pa
     assert path.read_bytes() == data
     assert host["bytes"] == n - sum(b - a for a, b in done)  # only the gaps crossed the wire
     store.close()
+
+
+async def test_a_big_blob_arrives_front_to_back_for_followers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More range pieces than connections, taken in blob order: the verified prefix (what
+    pack may read while the blob downloads) grows all along, not only at the end."""
+    import os
+
+    from fake_registry import FakeRegistry
+
+    import fetchd.registry_async as registry_async
+    from fetchd.digest import Digest
+    from fetchd.manifest import Descriptor
+
+    monkeypatch.setattr(registry_async, "ORDERED_SPAN", 2 * 1024 * 1024)
+    data = os.urandom(16 * 1024 * 1024)
+    fake = await FakeRegistry().start()
+    store = LayerStore(tmp_path / "store")
+    try:
+        fake.add_blob(data)
+        d = Digest.of(data)
+        desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", d, len(data))
+        ref = Reference.parse(f"{fake.host}/x/y:1")
+        async with _client(range_threshold=4 * 1024 * 1024, range_parts=2) as client:
+            path = await store.ensure_blob(d, len(data),
+                                           lambda sink: client.fetch_blob(ref, desc, sink))
+        assert path.read_bytes() == data
+        starts = [int(s.headers["Range"].split("=")[1].split("-")[0])
+                  for s in fake.requests("blob")[1:]]  # after the probe
+        assert len(starts) == 8  # 8 pieces of 2 MiB on 2 connections, not 2 halves
+        assert starts == sorted(starts)  # asked for in blob order
+    finally:
+        store.close()
+        await fake.close()

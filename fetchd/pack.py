@@ -845,8 +845,20 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
             async with budget.slot(level, lambda: store.blob_path(blob).is_file()) as threads:
                 if abort.is_set():
                     raise _Aborted
-                digest = await _in_thread(_build_frame, store, job, level, threads, where,
-                                          abort, progress, archive, source(blob))
+                work = asyncio.ensure_future(_in_thread(
+                    _build_frame, store, job, level, threads, where, abort, progress, archive,
+                    source(blob)))
+                try:
+                    digest = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # Hold the slot until the worker is gone (it sees ``abort`` within a
+                    # chunk, or 50 ms while it waits for bytes): when the pack ends, nothing
+                    # of it still runs, holds a zstd context or leaves a file behind.
+                    abort.set()
+                    await asyncio.wait([work])
+                    if not work.cancelled():
+                        work.exception()
+                    raise
             fut.set_result(digest)
             return digest, True
         except Exception as e:

@@ -104,3 +104,45 @@ async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
     await _pull(puller, image.reference, repo_tag="example.org/other:1")
     assert len(removed) == 1  # the gc ran (it took the first archive, not the frames)
     assert not any(store.has(layer.digest) for layer in image.only.layers)
+
+
+async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
+        tmp_path: Path) -> None:
+    from fake_registry import Fault, FakeRegistry
+    from support.images import make_image, make_layer, text_bytes
+
+    from fetchd.errors import RegistryError
+
+    base = make_layer(text_bytes("pull-base", 1 << 20), "gzip")
+    top = make_layer(text_bytes("pull-top", 2 << 20), "gzip")
+    part = make_image("linux/amd64", [base, top])
+    fake = await FakeRegistry().start()
+    config = Config.from_dict({"network": {"retries": 1, "backoff_base": 0.001}},
+                              env={"FETCHD_STORE": str(tmp_path / "store")})
+    store = LayerStore(tmp_path / "store")
+    client = RegistryClient(config)
+    puller = Puller(store, client, config)
+    try:
+        for blob in (part.config_bytes, base.read(), top.read()):
+            fake.add_blob(blob)
+        fake.add_manifest("x/y", "1", part.manifest_bytes, part.manifest_media_type)
+        # the config and the base are in the store: the only blob request is the top layer's,
+        # cut half-way, then the registry fails for good
+        store.commit_bytes(part.config_bytes, part.config_digest)
+        store.commit_bytes(base.read(), base.digest)
+        fake.fault("blob", Fault(cut_after=top.size // 2), *[Fault(status=500)] * 20)
+        job = puller.submit(FetchRequest(Reference.parse(f"{fake.host}/x/y:1"), AMD64))
+        with pytest.raises(RegistryError):
+            await job.wait()
+        events = [e async for e in job.events()]
+        assert [e["state"] for e in events if e["event"] == "pack"][:1] == ["start"]
+        assert not store.has(top.digest)
+        assert store.get_alias("frame", frame_key(top.diff_id, 3)) is None
+        assert not [e for e in events if e["event"] == "pack" and e.get("state") == "done"]
+        assert store.list_images() == []
+        assert list((store.root / "tmp").iterdir()) == []
+    finally:
+        await puller.close()
+        await client.close()
+        store.close()
+        await fake.close()

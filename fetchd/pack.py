@@ -386,9 +386,9 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view) or 0:]
 
 
-def _copy_into(dst: BinaryIO, path: Path) -> None:
-    """Append the file at ``path`` to ``dst`` (an unbuffered file positioned at its end)."""
-    with open(path, "rb") as src:
+def _copy_into(dst: BinaryIO, src: BinaryIO) -> None:
+    """Append all of ``src`` to ``dst`` (an unbuffered file positioned at its end); closes src."""
+    with src:
         remaining = os.fstat(src.fileno()).st_size
         try:
             while remaining > 0:
@@ -420,7 +420,8 @@ class _ArchiveBuilder:
         self._on_complete = on_complete
         self.file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed in finish/discard
         self._next = 0
-        self._ready: dict[int, Path] = {}
+        # open files: a frame stays readable after a gc took its blob (commit -> lease window)
+        self._ready: dict[int, BinaryIO] = {}
         self._teeing = False
         self._failed = False
         self._lock = threading.Lock()
@@ -463,12 +464,21 @@ class _ArchiveBuilder:
                 self.file.seek(start)
             self._drain()
 
-    def add_ready(self, entries: dict[int, Path]) -> None:
-        """Finished frame files; each is copied in when its turn comes."""
-        with self._lock:
-            self._check()
-            self._ready.update(entries)
-            self._drain()
+    def add_ready(self, entries: dict[int, Path | BinaryIO]) -> None:
+        """Finished frames (paths, opened now, or open files, closed when copied); each is
+        copied in when its turn comes. FileNotFoundError when a path is gone (gc)."""
+        files: dict[int, BinaryIO] = {}
+        try:
+            for entry, frame in entries.items():
+                files[entry] = open(frame, "rb") if isinstance(frame, Path) else frame  # noqa: SIM115
+            with self._lock:
+                self._check()
+                self._ready.update(files)
+                files = {}
+                self._drain()
+        finally:
+            for f in files.values():
+                f.close()
 
     def _drain(self) -> None:
         while not self._teeing and self._next in self._ready:
@@ -489,6 +499,9 @@ class _ArchiveBuilder:
         with self._lock:
             self._failed = True
             self.file.close()
+            for f in self._ready.values():
+                f.close()
+            self._ready.clear()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -654,15 +667,23 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
             size, in_archive = make_layer_frame(src, tmp, job, level, threads,
                                                 image_name=image_name, abort=abort,
                                                 progress=progress, archive=archive)
-        digest = store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
-                                   media_type=FRAME_MEDIA_TYPE)
+        # Opened before the commit: the archive copies from this file even if a gc takes
+        # the committed frame before the pack leases it.
+        frame = None if in_archive else open(tmp, "rb")  # noqa: SIM115 -- add_ready closes it
+        try:
+            digest = store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
+                                       media_type=FRAME_MEDIA_TYPE)
+        except BaseException:
+            if frame is not None:
+                frame.close()
+            raise
     except BaseException:
         abort.set()
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if not in_archive:
-        archive.add_ready({job.entry: store.blob_path(digest)})
+    if frame is not None:
+        archive.add_ready({job.entry: frame})
     if progress is not None:
         progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size,
                   "frame": str(digest)})
@@ -827,17 +848,17 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
         other = flights.get(key)
         if other is not None:
             await asyncio.wait([other])
-            if not other.cancelled() and other.exception() is None:
-                digest = other.result()
-                await asyncio.to_thread(archive.add_ready, {job.entry: store.blob_path(digest)})
-                return digest, False
-            # that pack failed or stopped (maybe over another layer): make the frame here
+            # else that pack failed or stopped (maybe over another layer): make it here
+            done = other.result() if not other.cancelled() and other.exception() is None else None
         else:
             # a concurrent pack may have finished this frame since pack_image looked
             done = store.get_alias("frame", key)
-            if done is not None:
+        if done is not None:
+            try:
                 await asyncio.to_thread(archive.add_ready, {job.entry: store.blob_path(done)})
                 return done, False
+            except FileNotFoundError:
+                pass  # a gc took it before this pack leased it: make the frame again
         fut: asyncio.Future[Digest] = asyncio.get_running_loop().create_future()
         flights[key] = fut
         try:
@@ -855,6 +876,7 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                     # chunk, or 50 ms while it waits for bytes): when the pack ends, nothing
                     # of it still runs, holds a zstd context or leaves a file behind.
                     abort.set()
+                    archive.discard()  # a frame finishing meanwhile must not complete it
                     await asyncio.wait([work])
                     if not work.cancelled():
                         work.exception()

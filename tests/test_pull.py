@@ -108,7 +108,7 @@ async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
 
 async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
         tmp_path: Path) -> None:
-    from fake_registry import Fault, FakeRegistry
+    from fake_registry import FakeRegistry, Fault
     from support.images import make_image, make_layer, text_bytes
 
     from fetchd.errors import RegistryError

@@ -90,6 +90,7 @@ FRAME_MEDIA_TYPE = "application/vnd.fetchd.tar-member+zstd"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
 _PROGRESS_INTERVAL = 0.25
+_WRITEBACK_EVERY = 32 << 20
 _R = TypeVar("_R")
 
 
@@ -404,6 +405,47 @@ def _copy_into(dst: BinaryIO, src: BinaryIO) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
+class _Writeback:
+    """Starts the disk write of a growing file early: an ``fdatasync`` in a thread of its own
+    after every ``_WRITEBACK_EVERY`` bytes, so the fsync of the commit that follows the last
+    byte has little left to write (the kernel would otherwise hold it all back until then).
+    Does nothing when the store does not fsync. ``close`` before closing the file."""
+
+    def __init__(self, fd: int, enabled: bool) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if enabled:
+            self._thread = threading.Thread(target=self._run, name="fetchd-writeback", daemon=True)
+            self._thread.start()
+
+    def wrote(self, n: int) -> None:
+        if self._thread is None:
+            return
+        self._pending += n
+        if self._pending >= _WRITEBACK_EVERY:
+            self._pending = 0
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            with contextlib.suppress(OSError):  # only a head start: the commit's fsync counts
+                os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+
 class _ArchiveBuilder:
     """The archive file, appended entry by entry in layer order while frames are being made.
 
@@ -414,11 +456,13 @@ class _ArchiveBuilder:
     are thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
     """
 
-    def __init__(self, path: Path, count: int, on_complete: Callable[[], object]) -> None:
+    def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
+                 writeback: bool = False) -> None:
         self.path = path
         self.count = count
         self._on_complete = on_complete
         self.file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        self._writeback = _Writeback(self.file.fileno(), writeback)
         self._next = 0
         # open files: a frame stays readable after a gc took its blob (commit -> lease window)
         self._ready: dict[int, BinaryIO] = {}
@@ -441,6 +485,7 @@ class _ArchiveBuilder:
         with self._lock:
             self._check()
             _write_all(self.file, data)
+            self._writeback.wrote(len(data))
 
     def pwrite(self, data: bytes, offset: int) -> None:
         with self._lock:
@@ -482,7 +527,9 @@ class _ArchiveBuilder:
 
     def _drain(self) -> None:
         while not self._teeing and self._next in self._ready:
+            before = self.file.tell()
             _copy_into(self.file, self._ready.pop(self._next))
+            self._writeback.wrote(self.file.seek(0, os.SEEK_END) - before)
             self._next += 1
         if self._next == self.count and not self._teeing:
             self._on_complete()  # every layer entry is in: only the tail is missing
@@ -493,11 +540,13 @@ class _ArchiveBuilder:
                 raise _Aborted
             self.file.seek(0, os.SEEK_END)
             _write_all(self.file, tail)
+            self._writeback.close()
             self.file.close()
 
     def discard(self) -> None:
         with self._lock:
             self._failed = True
+            self._writeback.close()
             self.file.close()
             for f in self._ready.values():
                 f.close()
@@ -509,12 +558,16 @@ class _ArchiveBuilder:
 class _Tee:
     """The compressor's output: the frame file and, while claimed, the archive too."""
 
-    def __init__(self, frame: BinaryIO, archive: _ArchiveBuilder | None) -> None:
+    def __init__(self, frame: BinaryIO, archive: _ArchiveBuilder | None,
+                 writeback: _Writeback | None = None) -> None:
         self.frame = frame
         self.archive = archive
+        self.writeback = writeback
 
     def write(self, data: bytes) -> int:
         self.frame.write(data)
+        if self.writeback is not None:
+            self.writeback.wrote(len(data))
         if self.archive is not None:
             self.archive.write(data)
         return len(data)
@@ -541,7 +594,8 @@ class _Aborted(Exception):
 def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, threads: int, *,
                      image_name: str = "", abort: threading.Event | None = None,
                      progress: ProgressSink | None = None,
-                     archive: _ArchiveBuilder | None = None) -> tuple[int, bool]:
+                     archive: _ArchiveBuilder | None = None,
+                     writeback: bool = False) -> tuple[int, bool]:
     """Write the cached unit of one layer to ``out_path``: ``(layer size, also in archive)``.
 
     Reads ``src`` once: decompress, hash and compress in one pass. When ``archive`` lets this
@@ -556,8 +610,9 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
     tee = archive if start is not None else None
     in_archive = False
     try:
-        with open(out_path, "wb") as out:
-            sink = _Tee(out, tee)
+        with open(out_path, "wb") as out, contextlib.closing(
+                _Writeback(out.fileno(), writeback)) as early:
+            sink = _Tee(out, tee, early)
             sink.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame, once the size is known
             # No ``with``: leaving it on an error would first compress all buffered input
             # (seconds at level 19); an abandoned writer ends without finishing its frame.
@@ -666,7 +721,8 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
         with source() as src:
             size, in_archive = make_layer_frame(src, tmp, job, level, threads,
                                                 image_name=image_name, abort=abort,
-                                                progress=progress, archive=archive)
+                                                progress=progress, archive=archive,
+                                                writeback=_fsyncs(store))
         # Opened before the commit: the archive copies from this file even if a gc takes
         # the committed frame before the pack leases it.
         frame = None if in_archive else open(tmp, "rb")  # noqa: SIM115 -- add_ready closes it
@@ -688,6 +744,11 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
         progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size,
                   "frame": str(digest)})
     return digest
+
+
+def _fsyncs(store: PackStore) -> bool:
+    """Whether the store fsyncs its commits (``LayerStore.settings.fsync``; others: no)."""
+    return bool(getattr(getattr(store, "settings", None), "fsync", False))
 
 
 def _layer_jobs(manifest: ImageManifest, diff_ids: Sequence[Digest], where: str) -> list[_LayerJob]:
@@ -779,7 +840,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     loop = asyncio.get_running_loop()
     complete = asyncio.Event()
     archive = _ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
-                              lambda: loop.call_soon_threadsafe(complete.set))
+                              lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store))
 
     async def finish() -> Digest:
         await complete.wait()

@@ -22,6 +22,7 @@ can be answered from the store alone; a miss says exactly what is missing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -150,6 +151,7 @@ class Job:
         self._future: asyncio.Future[FetchResult] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
         self.waiters = 0
+        self.seq = 0  # submission order (Puller.submit): earlier jobs' downloads go first
 
     def push(self, event: dict[str, Any]) -> None:
         self._events.append(event)
@@ -219,6 +221,7 @@ class Puller:
         self.config = config
         self.budget = budget if budget is not None else CompressionBudget()
         self._jobs: dict[tuple[str, str, int, str, bool], Job] = {}
+        self._submitted = itertools.count()
         self._slots = asyncio.Semaphore(max(1, int(getattr(config.server, "max_jobs", 32))))
         self._closing = False
         self.tag_cache_ttl = float(getattr(config.network, "tag_cache_ttl", 60.0))
@@ -236,6 +239,7 @@ class Puller:
         if job is not None and not job.done():
             return job
         job = Job(request)
+        job.seq = next(self._submitted)
         self._jobs[request.key] = job
         job.task = asyncio.create_task(self._run(job), name=f"fetch {request.reference}")
         return job
@@ -463,7 +467,10 @@ class Puller:
         """
         req = job.request
         where = str(ref)
-        downloads = asyncio.gather(*(self._download(job, ref, layer) for layer in needed))
+        # Blobs are fetched in the order pack reads them: this job's before later jobs',
+        # its first layer before its second (ranges of one host take turns by this order).
+        downloads = asyncio.gather(*(self._download(job, ref, layer, job.seq * 1024 + i)
+                                     for i, layer in enumerate(needed)))
         follower = _Follower(self.store)
 
         def pack(follow: bool) -> asyncio.Task[PackResult]:
@@ -530,7 +537,7 @@ class Puller:
             )
         return list({layer.digest: layer for layer in needed}.values())
 
-    async def _download(self, job: Job, ref: Reference, layer: Any) -> None:
+    async def _download(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
         """Fetch one layer into the store; wrong bytes from a mirror are fetched again elsewhere.
 
         The store verifies on commit and discards a partial that fails, so nothing wrong is
@@ -552,7 +559,7 @@ class Puller:
                 progress.done = sink.offset + sum(b - a for a, b in sink.held_ranges())
                 resumed.append(progress.done > 0)  # bytes of unknown origin held
                 sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
-                                                              exclude=exclude))
+                                                              exclude=exclude, priority=priority))
 
             try:
                 await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)

@@ -18,10 +18,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,6 +129,52 @@ class _Counter:
             self.progress(delta)
 
 
+class _PriorityGate:
+    """Up to ``capacity`` turns at once; waiters are served lowest ``priority`` first (in
+    arrival order among equals). Range pieces of every blob fetched from one host take turns
+    here, so the blob a caller needs first (``fetch_blob(priority=...)``) gets the host's
+    connections first instead of sharing them round-robin with every other blob."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.held = 0
+        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority: int) -> AsyncIterator[None]:
+        if self.held < self.capacity and not self._heap:
+            self.held += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._heap, (priority, next(self._arrivals), fut))
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._release()  # granted just as it was cancelled: pass the turn on
+                raise  # a cancelled waiter stays in the heap, done: _release skips it
+        try:
+            yield
+        finally:
+            self._release()
+
+    def wanted(self, priority: int) -> bool:
+        """Whether a waiter with a lower priority value waits: the holder should yield."""
+        while self._heap and self._heap[0][2].done():
+            heapq.heappop(self._heap)  # cancelled waiters
+        return bool(self._heap) and self._heap[0][0] < priority
+
+    def _release(self) -> None:
+        self.held -= 1
+        while self._heap:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                self.held += 1
+                fut.set_result(None)
+                return
+
+
 class RegistryClient:
     """Talks to registries for the whole daemon (see the module docstring)."""
 
@@ -144,6 +193,8 @@ class RegistryClient:
         self._t = Transport(self.config, session, credentials=credentials, clock=clock,
                             sleep=sleep, trust_env=trust_env)
         self.policy = self._t.policy
+        self._gates: dict[str, _PriorityGate] = {}
+        self._blobs_started = itertools.count()
 
     async def close(self) -> None:
         await self._t.close()
@@ -272,9 +323,13 @@ class RegistryClient:
 
     async def fetch_blob(
         self, ref: Reference, descriptor: Descriptor, sink: BlobSink, progress: Progress | None = None,
-        *, exclude: frozenset[str] = frozenset(),
+        *, exclude: frozenset[str] = frozenset(), priority: int | None = None,
     ) -> tuple[str, ...]:
         """Write the blob's bytes ``[sink.offset, size)`` into ``sink`` (resuming what it holds).
+
+        ``priority``: among blobs fetched as ranges from one host at once, lower goes first
+        (default: the order of the calls); the daemon passes the order in which pack will
+        read the layers.
 
         Big blobs (>= range_threshold) go as parallel Range requests where the host
         supports them. Foreign layers come from their ``urls`` without credentials,
@@ -285,6 +340,7 @@ class RegistryClient:
         """
         sources: list[str] = []
         size = descriptor.size
+        order = next(self._blobs_started) if priority is None else priority
         if size > self.net.max_blob_size:
             raise SizeMismatch(
                 f"{ref.name}: blob {descriptor.digest} claims {size} bytes, more than "
@@ -298,7 +354,7 @@ class RegistryClient:
         async def one(ep: Endpoint, path: str) -> None:
             writes = counter.writes
             try:
-                await self._fetch_from(ep, ref, descriptor, sink, counter, path)
+                await self._fetch_from(ep, ref, descriptor, sink, counter, path, order)
             finally:
                 if counter.writes != writes and (not sources or sources[-1] != ep.key):
                     sources.append(ep.key)
@@ -318,7 +374,7 @@ class RegistryClient:
 
     async def _fetch_from(
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
-        path: str,
+        path: str, order: int = 0,
     ) -> None:
         host = self._t.host(ep.key)
         gaps = _gaps(sink, desc.size)
@@ -332,7 +388,7 @@ class RegistryClient:
                 await self._probe_ranges(ep, ref, desc, path)
             if host.range_supported:
                 try:
-                    await self._fetch_parallel(ep, ref, desc, sink, counter, path, gaps)
+                    await self._fetch_parallel(ep, ref, desc, sink, counter, path, gaps, order)
                     return
                 except _RangeIgnored:
                     host.range_supported = False
@@ -350,7 +406,7 @@ class RegistryClient:
 
     async def _fetch_parallel(
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
-        path: str, gaps: list[tuple[int, int]],
+        path: str, gaps: list[tuple[int, int]], order: int = 0,
     ) -> None:
         """The ``gaps`` as Range requests on up to ``range_parts`` connections at once.
 
@@ -365,12 +421,21 @@ class RegistryClient:
         spans = [span for a, b in gaps
                  for span in split(a, b, max(1, round(pieces * (b - a) / total)), min_part)]
         todo = list(reversed(spans))
+        host = self._t.host(ep.key)
+        gate = self._gates.get(ep.key)
+        if gate is None:
+            gate = self._gates[ep.key] = _PriorityGate(host.limit)
 
         async def connection() -> None:
             while todo:
-                a, b = todo.pop()
-                await self._fetch_span(ep, ref, desc, sink, a, b, counter, restart_ok=False,
-                                       path=path)
+                async with gate.turn(order):
+                    # keep the turn from piece to piece unless a blob needed sooner waits
+                    while todo:
+                        a, b = todo.pop()
+                        await self._fetch_span(ep, ref, desc, sink, a, b, counter,
+                                               restart_ok=False, path=path)
+                        if gate.wanted(order):
+                            break
 
         tasks = [asyncio.create_task(connection()) for _ in range(min(parts, len(spans)))]
         try:

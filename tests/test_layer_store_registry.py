@@ -156,3 +156,75 @@ async def test_a_big_blob_arrives_front_to_back_for_followers(
     finally:
         store.close()
         await fake.close()
+
+
+async def test_ranges_of_the_blob_needed_first_take_the_connections_first() -> None:
+    """Two blobs as ranges from one host at once: the one with the lower priority gets the
+    host's connections as soon as a piece ends, not turn about with the other."""
+    import os
+
+    from fake_registry import FakeRegistry
+    from registry_sinks import MemorySink
+
+    import fetchd.registry_async as registry_async
+    from fetchd.digest import Digest
+    from fetchd.manifest import Descriptor
+
+    fake = await FakeRegistry().start()
+    try:
+        blobs = {name: os.urandom(8 * 1024 * 1024 + i) for i, name in enumerate("ab")}
+        descs = {}
+        for name, data in blobs.items():
+            fake.add_blob(data)
+            descs[name] = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip",
+                                     Digest.of(data), len(data))
+        ref = Reference.parse(f"{fake.host}/x/y:1")
+        old = registry_async.ORDERED_SPAN
+        registry_async.ORDERED_SPAN = 1024 * 1024
+        try:
+            async with _client(range_threshold=1024 * 1024, range_parts=2,
+                               max_connections=2) as client:
+                sinks = {name: MemorySink() for name in blobs}
+                await client.fetch_blob(ref, descs["a"], MemorySink(), priority=0)  # probe once
+                fake.seen.clear()
+                later = asyncio.create_task(client.fetch_blob(ref, descs["a"], sinks["a"],
+                                                              priority=10))
+                await asyncio.sleep(0)
+                first = asyncio.create_task(client.fetch_blob(ref, descs["b"], sinks["b"],
+                                                              priority=1))
+                await asyncio.gather(later, first)
+        finally:
+            registry_async.ORDERED_SPAN = old
+        for name, data in blobs.items():
+            sinks[name].verify(Digest.of(data), len(data))
+        order = ["a" if str(descs["a"].digest) in s.path else "b" for s in fake.requests("blob")]
+        assert order.count("b") == 8 and order.count("a") == 8
+        # 'a' started first and holds both connections for one piece each; from then on every
+        # freed connection goes to 'b' until it is done
+        assert order[:2] == ["a", "a"] and order[2:10].count("b") == 8, order
+    finally:
+        await fake.close()
+
+
+async def test_priority_gate_serves_the_lowest_priority_first_and_skips_the_cancelled() -> None:
+    from fetchd.registry_async import _PriorityGate
+
+    gate = _PriorityGate(1)
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def use(priority: int) -> None:
+        async with gate.turn(priority):
+            order.append(priority)
+            if priority == 0:
+                await release.wait()
+
+    holder = asyncio.create_task(use(0))
+    await asyncio.sleep(0)
+    waiters = {p: asyncio.create_task(use(p)) for p in (5, 1, 3, 2)}
+    await asyncio.sleep(0)
+    waiters[2].cancel()
+    release.set()
+    await asyncio.gather(holder, *(t for p, t in waiters.items() if p != 2))
+    assert order == [0, 1, 3, 5]
+    assert gate.held == 0

@@ -36,6 +36,12 @@ key): two images on one new base compress that base once.
 Invariants:
 - each diff_id is checked against the image config while streaming; a mismatch raises
   ``DiffIdMismatch`` and nothing is committed for that layer nor any archive for the image;
+- a frame, and the archive, are committed only from layer streams that ended cleanly: when
+  pack follows a download, that means after the store committed the blob (size and digest
+  verified). A frame finished before another layer's download failed stays cached: its
+  content is verified by its diff_id, so it is a correct cache entry; the archive is not made;
+- compressions run in slots of a ``CompressionBudget`` (CPU and zstd memory bounded across
+  all packs that share it); a pack that ends (also cancelled) has no worker left running;
 - the bytes depend only on (config, layers, name:tag, level): libzstd is pinned through
   python-zstandard 0.25.0, compression always runs with ``threads >= 1`` (the same bytes for
   any thread count), frames carry a checksum and never a content size;

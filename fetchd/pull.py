@@ -15,8 +15,10 @@ matched. A download that fails abandons the pack: no archive.
 
 Jobs do not wait for each other to download: network work is bounded by the registry client's
 connection budget per host, CPU work (and zstd memory) by one ``CompressionBudget`` that every
-pack of the daemon shares. Every manifest and blob is kept in the store by digest, so an offline request
-can be answered from the store alone; a miss says exactly what is missing.
+pack of the daemon shares.
+
+Every manifest and blob is kept in the store by digest, so an offline request can be answered
+from the store alone; a miss says exactly what is missing.
 """
 
 from __future__ import annotations

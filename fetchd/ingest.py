@@ -141,6 +141,9 @@ class Ingest:
         self._writes = 0  # writes in flight
         self.resumed_from = 0
         self.bytes_written = 0
+        # Times the hashed prefix was cut back (``truncate``): the only way bytes a follower
+        # already read from the prefix can change; see ``store_follow.follow_flight``.
+        self.rewrites = 0
         self.failure: BaseException | None = None  # a StoreError/SizeMismatch raised to the fetcher
         self._changed = asyncio.Event()
         self._pending: set[asyncio.Future[object]] = set()  # thread work still running
@@ -202,6 +205,7 @@ class Ingest:
         await self.quiesce()  # no thread may write the sidecar with what is cut off here
         self._extents = [(a, min(b, size)) for a, b in self._extents if a < size]
         if size < self.offset:
+            self.rewrites += 1
             self._advancing = True
             try:
                 self._hash = self.digest.hasher()

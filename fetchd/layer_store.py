@@ -284,12 +284,16 @@ class LayerStore:
         self._touch(d)
         return f
 
-    async def read_following(self, digest: Digest | str) -> AsyncIterator[bytes]:
+    async def read_following(self, digest: Digest | str,
+                             verify: bool = True) -> AsyncIterator[bytes]:
         """Yield the blob's bytes, following an ingest in progress (this process or another).
 
         Bytes are yielded as the ingest's hashed prefix grows, before the commit; the
-        iterator hashes what it yields and raises (DigestMismatch, or the ingest's error)
-        unless the whole blob verified: trust the bytes only if iteration ends cleanly.
+        iterator raises (DigestMismatch, or the ingest's error) unless the bytes it yielded
+        are the blob the store committed: trust them only if iteration ends cleanly. It
+        proves that by hashing what it yields; with ``verify=False``, an ingest of this
+        process is trusted instead (its commit verifies the very bytes read; see
+        ``store_follow``), which saves hashing every byte twice.
         A complete blob is streamed from its file. BlobUnknown when it is neither present
         nor being downloaded.
         """
@@ -299,7 +303,7 @@ class LayerStore:
             await asyncio.sleep(0)  # let a just-created ensure_blob task register
             flight = self._flights.get(d)
         if flight is not None:
-            source = follow_flight(flight, d)
+            source = follow_flight(flight, d, verify)
         elif self.has(d):
             source = self._stream(d)
         else:

@@ -591,7 +591,8 @@ class _Follower:
 
     async def read(self, digest: Digest) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self.store.read_following(digest):
+            # the store's own ingest check stands in for a second hash of every byte
+            async for chunk in self.store.read_following(digest, verify=False):
                 yield chunk
         except FetchdError:
             self.failed = True

@@ -1,8 +1,13 @@
 """Readers that follow a blob while it downloads (``LayerStore.read_following``).
 
-Invariant: a follower yields bytes before the blob is verified, so it hashes everything
-it yields and raises unless the whole stream hashes to the digest (or re-raises the
-ingest's own error). A caller trusts the bytes only when iteration ends cleanly.
+Invariant: a follower yields bytes before the blob is verified; it ends cleanly only when the
+bytes it yielded are exactly the blob the store committed, else it raises (the ingest's own
+error, or DigestMismatch). By default it hashes everything it yields to prove that. A
+follower of this process's ingest may instead (``verify=False``) rely on the ingest: it reads
+only the ingest's hashed prefix, which no write changes except a ``truncate`` (counted in
+``Ingest.rewrites``), so "the ingest committed and never cut back its prefix" means the
+same, without hashing every byte a second time. A caller trusts the bytes only when
+iteration ends cleanly.
 
 Bytes are read from the ingest file by their own file descriptor: the commit renames
 that same inode into ``blobs/``, so a follower reads on across the commit.
@@ -47,15 +52,23 @@ def pread_hash(fd: int, n: int, pos: int, hasher: hashlib._Hash) -> bytes:
     return data
 
 
+def _pread(fd: int, n: int, pos: int, hasher: hashlib._Hash | None) -> bytes:
+    return os.pread(fd, n, pos) if hasher is None else pread_hash(fd, n, pos, hasher)
+
+
 def _open(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-async def _rest(fd: int, pos: int, hasher: hashlib._Hash, d: Digest) -> AsyncIterator[bytes]:
-    """Read the committed file to its end, then check what was yielded in total."""
-    while chunk := await asyncio.to_thread(pread_hash, fd, CHUNK, pos, hasher):
+async def _rest(fd: int, pos: int, hasher: hashlib._Hash | None, d: Digest
+                ) -> AsyncIterator[bytes]:
+    """Read the committed file to its end, then check what was yielded in total (when
+    ``hasher`` is given: it holds what was yielded before ``pos``)."""
+    while chunk := await asyncio.to_thread(_pread, fd, CHUNK, pos, hasher):
         pos += len(chunk)
         yield chunk
+    if hasher is None:
+        return
     actual = Digest(d.algorithm, hasher.hexdigest())
     if actual != d:
         raise DigestMismatch(
@@ -64,11 +77,24 @@ async def _rest(fd: int, pos: int, hasher: hashlib._Hash, d: Digest) -> AsyncIte
         )
 
 
-async def follow_flight(flight: Flight, d: Digest) -> AsyncIterator[bytes]:
-    """Follow an ingest of this process: bytes up to its hashed prefix, woken by its writes."""
-    hasher = d.hasher()
+async def follow_flight(flight: Flight, d: Digest, verify: bool = True) -> AsyncIterator[bytes]:
+    """Follow an ingest of this process: bytes up to its hashed prefix, woken by its writes.
+
+    ``verify=False``: no second hash; the ingest's commit and an unchanged ``rewrites``
+    count prove the bytes instead (see the module docstring).
+    """
+    hasher = d.hasher() if verify else None
+    rewrites: int | None = None  # the ingest's count when this follower first read from it
     pos = 0
     fd = -1
+
+    def check_prefix() -> None:
+        ing = flight.ingest
+        if rewrites is not None and (ing is None or ing.rewrites != rewrites):
+            raise DigestMismatch(
+                f"blob {d}: the download started over while it was being read; the bytes "
+                "read so far are not trusted, read the blob again")
+
     try:
         while True:
             ing = flight.ingest
@@ -76,6 +102,8 @@ async def follow_flight(flight: Flight, d: Digest) -> AsyncIterator[bytes]:
             assert task is not None
             if task.done():
                 path = task.result()  # raises the ingest's error
+                if hasher is None:
+                    check_prefix()
                 if fd < 0:
                     fd = await asyncio.to_thread(_open, path)
                 async for chunk in _rest(fd, pos, hasher, d):  # same inode as the part
@@ -90,8 +118,12 @@ async def follow_flight(flight: Flight, d: Digest) -> AsyncIterator[bytes]:
                         # ends next and says which
                         await asyncio.wait([task])
                         continue
+                if rewrites is None:
+                    rewrites = ing.rewrites
                 want = min(ing.offset - pos, CHUNK)
-                chunk = await asyncio.to_thread(pread_hash, fd, want, pos, hasher)
+                chunk = await asyncio.to_thread(_pread, fd, want, pos, hasher)
+                if hasher is None:
+                    check_prefix()  # cut back while we read: these bytes may be stale
                 pos += len(chunk)
                 yield chunk
                 continue

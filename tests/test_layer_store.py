@@ -670,3 +670,49 @@ async def test_gc_on_a_store_that_refuses_writes_is_a_store_error(
     with pytest.raises(StoreError) as info:
         await store.gc(max_size=0)
     assert "read-only" in info.value.message and str(store.root) in info.value.message
+
+
+async def test_unhashed_follower_gets_the_committed_bytes(store: LayerStore) -> None:
+    data, d = blob(2 * MiB, seed=31)
+    half = len(data) // 2
+    release = asyncio.Event()
+
+    async def slow(sink: BlobSink) -> None:
+        await sink.write_at(0, data[:half])
+        await release.wait()
+        await sink.write_at(half, data[half:])
+
+    download = asyncio.create_task(store.ensure_blob(d, len(data), slow))
+    got = bytearray()
+    reader = store.read_following(d, verify=False)
+    while len(got) < half:
+        got += await reader.__anext__()
+    assert not store.has(d)
+    release.set()
+    async for chunk in reader:
+        got += chunk
+    assert bytes(got) == data
+    await download
+
+
+async def test_unhashed_follower_raises_when_the_download_starts_over(store: LayerStore) -> None:
+    """Without its own hash, a follower must notice that the prefix it read was cut back and
+    written again (a source that ignored Range): those bytes are not what was committed."""
+    data, d = blob(2 * MiB, seed=32)
+    wrong = bytes(1000)
+    release = asyncio.Event()
+
+    async def restarts(sink: BlobSink) -> None:
+        await sink.write_at(0, wrong)  # bytes that will not be the blob's
+        await release.wait()
+        await sink.truncate(0)
+        await sink.write_at(0, data)
+
+    download = asyncio.create_task(store.ensure_blob(d, len(data), restarts))
+    reader = store.read_following(d, verify=False)
+    assert await reader.__anext__() == wrong
+    release.set()
+    with pytest.raises(DigestMismatch):
+        async for _ in reader:
+            pass
+    assert (await download).read_bytes() == data  # the blob itself is fine

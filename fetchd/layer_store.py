@@ -165,6 +165,7 @@ class LayerStore:
         self._touched_at = time.monotonic()
         self._gc_lock = asyncio.Lock()
         self._gc_task: asyncio.Task[GcReport] | None = None
+        self._collecting = threading.Lock()  # held by a gc thread while it uses the index
         self._usage = self._index(lambda: self.index.usage())[0]
         self._closed = False
 
@@ -515,9 +516,16 @@ class LayerStore:
         async with self._gc_lock:
             self.flush_uses()
             report = await self._store_errors("collect garbage", asyncio.to_thread(
-                collect, self, max_size))
+                self._collect, max_size))
             self._usage = report.remaining_bytes
             return report
+
+    def _collect(self, max_size: int | None) -> GcReport:
+        """``collect`` in a worker thread; ``close`` waits for it (it uses the index)."""
+        with self._collecting:
+            if self._closed:
+                raise StoreError(f"store {self.root} was closed; nothing was collected")
+            return collect(self, max_size)
 
     async def verify(self) -> VerifyReport:
         """Re-hash every blob; corrupt ones move to quarantine/ (and will be re-fetched)."""
@@ -541,9 +549,10 @@ class LayerStore:
             if flight.task is not None:
                 flight.task.cancel()
         if self._gc_task is not None:
-            self._gc_task.cancel()
-        self.flush_uses()
-        self.index.close()
+            self._gc_task.cancel()  # its thread runs on: wait for it before closing the index
+        with self._collecting:
+            self.flush_uses()
+            self.index.close()
 
 
 __all__ = [

@@ -716,3 +716,31 @@ async def test_unhashed_follower_raises_when_the_download_starts_over(store: Lay
         async for _ in reader:
             pass
     assert (await download).read_bytes() == data  # the blob itself is fine
+
+
+async def test_close_waits_for_a_gc_thread_that_uses_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gc runs in a thread on the index: closing the store under it crashed the process."""
+    import threading
+
+    import fetchd.layer_store as layer_store
+
+    store = LayerStore(tmp_path / "s")
+    started, finished = threading.Event(), threading.Event()
+    real = layer_store.collect
+
+    def slow(st: LayerStore, max_size: int | None) -> object:
+        started.set()
+        time.sleep(0.2)  # close() comes meanwhile
+        report = real(st, max_size)
+        finished.set()
+        return report
+
+    monkeypatch.setattr(layer_store, "collect", slow)
+    gc = asyncio.create_task(store.gc())
+    await asyncio.to_thread(started.wait)
+    store.close()
+    assert finished.is_set()  # the index was closed only after the gc thread was done
+    assert (await gc).removed == 0
+    with pytest.raises(StoreError):
+        await store.gc()  # a closed store collects nothing

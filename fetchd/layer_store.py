@@ -35,12 +35,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar, cast
 
 from .digest import Digest
 from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError, store_error
 from .ingest import FileLock, Ingest, fsync_dir, hash_file
-from .store_follow import CHUNK, Flight, follow_flight, follow_other_process
+from .store_follow import CHUNK, Flight, ThreadFollower, follow_flight, follow_other_process
 from .store_gc import GcReport, VerifyReport, collect, verify_all
 from .store_index import ImageRow, StoreIndex
 
@@ -217,8 +217,10 @@ class LayerStore:
     def _flight_done(self, d: Digest, flight: Flight, task: asyncio.Task[Path]) -> None:
         if self._flights.get(d) is flight:
             del self._flights[d]
-        if not task.cancelled():
-            task.exception()  # retrieved here: waiters may all have gone
+        if task.cancelled():
+            flight.outcome = asyncio.CancelledError(f"the download of {d} was cancelled")
+        else:
+            flight.outcome = task.exception() or task.result()  # retrieved: waiters may be gone
         flight.notify()
 
     async def _run_flight(
@@ -312,6 +314,21 @@ class LayerStore:
                                           lambda: self.has(d), self.root)
         async for chunk in source:
             yield chunk
+
+    def open_following(self, digest: Digest | str, stop: threading.Event) -> BinaryIO | None:
+        """For a worker thread: a blocking reader of the blob, following this process's
+        ingest of it (``store_follow.ThreadFollower``: no event loop hop per chunk), or the
+        complete blob's file. None when neither (another process ingests it, or nothing
+        yet): use ``read_following`` then. The reader raises once ``stop`` is set.
+        """
+        d = _digest(digest)
+        flight = self._flights.get(d)
+        if flight is not None:
+            return cast(BinaryIO, ThreadFollower(flight, d, stop))
+        try:
+            return self.open_blob(d)
+        except BlobUnknown:
+            return None
 
     async def _stream(self, d: Digest) -> AsyncIterator[bytes]:
         with self.open_blob(d) as f:

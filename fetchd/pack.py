@@ -28,7 +28,7 @@ before it is in writes its output to its frame file and to the archive at once, 
 biggest bytes (a single-layer base image) are never copied. The tail frame closes the file.
 
 Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
-is decompressed and compressed as its bytes come in (``LayerStore.read_following``).
+is decompressed and compressed as its bytes come in (``LayerStore.open_following``).
 
 Concurrent packs in one process share frames being made (single-flight per store and frame
 key): two images on one new base compress that base once.
@@ -284,9 +284,20 @@ class CompressionBudget:
 
 # --------------------------------------------------------------------------- following a download
 
-Follow = Callable[[Digest], AsyncIterator[bytes]]
-"""A layer's bytes while it downloads (``LayerStore.read_following``): the iterator ends
-cleanly only when the whole blob was verified (and committed) by the store."""
+class FollowSource(Protocol):
+    """Where pack reads a layer that is still downloading (``LayerStore`` implements it).
+
+    Either way the bytes end cleanly only when the store committed (verified) the blob.
+    """
+
+    def open_following(self, digest: Digest, stop: threading.Event) -> BinaryIO | None:
+        """In a worker thread: a blocking reader that follows the download, or None (then
+        ``read_following`` is used). It raises once ``stop`` is set."""
+        ...
+
+    def read_following(self, digest: Digest) -> AsyncIterator[bytes]:
+        """On the event loop: the blob's bytes as they arrive."""
+        ...
 
 _WAKE = 0.05  # seconds between looks at ``abort`` while a reader waits for bytes
 
@@ -739,10 +750,13 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
             if frame is not None:
                 frame.close()
             raise
-    except BaseException:
+    except BaseException as e:
+        stopped = abort.is_set()  # another layer failed first (or the pack was cancelled)
         abort.set()
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if stopped and not isinstance(e, _Aborted):
+            raise _Aborted from e  # the first failure is the one to report, not its echo
         raise
     if frame is not None:
         archive.add_ready({job.entry: frame})
@@ -780,12 +794,13 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      progress: ProgressSink | None = None, image_name: str = "",
                      manifest_digest: Digest | None = None,
                      budget: CompressionBudget | None = None,
-                     follow: Follow | None = None) -> PackResult:
+                     follow: FollowSource | None = None) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
     The layer blobs of ``manifest`` must be in the store (the caller leases them), or, with
     ``follow``, be downloading into it: a layer not in the store when its compression starts
-    is read through ``follow(digest)`` while its bytes arrive (``LayerStore.read_following``).
+    is read through ``follow`` while its bytes arrive (``LayerStore.open_following``, or
+    ``read_following`` bridged into the worker thread).
     A follow that fails fails the pack; every frame and the archive are committed only from
     a stream that ended cleanly, i.e. after the store committed (size and digest verified)
     the blob, and after the layer's diff_id matched.
@@ -812,7 +827,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
 async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
-                      follow: Follow | None) -> PackResult:
+                      follow: FollowSource | None) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -892,7 +907,7 @@ def _finish_archive(store: PackStore, archive: _ArchiveBuilder, tail: bytes, key
 async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
                         archive: _ArchiveBuilder,
-                        follow: Follow | None) -> tuple[dict[Digest, Digest], int]:
+                        follow: FollowSource | None) -> tuple[dict[Digest, Digest], int]:
     """Make the missing layer frames, each in a slot of ``budget``. Returns the frames and
     how many of them this call compressed itself (the others were being made by a concurrent
     pack of another image and were waited for).
@@ -907,8 +922,15 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
     def source(digest: Digest) -> Callable[[], AbstractContextManager[Any]]:
         if follow is None or store.blob_path(digest).is_file():
             return lambda: store.open_blob(digest)
-        # still downloading: the worker thread reads the bytes as they arrive
-        return lambda: _FollowReader(follow(digest), loop, abort)
+        src = follow
+
+        def following() -> AbstractContextManager[Any]:
+            # still downloading: the worker thread reads the bytes as they arrive
+            reader = src.open_following(digest, abort)
+            if reader is not None:
+                return reader
+            return _FollowReader(src.read_following(digest), loop, abort)
+        return following
 
     async def one(job: _LayerJob) -> tuple[Digest, bool]:
         key = frame_key(job.diff_id, level)

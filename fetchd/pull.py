@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .config import Config
 from .digest import Digest
@@ -462,10 +463,11 @@ class Puller:
         """Download ``needed`` and pack the image at once; the packed archive.
 
         The pack follows the downloads (see ``pack_image``). When a download fails, the pack
-        is cancelled and the download's error raised: no archive. When the pack fails only
-        because a layer it followed failed once (a mirror's wrong bytes, fetched again from
-        the next source by ``_download``), and every download then succeeded, the image is
-        packed again from the store.
+        is cancelled and the download's error raised: no archive. When the pack fails while
+        it followed downloads, it may have read bytes that were never verified (a mirror's
+        wrong bytes, fetched again from the next source by ``_download``): the downloads
+        decide. If one fails, its error is raised; if all succeed, the image is packed again
+        from the store, whose verified blobs make that pack's outcome the answer.
         """
         req = job.request
         where = str(ref)
@@ -473,13 +475,13 @@ class Puller:
         # its first layer before its second (ranges of one host take turns by this order).
         downloads = asyncio.gather(*(self._download(job, ref, layer, job.seq * 1024 + i)
                                      for i, layer in enumerate(needed)))
-        follower = _Follower(self.store)
+        follower = _Follower(self.store) if needed else None
 
         def pack(follow: bool) -> asyncio.Task[PackResult]:
             return asyncio.ensure_future(pack_image(
                 self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
                 image_name=where, manifest_digest=manifest_digest, budget=self.budget,
-                follow=follower.read if follow and needed else None))
+                follow=follower if follow else None))
 
         job.push({"event": "pack", "state": "start", "level": req.level})
         packing = pack(True)
@@ -492,16 +494,10 @@ class Puller:
                 if not packing.cancelled():
                     packing.exception()  # retrieved: the download's error is the one to report
                 await downloads  # raises it
-            if packing.done() and packing.exception() is not None:
-                if not follower.failed:
-                    downloads.cancel()  # the pack's own failure (bad layer, disk full)
-                    await asyncio.wait([downloads])
-                    if not downloads.cancelled():
-                        downloads.exception()
-                    return await packing  # raises it
+            if packing.done() and packing.exception() is not None and needed:
                 await downloads  # a download's error, if one failed for good
-                packing.exception()
-                log.info("pack of %s followed a download that was retried; packing again", where)
+                log.info("pack of %s failed while it followed downloads (%s); the downloads "
+                         "succeeded, packing again from the store", where, packing.exception())
                 packing = pack(False)
             await downloads
             return await packing
@@ -583,20 +579,17 @@ class Puller:
 
 
 class _Follower:
-    """``LayerStore.read_following`` for pack, remembering whether a followed stream failed."""
+    """The store's following readers for pack (``pack.FollowSource``); the store's own ingest
+    check stands in for a second hash of every byte (``verify=False``)."""
 
     def __init__(self, store: LayerStore) -> None:
         self.store = store
-        self.failed = False
 
-    async def read(self, digest: Digest) -> AsyncIterator[bytes]:
-        try:
-            # the store's own ingest check stands in for a second hash of every byte
-            async for chunk in self.store.read_following(digest, verify=False):
-                yield chunk
-        except FetchdError:
-            self.failed = True
-            raise
+    def open_following(self, digest: Digest, stop: threading.Event) -> BinaryIO | None:
+        return self.store.open_following(digest, stop)
+
+    def read_following(self, digest: Digest) -> AsyncIterator[bytes]:
+        return self.store.read_following(digest, verify=False)
 
 
 class _LayerProgress:

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -31,16 +32,25 @@ _POLL = 0.02  # seconds between looks at another process's sidecar
 
 
 class Flight:
-    """One in-process ingest of a digest: the task, its writer, a change signal."""
+    """One in-process ingest of a digest: the task, its writer, a change signal.
+
+    ``notify`` runs on the event loop; it wakes async followers and, through ``cond``,
+    followers in worker threads (``ThreadFollower``). ``outcome`` is set (on the loop) when
+    the flight ends: the committed path or the exception.
+    """
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Path] | None = None
         self.ingest: Ingest | None = None
+        self.outcome: Path | BaseException | None = None
+        self.cond = threading.Condition()
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        with self.cond:
+            self.cond.notify_all()
 
     async def wait(self) -> None:
         await self._changed.wait()
@@ -185,3 +195,91 @@ async def follow_other_process(
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+class FollowStopped(Exception):
+    """The caller's ``stop`` event was set while a ``ThreadFollower`` waited for bytes."""
+
+
+_THREAD_WAKE = 0.05  # seconds between looks at ``stop`` while a thread follower waits
+
+
+class ThreadFollower:
+    """A blocking reader, for a worker thread, of a blob an ingest of this process writes.
+
+    Reads the ingest file directly (``os.pread`` in the calling thread: no hop through the
+    event loop per chunk) up to the ingest's hashed prefix, waits on ``Flight.cond`` for
+    more, and reads the committed file on once the flight ends. It does not hash: like
+    ``follow_flight(verify=False)`` it relies on the ingest, whose commit verified the very
+    prefix bytes read unless ``Ingest.rewrites`` changed (then DigestMismatch). ``read``
+    returns b"" only at the end of a blob the store committed; it raises the ingest's error
+    when the flight fails, and FollowStopped once ``stop`` is set.
+    """
+
+    def __init__(self, flight: Flight, d: Digest, stop: threading.Event) -> None:
+        self._flight = flight
+        self._d = d
+        self._stop = stop
+        self._pos = 0
+        self._fd = -1
+        self._rewrites: int | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        while True:
+            if self._stop.is_set():
+                raise FollowStopped(f"stopped reading blob {self._d}")
+            outcome = self._flight.outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome is not None:  # committed: read on from the blob (same inode as the part)
+                self._check_prefix()
+                if self._fd < 0:
+                    self._fd = _open(outcome)
+                return self._take(os.pread(self._fd, n, self._pos))
+            ing = self._flight.ingest
+            if ing is not None and ing.offset > self._pos:
+                if self._fd < 0:
+                    try:
+                        self._fd = _open(ing.part)
+                    except FileNotFoundError:
+                        self._wait()  # committed or discarded since: the outcome comes next
+                        continue
+                if self._rewrites is None:
+                    self._rewrites = ing.rewrites
+                data = os.pread(self._fd, min(n, ing.offset - self._pos), self._pos)
+                self._check_prefix()  # cut back while we read: these bytes may be stale
+                return self._take(data)
+            self._wait()
+
+    def _take(self, data: bytes) -> bytes:
+        self._pos += len(data)
+        return data
+
+    def _check_prefix(self) -> None:
+        ing = self._flight.ingest
+        if self._rewrites is not None and (ing is None or ing.rewrites != self._rewrites):
+            raise DigestMismatch(
+                f"blob {self._d}: the download started over while it was being read; the "
+                "bytes read so far are not trusted, read the blob again")
+
+    def _wait(self) -> None:
+        flight = self._flight
+        with flight.cond:
+            ing = flight.ingest
+            # checked under the lock: a notify after this look wakes the wait below
+            if (flight.outcome is None and not self._stop.is_set()
+                    and not (ing is not None and ing.offset > self._pos)):
+                flight.cond.wait(_THREAD_WAKE)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ThreadFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

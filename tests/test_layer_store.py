@@ -744,3 +744,85 @@ async def test_close_waits_for_a_gc_thread_that_uses_the_index(
     assert (await gc).removed == 0
     with pytest.raises(StoreError):
         await store.gc()  # a closed store collects nothing
+
+
+async def test_thread_follower_reads_the_ingest_from_a_worker_thread(store: LayerStore) -> None:
+    import threading
+
+    data, d = blob(3 * MiB, seed=41)
+    half = len(data) // 2
+    release = asyncio.Event()
+
+    async def slow(sink: BlobSink) -> None:
+        await sink.write_at(0, data[:half])
+        await release.wait()
+        await sink.write_at(half, data[half:])
+
+    download = asyncio.create_task(store.ensure_blob(d, len(data), slow))
+    await asyncio.sleep(0.01)
+    reader = store.open_following(d, threading.Event())
+    assert reader is not None
+    first = await asyncio.to_thread(reader.read, half)
+    assert first == data[:half] and not store.has(d)  # before the commit
+    rest = asyncio.create_task(asyncio.to_thread(reader.read, -1))  # blocks until more comes
+    release.set()
+    assert first + await rest == data
+    reader.close()
+    await download
+    # a complete blob: its file; an unknown one: None (use read_following)
+    with store.open_following(d, threading.Event()) as f:  # type: ignore[union-attr]
+        assert f.read() == data
+    assert store.open_following(blob(10, seed=42)[1], threading.Event()) is None
+
+
+async def test_thread_follower_errors_restart_and_stop(store: LayerStore) -> None:
+    import threading
+
+    from fetchd.store_follow import FollowStopped
+
+    data, d = blob(MiB, seed=43)
+    release = asyncio.Event()
+
+    async def restarts(sink: BlobSink) -> None:
+        await sink.write_at(0, bytes(1000))
+        await release.wait()
+        await sink.truncate(0)
+        await sink.write_at(0, data)
+
+    download = asyncio.create_task(store.ensure_blob(d, len(data), restarts))
+    await asyncio.sleep(0.01)
+    reader = store.open_following(d, threading.Event())
+    assert reader is not None
+    assert await asyncio.to_thread(reader.read, 1000) == bytes(1000)
+    release.set()
+    with pytest.raises(DigestMismatch):
+        await asyncio.to_thread(reader.read, -1)
+    reader.close()
+    await download
+
+    _, other = blob(MiB, seed=44)
+    stall = asyncio.Event()
+
+    async def stalls(sink: BlobSink) -> None:
+        await sink.write_at(0, b"x" * 10)
+        await stall.wait()
+        raise RegistryError("the registry went away")
+
+    failing = asyncio.create_task(store.ensure_blob(other, MiB, stalls))
+    await asyncio.sleep(0.01)
+    stop = threading.Event()
+    stopped = store.open_following(other, stop)
+    failed = store.open_following(other, threading.Event())
+    assert stopped is not None and failed is not None
+    assert await asyncio.to_thread(stopped.read, 10) == b"x" * 10
+    waiting = asyncio.create_task(asyncio.to_thread(stopped.read, 10))
+    stop.set()
+    with pytest.raises(FollowStopped):
+        await waiting
+    stall.set()
+    with pytest.raises(RegistryError):
+        await asyncio.to_thread(failed.read, -1)  # the ingest's own error
+    with pytest.raises(RegistryError):
+        await failing
+    stopped.close()
+    failed.close()

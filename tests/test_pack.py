@@ -584,12 +584,41 @@ class _HalfThenWait:
         await sink.write_at(half, self.data[half:])
 
 
-def _counting_follow(store: LayerStore, seen: dict[Digest, int]) -> Callable[[Digest], Any]:
-    async def follow(digest: Digest) -> Any:
-        async for chunk in store.read_following(digest):
-            seen[digest] = seen.get(digest, 0) + len(chunk)
+class _CountingFollow:
+    """The store's following readers for pack, counting the bytes pack read of each layer:
+    ``threaded`` through ``open_following`` (reads in pack's worker thread), else through
+    ``read_following`` (bridged from the event loop)."""
+
+    def __init__(self, store: LayerStore, seen: dict[Digest, int], threaded: bool) -> None:
+        self.store, self.seen, self.threaded = store, seen, threaded
+
+    def open_following(self, digest: Digest, stop: Any) -> Any:
+        inner = self.store.open_following(digest, stop) if self.threaded else None
+        if inner is None:
+            return None
+        follow = self
+
+        class Counting(io.RawIOBase):
+            def read(self, n: int = -1) -> bytes:
+                data = inner.read(n)
+                follow.seen[digest] = follow.seen.get(digest, 0) + len(data)
+                return data
+
+            def close(self) -> None:
+                inner.close()
+                super().close()
+
+        return Counting()
+
+    async def read_following(self, digest: Digest) -> Any:
+        async for chunk in self.store.read_following(digest):
+            self.seen[digest] = self.seen.get(digest, 0) + len(chunk)
             yield chunk
-    return follow
+
+
+def _counting_follow(store: LayerStore, seen: dict[Digest, int],
+                     threaded: bool = True) -> _CountingFollow:
+    return _CountingFollow(store, seen, threaded)
 
 
 async def _until(cond: Callable[[], bool]) -> None:
@@ -598,7 +627,8 @@ async def _until(cond: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])
+async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path, threaded: bool) -> None:
     from support.images import text_bytes
 
     part = _layers_image(text_bytes("base", 3 << 20), text_bytes("top", 2 << 20))
@@ -613,7 +643,7 @@ async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path) -> Non
         await fetch.half_written.wait()
         seen: dict[Digest, int] = {}
         packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
-                                                 follow=_counting_follow(store, seen)))
+                                                 follow=_counting_follow(store, seen, threaded)))
         # pack reads the first half of the last layer before its blob is committed
         await _until(lambda: seen.get(last.digest, 0) >= last.size // 2)
         assert not store.has(last.digest) and not packing.done()
@@ -630,9 +660,10 @@ async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path) -> Non
         reference.close()
 
 
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])
 @pytest.mark.parametrize("failure", ["registry-error", "wrong-bytes"])
 async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
-        tmp_path: Path, failure: str) -> None:
+        tmp_path: Path, failure: str, threaded: bool) -> None:
     from support.images import text_bytes
 
     from fetchd.errors import RegistryError
@@ -653,7 +684,7 @@ async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
         await fetch.half_written.wait()
         seen: dict[Digest, int] = {}
         packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
-                                                 follow=_counting_follow(store, seen)))
+                                                 follow=_counting_follow(store, seen, threaded)))
         await _until(lambda: seen.get(layer.digest, 0) >= len(data) // 2)
         fetch.release.set()
         with pytest.raises(expected):
@@ -668,7 +699,8 @@ async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
         store.close()
 
 
-async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])
+async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path, threaded: bool) -> None:
     import threading
 
     from support.images import text_bytes
@@ -683,7 +715,7 @@ async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path) -> N
         await fetch.half_written.wait()
         seen: dict[Digest, int] = {}
         packing = asyncio.create_task(pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
-                                                 follow=_counting_follow(store, seen)))
+                                                 follow=_counting_follow(store, seen, threaded)))
         await _until(lambda: seen.get(layer.digest, 0) >= layer.size // 2)
         packing.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -25,7 +25,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from isal import isal_zlib
 
@@ -64,56 +64,6 @@ class BenchImages:
         return list(seen.values())
 
 
-class _HashingGzip(io.RawIOBase):
-    """Tar bytes in -> sha256 of the tar, isal gzip, sha256 of the blob, file out."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.tar_hash, self.blob_hash = hashlib.sha256(), hashlib.sha256()
-        self.tar_size = self.blob_size = 0
-        # Level 2: about the ratio of gzip -6 on this content, and fast to generate.
-        self.comp = isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        data = bytes(b)
-        self.tar_hash.update(data)
-        self.tar_size += len(data)
-        self._out(self.comp.compress(data))
-        return len(data)
-
-    def _out(self, chunk: bytes) -> None:
-        self.blob_hash.update(chunk)
-        self.blob_size += len(chunk)
-        self.out.write(chunk)
-
-    def finish(self) -> None:
-        self._out(self.comp.flush())
-
-
-def _file_bytes(rng: random.Random, pool: bytes, size: int) -> bytes:
-    """Rootfs-like content: text, sparse binary sections, a little incompressible data."""
-    parts, left = [], size
-    while left > 0:
-        n = min(left, 16384)
-        kind = rng.random()
-        if kind < 0.06:
-            parts.append(rng.randbytes(n))
-        elif kind < 0.40:
-            off = rng.randrange(0, len(pool) - n)
-            parts.append(pool[off:off + n])
-        else:
-            chunk = bytearray(n)
-            for pos in range(0, n, 1024):
-                run = min(200, n - pos)
-                chunk[pos:pos + run] = rng.randbytes(run)
-            parts.append(bytes(chunk))
-        left -= n
-    return b"".join(parts)
-
-
 def _write_tar(out: io.RawIOBase, seed: str, target: int, pool: bytes) -> None:
     rng = random.Random(seed)
     buffered = io.BufferedWriter(out, MiB)
@@ -124,7 +74,7 @@ def _write_tar(out: io.RawIOBase, seed: str, target: int, pool: bytes) -> None:
             tf.addfile(ti._tarinfo(ti.Entry(dirname, kind="dir")))
             for f in range(rng.randint(5, 40)):
                 size = min(int(2 ** rng.uniform(9, 21)), max(512, target - total))
-                data = _file_bytes(rng, pool, size)
+                data = ti.rootfs_bytes(rng, pool, size, random_share=0.06, text_share=0.40, run=200)
                 tf.addfile(ti._tarinfo(ti.Entry(f"{dirname}/f{f:03d}", data, mode=0o755)),
                            io.BytesIO(data))
                 total += size + 512
@@ -150,7 +100,8 @@ def generated_layer(seed: str, tar_target: int) -> ti.Layer:
                 return _layer(blob, meta)
         tmp = blob.with_suffix(".tmp")
         with open(tmp, "wb") as out:
-            sink = _HashingGzip(out)
+            # Level 2: about the ratio of gzip -6 on this content, and fast to generate.
+            sink = ti.GzipSink(out, isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31))
             _write_tar(sink, seed, tar_target, _pool())
             sink.finish()
             out.flush()

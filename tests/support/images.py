@@ -647,16 +647,18 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fetchd-tests"
 
 
-class _Sink(io.RawIOBase):
-    """Tar output -> (hash tar) -> gzip -> (hash blob) -> file."""
+class GzipSink(io.RawIOBase):
+    """Tar output -> (hash tar) -> gzip -> (hash blob) -> file.
 
-    def __init__(self, out: BinaryIO) -> None:
+    ``compressor`` defaults to zlib level 6, like Go's gzip default (what registries hold):
+    isal output would inflate noticeably slower with zlib than real layers do.
+    """
+
+    def __init__(self, out: BinaryIO, compressor: Any = None) -> None:
         self.out = out
         self.tar_hash, self.blob_hash = hashlib.sha256(), hashlib.sha256()
         self.tar_size = self.blob_size = 0
-        # zlib level 6 like Go's gzip default (what registries hold): about 10 s once, then cached;
-        # isal output would inflate noticeably slower with zlib than real layers do.
-        self.comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self.comp = compressor if compressor is not None else zlib.compressobj(6, zlib.DEFLATED, 31)
 
     def writable(self) -> bool:
         return True
@@ -678,22 +680,24 @@ class _Sink(io.RawIOBase):
         self._emit(self.comp.flush())
 
 
-def _big_file(rng: random.Random, pool: bytes, size: int) -> bytes:
-    """A rootfs-like file: mostly ELF-ish blocks (runs of zeros) and text, some incompressible."""
+def rootfs_bytes(rng: random.Random, pool: bytes, size: int, *, random_share: float = 0.03,
+                 text_share: float = 0.30, run: int = 120) -> bytes:
+    """A rootfs-like file: mostly ELF-ish blocks (short random runs among zeros) and text from
+    ``pool``, with ``random_share`` of incompressible blocks (compressed docs, images)."""
     parts, left = [], size
     while left > 0:
         n = min(left, 16384)
         kind = rng.random()
-        if kind < 0.03:  # compressed data (.gz docs, images)
+        if kind < random_share:
             parts.append(rng.randbytes(n))
-        elif kind < 0.30:  # text
+        elif kind < text_share:
             off = rng.randrange(0, len(pool) - n)
             parts.append(pool[off:off + n])
-        else:  # code/data sections: short random runs among zeros
+        else:
             chunk = bytearray(n)
             for pos in range(0, n, 1024):
-                run = min(120, n - pos)
-                chunk[pos:pos + run] = rng.randbytes(run)
+                length = min(run, n - pos)
+                chunk[pos:pos + length] = rng.randbytes(length)
             parts.append(bytes(chunk))
         left -= n
     return b"".join(parts)
@@ -717,7 +721,7 @@ def build_big_layer(cache_dir: Path | None = None) -> Layer:
                 return _big_from_meta(blob, meta)
         tmp = root / "layer.tar.gz.tmp"
         with open(tmp, "wb") as out:
-            sink = _Sink(out)
+            sink = GzipSink(out)
             _write_big_tar(sink)
             sink.finish()
             out.flush()
@@ -734,7 +738,7 @@ def _big_from_meta(blob: Path, meta: dict[str, Any]) -> Layer:
                  Digest.parse(meta["diff_id"]), "gzip", meta["tar_size"], path=blob)
 
 
-def _write_big_tar(sink: _Sink) -> None:
+def _write_big_tar(sink: GzipSink) -> None:
     rng = random.Random("fetchd-big-v1")
     pool = text_bytes("fetchd-big-pool", 8 * 1024 * 1024)
     buffered = io.BufferedWriter(sink, 1 << 20)
@@ -746,7 +750,7 @@ def _write_big_tar(sink: _Sink) -> None:
             for f in range(rng.randint(5, 40)):
                 # Log-uniform sizes 512 B .. 2 MB, a few large ones (like libLLVM, locales).
                 size = int(2 ** rng.uniform(9, 21)) if rng.random() > 0.01 else rng.randint(8, 30) << 20
-                data = _big_file(rng, pool, size)
+                data = rootfs_bytes(rng, pool, size)
                 tf.addfile(_tarinfo(Entry(f"{dirname}/file{f:03d}", data, mode=0o755 if f % 3 else 0o644)),
                            io.BytesIO(data))
                 total += size + 512

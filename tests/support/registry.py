@@ -8,11 +8,14 @@ caller passed its own ``root``).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +34,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, even by SIGKILL (atexit never runs
+    then). Only for children of the main thread: the signal follows the forking thread's exit."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _config_yaml(root: Path, addr: str, proxy_remote: str | None) -> str:
@@ -98,6 +108,7 @@ class LocalRegistry:
             stderr=subprocess.STDOUT,
             # Own process group: a Ctrl-C on pytest must not kill it before we stop it cleanly.
             start_new_session=True,
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         # Backstop for interrupted sessions; stop() is idempotent.
         atexit.register(self.stop)

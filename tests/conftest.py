@@ -10,7 +10,10 @@ Every process and thread started here is stopped at the end, also when tests fai
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +85,15 @@ def proxy_factory(registry: LocalRegistry) -> Iterator[Callable[..., RegistryPro
 def proxy(proxy_factory: Callable[..., RegistryProxy]) -> RegistryProxy:
     """One fresh proxy in front of the session registry (no rules, zero counters)."""
     return proxy_factory()
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temp dir every uid may enter (pytest's own tmp_path sits under a 0700 directory), for
+    tests that act as another user."""
+    d = Path(tempfile.mkdtemp(prefix="fetchd-test-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

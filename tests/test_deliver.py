@@ -47,17 +47,6 @@ def store_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def open_tmp() -> Iterator[Path]:
-    """A temp dir every uid may enter (pytest's own tmp_path is under a 0700 directory)."""
-    d = Path(tempfile.mkdtemp(prefix="fetchd-test-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def shm_dir() -> Iterator[Path]:
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")

@@ -102,22 +102,11 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A temp dir every uid may enter (pytest's tmp_path sits under a 0700 directory)."""
-    d = Path(tempfile.mkdtemp(prefix="fetchd-proc-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def start_daemon(open_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
+def start_daemon(open_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     def start(store: Path | None = None, user: pwd.struct_passwd | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(open_dir, store, user).start()
+        daemon = DaemonProcess(open_tmp, store, user).start()
         started.append(daemon)
         return daemon
 
@@ -136,12 +125,12 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 
 def test_sixteen_concurrent_pulls_download_each_blob_once(
-    start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, images: Catalog, open_dir: Path
+    start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, images: Catalog, open_tmp: Path
 ) -> None:
     image = images["multi-oci"]
     part = image.platform("linux/arm/v7")
     daemon = start_daemon()
-    out_dir = open_dir / "outs"
+    out_dir = open_tmp / "outs"
     out_dir.mkdir()
     outputs = [out_dir / f"build{i}.zst" for i in range(16)]
     procs = [daemon.pull(image.ref(proxy.host), out, "--arch", "armhf") for out in outputs]
@@ -181,14 +170,14 @@ def _run_as(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess[
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 def test_hand_back_per_uid_and_filesystem(
-    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_dir: Path
+    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_tmp: Path
 ) -> None:
     nobody = pwd.getpwnam("nobody")
     image = images["single-oci"]
     daemon = start_daemon()
     pull = ["pull", image.reference, "--socket", daemon.socket, "-o"]
 
-    closed = open_dir / "root-only"
+    closed = open_tmp / "root-only"
     closed.mkdir(mode=0o755)
     refused = _run_as(nobody.pw_uid, nobody.pw_gid, [*pull, str(closed / "x.zst")])
     assert refused.returncode == 1
@@ -198,14 +187,14 @@ def test_hand_back_per_uid_and_filesystem(
     assert "Traceback" not in refused.stderr
     assert list(closed.iterdir()) == []
 
-    theirs = open_dir / "nobody-owns"
+    theirs = open_tmp / "nobody-owns"
     theirs.mkdir()
     os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
     ok = _run_as(nobody.pw_uid, nobody.pw_gid, [*pull, str(theirs / "x.zst")])
     assert ok.returncode == 0, ok.stderr
     assert "(hardlink)" in ok.stdout
 
-    link = open_dir / "link.zst"
+    link = open_tmp / "link.zst"
     link.symlink_to("/etc/passwd")
     sym = daemon.pull(image.reference, link)
     code, _out, err = _finish(sym)
@@ -227,18 +216,18 @@ def test_hand_back_per_uid_and_filesystem(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another uid")
 def test_daemon_that_may_not_write_hands_back_a_client_copy(
-    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_dir: Path
+    start_daemon: Callable[..., DaemonProcess], images: Catalog, open_tmp: Path
 ) -> None:
     """The daemon runs as nobody (like the unit's fetchd user); the build (root) asks for a
     file in a directory only root may write: the daemon writes nothing there, the client
     copies the read-only store file itself, atomically and verified."""
     nobody = pwd.getpwnam("nobody")
-    (open_dir / "run").mkdir()
-    os.chown(open_dir / "run", nobody.pw_uid, nobody.pw_gid)
-    (open_dir / "store").mkdir()
-    os.chown(open_dir / "store", nobody.pw_uid, nobody.pw_gid)
+    (open_tmp / "run").mkdir()
+    os.chown(open_tmp / "run", nobody.pw_uid, nobody.pw_gid)
+    (open_tmp / "store").mkdir()
+    os.chown(open_tmp / "store", nobody.pw_uid, nobody.pw_gid)
     daemon = start_daemon(user=nobody)
-    closed = open_dir / "root-only"
+    closed = open_tmp / "root-only"
     closed.mkdir(mode=0o755)
     code, out, err = _finish(daemon.pull(images["single-docker"].reference, closed / "x.zst"))
     assert code == 0, err + daemon.log.read_text()
@@ -268,14 +257,14 @@ def _ingested(daemon: DaemonProcess) -> int:
 @pytest.mark.slow
 def test_sigkill_mid_pull_then_resume(
     start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, big_image: CatalogImage,
-    open_dir: Path,
+    open_tmp: Path,
 ) -> None:
     layer = big_image.only.layers[0]
     # Slow enough to be caught mid-body even on a busy host: each connection at 2 MB/s
     # (~10 s for the whole blob over parallel ranges; it is killed after ~2-3 s).
     proxy.set_link(rate=2e6)
     daemon = start_daemon()
-    first = daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst")
+    first = daemon.pull(big_image.ref(proxy.host), open_tmp / "big.zst")
     deadline = time.monotonic() + 60
     while _ingested(daemon) < 4 << 20:
         assert time.monotonic() < deadline, "the big blob never started downloading"
@@ -292,7 +281,7 @@ def test_sigkill_mid_pull_then_resume(
     proxy.reset_rules()
     proxy.reset_stats()
     daemon = start_daemon(daemon.store)
-    code, out, err = _finish(daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst"))
+    code, out, err = _finish(daemon.pull(big_image.ref(proxy.host), open_tmp / "big.zst"))
     assert code == 0, err  # the CLI re-hashed the output against the archive digest
     resumed = proxy.bytes_sent(f"/blobs/{layer.digest}")
     # Only what the store did not hold was fetched again (a range probe may add a few bytes).
@@ -304,11 +293,11 @@ def test_sigkill_mid_pull_then_resume(
 @pytest.mark.slow
 def test_sigterm_mid_pull_parks_the_job_and_exits_zero(
     start_daemon: Callable[..., DaemonProcess], proxy: RegistryProxy, big_image: CatalogImage,
-    open_dir: Path,
+    open_tmp: Path,
 ) -> None:
     proxy.set_link(rate=2e6)
     daemon = start_daemon()
-    pull = daemon.pull(big_image.ref(proxy.host), open_dir / "big.zst")
+    pull = daemon.pull(big_image.ref(proxy.host), open_tmp / "big.zst")
     deadline = time.monotonic() + 60
     while _ingested(daemon) < 2 << 20:
         assert time.monotonic() < deadline

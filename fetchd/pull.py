@@ -225,9 +225,9 @@ class Puller:
         self.budget = budget if budget is not None else CompressionBudget()
         self._jobs: dict[tuple[str, str, int, str, bool], Job] = {}
         self._submitted = itertools.count()
-        self._slots = asyncio.Semaphore(max(1, int(getattr(config.server, "max_jobs", 32))))
+        self._slots = asyncio.Semaphore(config.server.max_jobs)  # config checks >= 1
         self._closing = False
-        self.tag_cache_ttl = float(getattr(config.network, "tag_cache_ttl", 60.0))
+        self.tag_cache_ttl = config.network.tag_cache_ttl
         self.completed = 0
         self.failed = 0
 

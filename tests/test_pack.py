@@ -774,6 +774,69 @@ async def test_a_shared_budget_bounds_compressions_across_packs(tmp_path: Path) 
         reference.close()
 
 
+def test_a_reused_context_makes_the_same_frame_as_a_new_one(tmp_path: Path) -> None:
+    # A pooled context compressed another layer (at more threads) before: the frame it makes
+    # next must be byte for byte what a fresh context makes, for 1 and 2 threads.
+    from support.images import text_bytes
+
+    import fetchd.pack as pack_module
+
+    first, second = text_bytes("reuse-a", 3 << 20), text_bytes("reuse-b", 2 << 20)
+
+    def frame(content: bytes, name: str, threads: int, cctx: Any = None) -> bytes:
+        layer = make_layer(content, "gzip")
+        job = pack_module._LayerJob(layer.descriptor(), Digest.of(content), 0)
+        out = tmp_path / name
+        pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, threads, cctx=cctx)
+        return out.read_bytes()
+
+    for threads in (1, 2):
+        fresh = frame(second, f"fresh{threads}", threads)
+        used = pack_module.compressor(3, threads)
+        frame(first, f"before{threads}", threads, used)
+        assert frame(second, f"reused{threads}", threads, used) == fresh
+
+
+async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Path) -> None:
+    from support.images import text_bytes
+
+    from fetchd.pack import CompressionBudget, context_memory
+
+    parts = [_layers_image(text_bytes(f"pool{i}a", 1 << 20), text_bytes(f"pool{i}b", 1 << 20))
+             for i in range(3)]
+    budget = CompressionBudget(workers=2, keep_idle=0.0)
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+    try:
+        manifests = [put_image(store, p) for p in parts]
+        results = await asyncio.gather(*(
+            pack_image(store, m, p.config_bytes, f"x{i}:1", 3, budget=budget)
+            for i, (m, p) in enumerate(zip(manifests, parts, strict=True))))
+        # six layers, at most two at once: at most two contexts were ever made
+        assert 1 <= budget.contexts_made <= 2 and budget.peak_active == 2
+        for i, (p, r) in enumerate(zip(parts, results, strict=True)):
+            assert r.digest == (await pack(reference, p, f"x{i}:1", 3, threads=1)).digest
+        # idle contexts are freed once nothing compresses (keep_idle=0: on the next turn)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert budget.idle_contexts() == 0
+        # a slot at another level frees the idle ones first: memory stays within the budget
+        budget.keep_idle = 60.0
+        async with budget.slot(3) as threads:
+            budget.recycle(3, threads, budget.compressor(3, threads))
+        assert budget.idle_contexts() == 1
+        async with budget.slot(9) as threads:
+            assert budget.idle_contexts() == 0
+            assert budget.used == context_memory(9, threads) <= budget.memory
+        # a context too big to keep beside the budget's memory is not kept
+        async with budget.slot(19) as threads:
+            budget.recycle(19, threads, budget.compressor(19, threads))
+        assert budget.idle_contexts() == 0
+    finally:
+        store.close()
+        reference.close()
+
+
 def test_budget_threads_and_memory_by_level() -> None:
     from fetchd.pack import CompressionBudget, context_memory
 

@@ -59,6 +59,12 @@ class NetworkConfig:
     # flow, so even a layer of a few MiB arrives faster on several connections.
     range_threshold: int = 4 * MiB
     range_parts: int = 8
+    # ... except from a near host: one that answered within this many seconds (loopback, the
+    # same LAN) and serves its blobs itself (no redirect to a CDN). A single TCP flow over
+    # such a path is not window-limited, so more connections would not make a blob arrive
+    # sooner; they would only cost the registry a request per piece (and this host CPU).
+    # 0: parallel ranges for every host.
+    near_latency: float = 0.010
     connect_timeout: float = 30.0
     read_timeout: float = 60.0           # between two reads of a body, not for the whole body
     retries: int = 5
@@ -287,7 +293,7 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
     if net.retries < 0:
         raise ConfigError(f"{where} [network] retries: must not be negative")
     for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_cap", "retry_after_cap",
-                 "tag_cache_ttl", "mirror_cooldown"):
+                 "tag_cache_ttl", "mirror_cooldown", "near_latency"):
         if getattr(net, name) < 0:
             raise ConfigError(f"{where} [network] {name}: must not be negative")
 

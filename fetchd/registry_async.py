@@ -384,9 +384,9 @@ class RegistryClient:
         skips = gaps != [(sink.offset, desc.size)]
         if ((remaining >= self.net.range_threshold or skips)
                 and self.net.range_parts > 1 and ranges_ok):
-            if host.range_supported is None:
+            if host.range_supported is None and (skips or not self._near(host)):
                 await self._probe_ranges(ep, ref, desc, path)
-            if host.range_supported:
+            if host.range_supported and (skips or not self._near(host)):
                 try:
                     await self._fetch_parallel(ep, ref, desc, sink, counter, path, gaps, order)
                     return
@@ -396,6 +396,15 @@ class RegistryClient:
                              ep.label, desc.digest)
         await self._fetch_span(ep, ref, desc, sink, sink.offset, desc.size, counter,
                                restart_ok=True, path=path)
+
+    def _near(self, host: Host) -> bool:
+        """Whether ``host`` answers within ``near_latency`` and serves its blobs itself: then
+        one stream is as fast as parallel ranges (the flow is not window-limited) and costs
+        the host less. Blobs redirected to object storage or a CDN come over a path this
+        cannot see: they keep parallel ranges."""
+        near = self.net.near_latency
+        return (near > 0 and not host.blob_redirects and host.latency is not None
+                and host.latency <= near)
 
     async def _probe_ranges(self, ep: Endpoint, ref: Reference, desc: Descriptor, path: str) -> None:
         async with self._t.open(ep, ref, "GET", path, what="blob", headers={"Range": range_header(0, 1)},

@@ -123,6 +123,10 @@ class Host:
     waiting: int = 0             # requests queued for a slot
     down_until: float = 0.0      # mirrors: skipped until then (monotonic clock)
     quota_warned: bool = False   # a low-quota warning was logged; cleared when it recovers
+    # The least time from sending a request to its response headers: the path's round trip
+    # plus the server's least work. None: no answer yet.
+    latency: float | None = None
+    blob_redirects: bool = False  # blobs came from another origin (object storage, a CDN)
     stats: dict[str, int | None] = field(default_factory=lambda: {
         "requests": 0, "bytes": 0, "retries": 0, "errors": 0, "ratelimit_remaining": None,
         "ratelimit_limit": None, "ratelimit_window_seconds": None,
@@ -212,7 +216,8 @@ class Transport:
         pacing); Docker Hub's quota ``ratelimit_remaining``, ``ratelimit_limit``,
         ``ratelimit_window_seconds`` (None until the registry sent them); ``role``
         ("registry" | "mirror"), ``down`` and ``down_seconds`` (mirrors in cooldown), and
-        ``range_supported``.
+        ``range_supported``, ``latency_ms`` (the least time a response took to start; None
+        before the first) and ``blob_redirects`` (blobs are served by another origin).
         """
         now = self.clock()
         out: dict[str, dict[str, Any]] = {}
@@ -228,6 +233,8 @@ class Transport:
                 "down": down > 0,
                 "down_seconds": round(down, 1),
                 "range_supported": h.range_supported,
+                "latency_ms": None if h.latency is None else round(h.latency * 1000, 3),
+                "blob_redirects": h.blob_redirects,
             }
         return out
 
@@ -436,6 +443,7 @@ class Transport:
             if not failure:
                 async with host.slot():
                     await host.pace(self.sleep)
+                    sent = time.monotonic()
                     try:
                         resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth)
                     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
@@ -457,6 +465,11 @@ class Transport:
                         first_line = (redact(str(e)).splitlines() or [""])[0]
                         failure = f"{type(e).__name__}: {first_line[:200]}"
                     else:
+                        took = time.monotonic() - sent
+                        if host.latency is None or took < host.latency:
+                            host.latency = took
+                        if foreign and what == "blob":
+                            host.blob_redirects = True
                         remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
                         if remaining is not None:
                             host.stats["ratelimit_remaining"] = remaining

@@ -36,6 +36,7 @@ max_jobs = 2
 max_connections = 4
 range_threshold = "16MiB"
 range_parts = 6
+near_latency = 0.001
 connect_timeout = 5
 read_timeout = 20.5
 retries = 3
@@ -101,6 +102,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert (config.store.high_watermark, config.store.low_watermark) == (0.8, 0.5)
     assert config.server.socket_mode == 0o600 and config.server.socket_group == "builders"
     assert config.network.range_threshold == 16 * 1024 * 1024 and config.network.read_timeout == 20.5
+    assert config.network.near_latency == 0.001
     assert config.network.connect_timeout == 5.0 and isinstance(config.network.connect_timeout, float)
     local = config.registry("localhost:5000")
     assert local.insecure and local.auth_file == "/etc/fetchd/auth.json"

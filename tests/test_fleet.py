@@ -242,7 +242,7 @@ async def test_corrupt_blob_over_parallel_ranges_is_fetched_again_from_upstream(
     # each Range answer gets one byte flipped: the mismatch shows only at the store's commit
     mirror.corrupt(f"/blobs/{layer.digest}$", at_byte=1, times=None)
     host = make_host("h", upstream.host, [{"url": mirror.url, "ranges": True}],
-                     range_threshold=1024, range_parts=4)
+                     range_threshold=1024, range_parts=4, near_latency=0)
     await host.pull(image.ref(upstream.host), Platform.parse("linux/amd64"))
     assert _stored_ok(host.store, layer.digest)
     assert mirror.blob_gets(layer.digest) >= 2          # ranges came from the mirror first

@@ -62,7 +62,8 @@ async def mirror() -> AsyncIterator[FakeRegistry]:
 def client_for(upstream: FakeRegistry, *mirrors: MirrorConfig, clock: Clock | None = None,
                sleeps: Sleeps | None = None, env: dict[str, str] | None = None,
                auth_file: str | None = None, **net: Any) -> RegistryClient:
-    network = replace(NetworkConfig(), **{"backoff_base": 0.001, "backoff_cap": 0.01, **net})
+    network = replace(NetworkConfig(), **{"backoff_base": 0.001, "backoff_cap": 0.01,
+                                          "near_latency": 0, **net})  # ranges as on a far link
     reg = RegistryConfig(host=upstream.host, mirrors=mirrors, auth_file=auth_file)
     return RegistryClient(
         Config(network=network, registries=(reg,)),

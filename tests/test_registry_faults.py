@@ -69,7 +69,10 @@ async def storage() -> AsyncIterator[FakeRegistry]:
 def make_client(*, sleeps: Sleeps | None = None, clock: Clock | None = None,
                 env: dict[str, str] | None = None, registries: tuple[RegistryConfig, ...] = (),
                 **net: Any) -> RegistryClient:
-    network = replace(NetworkConfig(), **{"backoff_base": 0.01, "backoff_cap": 0.05, **net})
+    # near_latency=0: parallel ranges whatever the (loopback) latency, as on a far link;
+    # the near-host rule has its own test
+    network = replace(NetworkConfig(), **{"backoff_base": 0.01, "backoff_cap": 0.05,
+                                          "near_latency": 0, **net})
     return RegistryClient(
         Config(network=network, registries=registries),
         credentials=Credentials(env=env or {"HOME": "/nonexistent"}),
@@ -345,6 +348,61 @@ async def test_parallel_ranges_with_a_cut_part_complete_and_verify(fake) -> None
     parts = [s.headers["Range"] for s in fake.requests("blob")[1:]]
     assert len(parts) == 4  # three parts and one resume
     assert sink.written == len(BLOB)
+
+
+async def test_a_near_host_gets_one_stream_per_blob_and_a_far_one_ranges(fake) -> None:
+    """Parallel ranges pay off on far (window-limited) paths; a host whose blob responses
+    start within near_latency (here: loopback) gets each blob as one stream."""
+    from support.proxy import RegistryProxy
+
+    big = os.urandom(6 * 1024 * 1024)
+    fake.add_blob(big)
+    # thresholds far from the measured latencies, so a busy test host cannot flip them
+    async with make_client(range_threshold=1024 * 1024, range_parts=4,
+                           near_latency=0.25) as client:
+        await client.get_blob_bytes(ref(fake), blob_desc(b"{}"))  # the config, as a pull does
+        sink = MemorySink()
+        await client.fetch_blob(ref(fake), blob_desc(big), sink)
+        latency = client.stats()[fake.host]["latency_ms"]
+    sink.verify(Digest.of(big), len(big))
+    assert [s.headers.get("Range") for s in fake.requests("blob")] == [None, None]
+    assert latency is not None and 0 < latency <= 250
+    # the same blob behind 50 ms of latency: probed, then parallel pieces
+    fake.seen.clear()
+    proxy = RegistryProxy(fake)
+    try:
+        proxy.set_link(latency=0.05)
+        sink = MemorySink()
+        async with make_client(range_threshold=1024 * 1024, range_parts=4,
+                               near_latency=0.01) as client:
+            await client.fetch_blob(Reference.parse(f"{proxy.host}/{REPO}:v1"), blob_desc(big),
+                                    sink)
+            assert client.stats()[proxy.host]["latency_ms"] >= 50
+        sink.verify(Digest.of(big), len(big))
+        assert proxy.count("/blobs/", "GET") >= 5  # the probe and the pieces on 4 connections
+        assert sink.written == len(big)
+    finally:
+        proxy.stop()
+
+
+async def test_blobs_redirected_to_another_origin_keep_parallel_ranges(fake, storage) -> None:
+    """A near registry that hands blobs to object storage or a CDN: that path is unknown,
+    so blobs keep parallel ranges."""
+    big = os.urandom(6 * 1024 * 1024)
+    for data in (big, b"{}"):
+        fake.add_blob(data)
+        storage.add_blob(data)
+    fake.fault("blob", *[Fault(redirect=storage.url) for _ in range(20)])
+    sink = MemorySink()
+    async with make_client(range_threshold=1024 * 1024, range_parts=4,
+                           near_latency=0.25) as client:
+        await client.get_blob_bytes(ref(fake), blob_desc(b"{}"))
+        await client.fetch_blob(ref(fake), blob_desc(big), sink)
+        assert client.stats()[fake.host]["blob_redirects"] is True
+    sink.verify(Digest.of(big), len(big))
+    ranged = [s for s in storage.seen if "/storage/" in s.path and "Range" in s.headers]
+    assert len(ranged) >= 4  # the probe and the pieces on 4 connections
+    assert sink.written == len(big)
 
 
 async def test_parts_held_beyond_the_prefix_are_not_fetched_again(fake) -> None:

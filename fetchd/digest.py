@@ -85,3 +85,13 @@ class Verifier:
                 f"{self.what} {self.digest}: content hashes to {actual}; "
                 "the source served wrong bytes, nothing was kept"
             )
+
+
+@dataclass(frozen=True)
+class BlobSpan:
+    """``length`` bytes at ``offset`` of the blob ``digest`` (e.g. a pack frame inside an
+    archive, or a whole frame blob: offset 0, its size)."""
+
+    digest: Digest
+    offset: int
+    length: int

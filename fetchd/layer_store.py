@@ -32,12 +32,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar, cast
 
-from .digest import Digest
+from .digest import BlobSpan, Digest
 from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError, store_error
 from .ingest import FileLock, Ingest, fsync_dir, hash_file
 from .store_follow import CHUNK, Flight, ThreadFollower, follow_flight, follow_other_process
@@ -266,8 +266,9 @@ class LayerStore:
         return path
 
     def _committed(self, d: Digest, size: int, media_type: str | None,
-                   alias: tuple[str, str] | None = None) -> None:
-        self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias))
+                   alias: tuple[str, str] | None = None,
+                   frame_spans: Sequence[tuple[str, int, int]] = ()) -> None:
+        self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias, frame_spans))
         if media_type:
             self.record_blob_info(d, media_type=media_type)
         self._usage += size
@@ -343,8 +344,10 @@ class LayerStore:
         digest: Digest | None = None,
         alias: tuple[str, str] | None = None,
         media_type: str | None = None,
+        frame_spans: Sequence[tuple[str, int, int]] = (),
     ) -> Digest:
-        """Move a locally produced file into blobs/ and record ``alias`` -> its digest.
+        """Move a locally produced file into blobs/ and record ``alias`` -> its digest, and
+        the ``frame_spans`` (``(key, offset, length)``) it holds (see ``get_frame``).
 
         Hashes the file (and checks ``digest`` when given): blocking, so call it from a
         thread (``asyncio.to_thread``) for big files. ``tmp`` is gone afterwards, also on
@@ -376,7 +379,7 @@ class LayerStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise store_error(e, self.root, f"commit {tmp.name}") from e
-        self._committed(d, size, media_type, alias)
+        self._committed(d, size, media_type, alias, frame_spans)
         return d
 
     def commit_bytes(
@@ -423,6 +426,21 @@ class LayerStore:
             return None
         d = Digest.parse(text)
         return d if self.has(d) else None
+
+    def get_frame(self, key: str) -> BlobSpan | None:
+        """Where the cached pack frame ``key`` is: a blob of its own (``("frame", key)``
+        alias), or a span of an archive that holds it; None if unknown or its blob is gone."""
+        own = self.get_alias("frame", key)
+        if own is not None:
+            try:
+                return BlobSpan(own, 0, self.blob_path(own).stat().st_size)
+            except FileNotFoundError:
+                return None
+        span = self._index(lambda: self.index.get_frame_span(key))
+        if span is None:
+            return None
+        d = Digest.parse(span[0])
+        return BlobSpan(d, span[1], span[2]) if self.has(d) else None
 
     def record_tag(self, name: str, tag: str, digest: Digest, media_type: str) -> None:
         self._index(lambda: self.index.put_tag(name, tag, str(digest), media_type, time.time()))

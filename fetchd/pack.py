@@ -7,46 +7,54 @@ python-zstandard), whose decompressed bytes are exactly skopeo 1.9's docker-arch
     [layer frame of diff_id_1] [layer frame of diff_id_2] ... [tail frame]
 
 A layer's tar member (header, content, padding) depends on nothing but the layer, so its frame
-is made once per (diff_id, level) and cached in the store under the alias
-``("frame", "<diff_id>@<level>")``. A second image sharing base layers compresses only its new
-layers; another level compresses each layer once more at that level. The tail frame (config,
-legacy entries, manifest.json, repositories, end blocks) is small and made every time.
+is made once per (diff_id, level) and cached in the store as the key ``<diff_id>@<level>``
+(``LayerStore.get_frame``): normally as a *span* of the committed archive that holds it (the
+compressed bytes are stored once, and a frame lives as long as the newest archive holding
+it); a frame that ended cleanly in a pack that then failed is kept as a blob of its own. A
+second image sharing base layers compresses only its new layers; another level compresses
+each layer once more at that level. The tail frame (config, legacy entries, manifest.json,
+repositories, end blocks) is small and made every time.
 
 Design of a layer frame, chosen so each layer blob is read and decompressed exactly once:
 the member header needs the content size, which is known only at the end of the stream. So
 the cached unit is two frames: a fixed-size *raw* zstd frame holding the 512-byte header
 (written by hand: frame header + one raw block, 522 bytes) followed by an ordinary compressed
 frame of content + padding. The worker reserves the 522 bytes, streams blob -> decompress ->
-sha256 + zstd into the file, then writes the header frame into the reserved space. (A layer of
-8 GiB or more needs a PAX header, 1536 bytes: that rare file is rewritten once.)
+sha256 + zstd into its output, then writes the header frame into the reserved space. (A layer
+of 8 GiB or more needs a PAX header, 1536 bytes: that rare frame is rewritten once.)
 
 Assembly overlaps compression: the archive file is appended in layer order while layers are
 compressed, each in a slot of a ``CompressionBudget`` (the daemon shares one among all packs,
 so CPU and zstd memory stay bounded however many images are packed at once). Cached
 frames are copied in (``copy_file_range``); the first layer still to be made when everything
-before it is in writes its output to its frame file and to the archive at once, so the
-biggest bytes (a single-layer base image) are never copied. The tail frame closes the file.
+before it is in writes its output straight into the archive, so the biggest bytes (a
+single-layer base image) are written once, never copied, and hashed once (by the archive's
+commit); a layer made out of turn goes to an unnamed temporary file and is copied in when
+its turn comes. The tail frame closes the file.
 
 Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
 is decompressed and compressed as its bytes come in (``LayerStore.open_following``).
 
 Concurrent packs in one process share frames being made (single-flight per store and frame
-key): two images on one new base compress that base once.
+key): two images on one new base compress that base once; the waiting pack copies the
+frame's bytes from the maker's open file (``_FrameBytes``, reference counted).
 
 Invariants:
 - each diff_id is checked against the image config while streaming; a mismatch raises
   ``DiffIdMismatch`` and nothing is committed for that layer nor any archive for the image;
 - a frame, and the archive, are committed only from layer streams that ended cleanly: when
   pack follows a download, that means after the store committed the blob (size and digest
-  verified). A frame finished before another layer's download failed stays cached: its
-  content is verified by its diff_id, so it is a correct cache entry; the archive is not made;
+  verified). A frame finished before another layer's download failed stays cached (as a
+  blob of its own): its content is verified by its diff_id, so it is a correct cache entry;
+  the archive is not made;
 - compressions run in slots of a ``CompressionBudget`` (CPU and zstd memory bounded across
   all packs that share it); a pack that ends (also cancelled) has no worker left running;
 - the bytes depend only on (config, layers, name:tag, level): libzstd is pinned through
   python-zstandard 0.25.0, compression always runs with ``threads >= 1`` (the same bytes for
   any thread count), frames carry a checksum and never a content size;
-- finished archives are cached under ``("archive", archive_key(...))``; the store commits
-  files atomically, so an alias always names a complete archive.
+- finished archives are cached under ``("archive", archive_key(...))`` together with the
+  spans of their frames, in one index transaction; the store commits files atomically, so
+  an alias or a span always names bytes of a complete, committed blob.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -77,7 +86,7 @@ from .archive_format import (
     qualified_repo_tag,
 )
 from .decompress import decompressed_chunks
-from .digest import Digest
+from .digest import BlobSpan, Digest
 from .errors import (
     CompressionLevelInvalid,
     DiffIdMismatch,
@@ -114,7 +123,10 @@ class PackStore(Protocol):
 
     def commit_file(self, tmp: Path, digest: Digest | None = None,
                     alias: tuple[str, str] | None = None,
-                    media_type: str | None = None) -> Digest: ...
+                    media_type: str | None = None,
+                    frame_spans: Sequence[tuple[str, int, int]] = ()) -> Digest: ...
+
+    def get_frame(self, key: str) -> BlobSpan | None: ...
 
     def blob_path(self, digest: Digest) -> Path: ...
 
@@ -455,22 +467,60 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view) or 0:]
 
 
-def _copy_into(dst: BinaryIO, src: BinaryIO) -> None:
-    """Append all of ``src`` to ``dst`` (an unbuffered file positioned at its end); closes src."""
-    with src:
-        remaining = os.fstat(src.fileno()).st_size
+class _FrameBytes:
+    """A finished layer frame: ``length`` bytes at ``offset`` of an open file (its own
+    temporary file, the archive being made, or a cached frame blob or archive of the store).
+
+    Shared by the packs that use it and reference counted: ``acquire`` (False once closed)
+    and ``release``; the file is closed with the last reference. Holding the open file keeps
+    the bytes readable whatever happens to the path (a gc, a commit renaming it).
+    """
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self.offset = offset
+        self.length = length
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, offset: int = 0, length: int | None = None) -> _FrameBytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if length is None:
+            length = os.fstat(fd).st_size - offset
+        return cls(fd, offset, length)
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._refs == 0:
+                return False
+            self._refs += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            if self._refs == 0:
+                os.close(self._fd)
+
+    def append_to(self, dst: BinaryIO) -> None:
+        """Append the bytes to ``dst`` (an unbuffered file positioned at its end)."""
+        pos, end = self.offset, self.offset + self.length
         try:
-            while remaining > 0:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+            while pos < end:
+                n = os.copy_file_range(self._fd, dst.fileno(), end - pos, pos)
                 if n == 0:
                     break
-                remaining -= n
+                pos += n
         except OSError:  # no copy_file_range between these files: copy through user space
             pass
-        if remaining > 0:
-            src.seek(-remaining, os.SEEK_END)
-            dst.seek(0, os.SEEK_END)
-            shutil.copyfileobj(src, dst, 1 << 20)
+        dst.seek(0, os.SEEK_END)
+        while pos < end:
+            chunk = os.pread(self._fd, min(1 << 20, end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "a pack frame is shorter than recorded")
+            _write_all(dst, chunk)
+            pos += len(chunk)
 
 
 class _Writeback:
@@ -517,11 +567,13 @@ class _Writeback:
 class _ArchiveBuilder:
     """The archive file, appended entry by entry in layer order while frames are being made.
 
-    Entry ``i`` (the i-th distinct layer) gets in either by copying its finished frame file
+    Entry ``i`` (the i-th distinct layer) gets in either by copying its finished frame
     (``add_ready``), or while it is made: the worker of the entry right after everything
-    appended so far may ``claim`` the file and write its frame there too, saving a copy of
-    the biggest bytes (``tee``). One tee at a time; copies wait while a tee runs. All methods
-    are thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
+    appended so far may ``claim`` the file and write its frame straight into it (a *tee*:
+    the biggest bytes, a single-layer base image, are written once and never copied). One
+    tee at a time; copies wait while a tee runs. ``spans`` records where each entry's frame
+    lies in the file (the store keeps them as the frame cache). All methods are
+    thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
     """
 
     def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
@@ -529,11 +581,13 @@ class _ArchiveBuilder:
         self.path = path
         self.count = count
         self._on_complete = on_complete
-        self.file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        # read too: spans of it are handed out (end_tee) for other packs and the cache
+        self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
         self._writeback = _Writeback(self.file.fileno(), writeback)
         self._next = 0
+        self.spans: dict[int, tuple[int, int]] = {}  # entry -> (offset, length) in the file
         # open files: a frame stays readable after a gc took its blob (commit -> lease window)
-        self._ready: dict[int, BinaryIO] = {}
+        self._ready: dict[int, _FrameBytes] = {}
         self._teeing = False
         self._failed = False
         self._lock = threading.Lock()
@@ -564,40 +618,60 @@ class _ArchiveBuilder:
         if self._failed:
             raise _Aborted
 
-    def end_tee(self, ok: bool, start: int) -> None:
-        """The claiming worker is done: its entry is in (``ok``), or is cut off again."""
+    def copy_out(self, start: int, dst: BinaryIO) -> None:
+        """Copy the archive's bytes from ``start`` to its end into ``dst`` (the claiming
+        worker, before it gives up its claim)."""
+        with self._lock:
+            self._check()
+            pos, end = start, self.file.seek(0, os.SEEK_END)
+            while pos < end:
+                chunk = os.pread(self.file.fileno(), min(1 << 20, end - pos), pos)
+                if not chunk:
+                    raise OSError(errno.EIO, "the archive is shorter than written")
+                dst.write(chunk)
+                pos += len(chunk)
+
+    def end_tee(self, ok: bool, start: int, entry: int) -> _FrameBytes | None:
+        """The claiming worker is done: its entry is in (``ok``; returns the frame's bytes,
+        shared with the archive file), or is cut off again."""
         with self._lock:
             self._teeing = False
             if self._failed:
-                return
+                return None
+            frame = None
             if ok:
+                end = self.file.seek(0, os.SEEK_END)
+                self.spans[entry] = (start, end - start)
+                frame = _FrameBytes(os.dup(self.file.fileno()), start, end - start)
                 self._next += 1
             else:
                 self.file.truncate(start)
                 self.file.seek(start)
             self._drain()
+            return frame
 
-    def add_ready(self, entries: dict[int, Path | BinaryIO]) -> None:
-        """Finished frames (paths, opened now, or open files, closed when copied); each is
-        copied in when its turn comes. FileNotFoundError when a path is gone (gc)."""
-        files: dict[int, BinaryIO] = {}
-        try:
-            for entry, frame in entries.items():
-                files[entry] = open(frame, "rb") if isinstance(frame, Path) else frame  # noqa: SIM115
-            with self._lock:
-                self._check()
-                self._ready.update(files)
-                files = {}
-                self._drain()
-        finally:
-            for f in files.values():
-                f.close()
+    def add_ready(self, entries: dict[int, _FrameBytes]) -> None:
+        """Finished frames, each copied in when its turn comes; takes over one reference of
+        each (released once copied, or on ``discard``)."""
+        with self._lock:
+            if self._failed:
+                for frame in entries.values():
+                    frame.release()
+                raise _Aborted
+            self._ready.update(entries)
+            self._drain()
 
     def _drain(self) -> None:
         while not self._teeing and self._next in self._ready:
-            before = self.file.tell()
-            _copy_into(self.file, self._ready.pop(self._next))
-            self._writeback.wrote(self.file.seek(0, os.SEEK_END) - before)
+            frame = self._ready.pop(self._next)
+            try:
+                before = self.file.seek(0, os.SEEK_END)
+                frame.append_to(self.file)
+            finally:
+                frame.release()
+            size = self.file.seek(0, os.SEEK_END) - before
+            self.spans[self._next] = (before, size)
+            self._writeback.wrote(size)
             self._next += 1
         if self._next == self.count and not self._teeing:
             self._on_complete()  # every layer entry is in: only the tail is missing
@@ -616,32 +690,35 @@ class _ArchiveBuilder:
             self._failed = True
             self._writeback.close()
             self.file.close()
-            for f in self._ready.values():
-                f.close()
+            for frame in self._ready.values():
+                frame.release()
             self._ready.clear()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
 
-class _Tee:
-    """The compressor's output: the frame file and, while claimed, the archive too."""
+class _Sink:
+    """The compressor's output: the frame's own file, or (claimed) the archive itself."""
 
-    def __init__(self, frame: BinaryIO, archive: _ArchiveBuilder | None,
+    def __init__(self, frame: BinaryIO | None, archive: _ArchiveBuilder | None,
                  writeback: _Writeback | None = None) -> None:
         self.frame = frame
         self.archive = archive
         self.writeback = writeback
 
     def write(self, data: bytes) -> int:
-        self.frame.write(data)
-        if self.writeback is not None:
-            self.writeback.wrote(len(data))
         if self.archive is not None:
             self.archive.write(data)
+        else:
+            assert self.frame is not None
+            self.frame.write(data)
+            if self.writeback is not None:
+                self.writeback.wrote(len(data))
         return len(data)
 
     def flush(self) -> None:
-        self.frame.flush()
+        if self.frame is not None:
+            self.frame.flush()
 
 
 # --------------------------------------------------------------------------- layer frames
@@ -664,30 +741,40 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
                      progress: ProgressSink | None = None,
                      archive: _ArchiveBuilder | None = None,
                      writeback: bool = False,
-                     cctx: zstandard.ZstdCompressor | None = None) -> tuple[int, bool]:
-    """Write the cached unit of one layer to ``out_path``: ``(layer size, also in archive)``.
+                     cctx: zstandard.ZstdCompressor | None = None
+                     ) -> tuple[int, _FrameBytes | None]:
+    """Make one layer's frame: ``(layer size, its bytes in the archive or None)``.
 
     Reads ``src`` once: decompress, hash and compress in one pass. When ``archive`` lets this
-    entry in now, the same bytes go into the archive as well. Raises DiffIdMismatch when the
-    content does not hash to ``job.diff_id`` (the caller discards ``out_path``). ``cctx``:
-    a context made by ``compressor(level, threads)`` to reuse (default: a new one).
+    entry in now (it is next in line and no other frame is being written there), the frame
+    goes straight into the archive and comes back as a span of it (a reference the caller
+    releases); otherwise it is written to ``out_path`` and None comes back. Raises
+    DiffIdMismatch when the content does not hash to ``job.diff_id``: then the archive is
+    cut back and the caller discards ``out_path``. ``cctx``: a context made by
+    ``compressor(level, threads)`` to reuse (default: a new one).
     """
     what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
     hasher = _Sha256Thread() if threads > 1 else _Sha256Inline()
     size = 0
     last = time.monotonic()
     start = archive.claim(job.entry) if archive is not None else None
-    tee = archive if start is not None else None
+    teed = archive if start is not None else None
     in_archive = False
+    framed: _FrameBytes | None = None
+    out: BinaryIO | None = None
+    fits = True
     try:
-        with open(out_path, "wb") as out, contextlib.closing(
-                _Writeback(out.fileno(), writeback)) as early:
-            sink = _Tee(out, tee, early)
+        with contextlib.ExitStack() as stack:
+            early = None
+            if teed is None:
+                out = stack.enter_context(open(out_path, "wb"))
+                early = stack.enter_context(contextlib.closing(_Writeback(out.fileno(), writeback)))
+            sink = _Sink(out, teed, early)
             sink.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame, once the size is known
             # No ``with``: leaving it on an error would first compress all buffered input
             # (seconds at level 19); an abandoned writer ends without finishing its frame.
-            w = (cctx or compressor(level, threads)).stream_writer(cast(IO[bytes], sink), closefd=False,
-                                                         write_size=1 << 20)
+            w = (cctx or compressor(level, threads)).stream_writer(
+                cast(IO[bytes], sink), closefd=False, write_size=1 << 20)
             for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
                 if abort is not None and abort.is_set():
                     raise _Aborted
@@ -708,19 +795,27 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
                     "corrupt or does not belong to this image, nothing was packed"
                 )
             header = raw_zstd_frame(layer_member_header(job.diff_id, size))
-            if len(header) == _HEADER_FRAME_SIZE:
+            fits = len(header) == _HEADER_FRAME_SIZE
+            if teed is not None and start is not None:
+                if fits:
+                    teed.pwrite(header, start)
+                    in_archive = True
+                else:  # a PAX header (>= 8 GiB): the frame moves to its own file, in by copy
+                    with open(out_path, "wb") as own:
+                        own.write(header)
+                        teed.copy_out(start + _HEADER_FRAME_SIZE, own)
+            elif out is not None and fits:
                 out.seek(0)
                 out.write(header)
-                if tee is not None and start is not None:
-                    tee.pwrite(header, start)
-                    in_archive = True
-                return size, in_archive
     finally:
         hasher.close()
-        if tee is not None and start is not None:
-            tee.end_tee(in_archive, start)
-    _prepend_header(out_path, header)  # PAX header (>= 8 GiB): rewrite once
-    return size, False
+        if teed is not None and start is not None:
+            framed = teed.end_tee(in_archive, start, job.entry)
+    if in_archive and framed is None:
+        raise _Aborted  # the archive was discarded meanwhile: another layer failed
+    if out is not None and not fits:
+        _prepend_header(out_path, header)  # PAX header (>= 8 GiB): rewrite once
+    return size, framed
 
 
 class _Sha256Inline:
@@ -780,31 +875,31 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
                  abort: threading.Event, progress: ProgressSink | None,
                  archive: _ArchiveBuilder,
                  source: Callable[[], AbstractContextManager[Any]],
-                 cctx: zstandard.ZstdCompressor | None = None) -> Digest:
-    """Make, verify and commit one layer frame, and get it into the archive (worker thread).
+                 cctx: zstandard.ZstdCompressor | None = None) -> _FrameBytes:
+    """Make one layer frame and get it into the archive (worker thread); returns the frame's
+    bytes (a reference the caller releases), for packs waiting on it and for the cache.
 
     ``source`` opens the layer's bytes: the blob file, or a reader that follows its download
-    and ends cleanly only once the store verified and committed the blob. So a frame is
-    committed only after its layer blob was committed and its diff_id matched.
+    and ends cleanly only once the store verified and committed the blob. So a frame is made
+    only from a committed blob whose diff_id matched. Nothing is hashed or committed here:
+    the frame is cached as a span of the archive when that is committed.
     """
     tmp = store.temp_path(".frame.zst")
+    frame: _FrameBytes | None = None
     try:
         with source() as src:
-            size, in_archive = make_layer_frame(src, tmp, job, level, threads,
-                                                image_name=image_name, abort=abort,
-                                                progress=progress, archive=archive,
-                                                writeback=_fsyncs(store), cctx=cctx)
-        # Opened before the commit: the archive copies from this file even if a gc takes
-        # the committed frame before the pack leases it.
-        frame = None if in_archive else open(tmp, "rb")  # noqa: SIM115 -- add_ready closes it
-        try:
-            digest = store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
-                                       media_type=FRAME_MEDIA_TYPE)
-        except BaseException:
-            if frame is not None:
-                frame.close()
-            raise
+            size, frame = make_layer_frame(src, tmp, job, level, threads,
+                                           image_name=image_name, abort=abort,
+                                           progress=progress, archive=archive,
+                                           writeback=_fsyncs(store), cctx=cctx)
+        if frame is None:  # in its own file: into the archive by copy, when its turn comes
+            frame = _FrameBytes.open(tmp)
+            tmp.unlink()  # the open file keeps the bytes for the archive and waiting packs
+            frame.acquire()  # one reference for the archive, one for the caller
+            archive.add_ready({job.entry: frame})
     except BaseException as e:
+        if frame is not None:
+            frame.release()
         stopped = abort.is_set()  # another layer failed first (or the pack was cancelled)
         abort.set()
         with contextlib.suppress(OSError):
@@ -812,12 +907,25 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
         if stopped and not isinstance(e, _Aborted):
             raise _Aborted from e  # the first failure is the one to report, not its echo
         raise
-    if frame is not None:
-        archive.add_ready({job.entry: frame})
     if progress is not None:
-        progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size,
-                  "frame": str(digest)})
-    return digest
+        progress({"state": "layer-done", "diff_id": str(job.diff_id), "bytes": size})
+    return frame
+
+
+def _keep_frames(store: PackStore, level: int, made: Sequence[tuple[_LayerJob, _FrameBytes]]
+                 ) -> None:
+    """Commit frames that ended cleanly as blobs of their own: the pack failed (another
+    layer), so no archive will hold them, and a retry should not compress them again."""
+    for job, frame in made:
+        tmp = store.temp_path(".frame.zst")
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                frame.append_to(f)
+            store.commit_file(tmp, alias=("frame", frame_key(job.diff_id, level)),
+                              media_type=FRAME_MEDIA_TYPE)
+        except Exception:  # noqa: BLE001 -- best effort: the pack's own failure is reported
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _fsyncs(store: PackStore) -> bool:
@@ -905,10 +1013,10 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                              "reused": True})
             return result
 
-    frames: dict[Digest, Digest] = {}
+    frames: dict[Digest, BlobSpan] = {}
     for job in jobs:
-        found = store.get_alias("frame", frame_key(job.diff_id, level))
-        if found is not None and store.blob_path(found).is_file():
+        found = store.get_frame(frame_key(job.diff_id, level))
+        if found is not None:
             frames[job.diff_id] = found
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
@@ -917,30 +1025,34 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     archive = _ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
                               lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store))
 
+    # every frame of the archive is cached as a span of it, also those reused from others:
+    # a frame lives as long as the newest archive that holds it
+    spans = {job.entry: frame_key(job.diff_id, level) for job in jobs}
+
     async def finish() -> Digest:
         await complete.wait()
-        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level)
+        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level, spans)
 
-    # The archive is finished and committed as soon as its last layer entry is in, while the
-    # frames' own commits (hashing, fsync) may still run.
+    # The archive is finished and committed as soon as its last layer entry is in.
     finisher = asyncio.ensure_future(finish())
     finisher.add_done_callback(_retrieve)
     try:
-        with contextlib.ExitStack() as leases:
-            leases.enter_context(store.lease(
-                [*frames.values(), *(job.descriptor.digest for job in todo)], holder))
+        with store.lease([*(f.digest for f in frames.values()),
+                          *(job.descriptor.digest for job in todo)], holder):
             for job in jobs:
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                                  "reused": job.diff_id in frames})
             # cached frames at the head go in first, so the first new layer can tee
-            await asyncio.to_thread(archive.add_ready, {
-                job.entry: store.blob_path(frames[job.diff_id])
-                for job in jobs if job.diff_id in frames})
+            await asyncio.to_thread(_add_cached, store, archive, {
+                job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames})
             made, compressed = await _build_frames(store, todo, level, budget, where, progress,
                                                    archive, follow)
-            leases.enter_context(store.lease(made.values(), holder))
-            _emit(progress, {"state": "assemble", "layers": len(jobs)})
-            digest = await finisher
+            try:
+                _emit(progress, {"state": "assemble", "layers": len(jobs)})
+                digest = await finisher
+            finally:
+                for frame in made:
+                    frame.release()
     except BaseException:
         finisher.cancel()
         archive.discard()
@@ -952,22 +1064,41 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
 
 
 def _finish_archive(store: PackStore, archive: _ArchiveBuilder, tail: bytes, key: str,
-                    level: int) -> Digest:
+                    level: int, frame_keys: dict[int, str]) -> Digest:
     # one thread: the tail is small, and the bytes are the same for any thread count >= 1
     archive.finish(compressor(level, 1).compress(tail))
-    return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE)
+    spans = [(frame_keys[entry], offset, length)
+             for entry, (offset, length) in sorted(archive.spans.items())]
+    return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE,
+                             frame_spans=spans)
+
+
+def _add_cached(store: PackStore, archive: _ArchiveBuilder, frames: dict[int, BlobSpan]) -> None:
+    """Cached frames into the archive (opened now: FileNotFoundError if a gc took one)."""
+    opened: dict[int, _FrameBytes] = {}
+    try:
+        for entry, span in frames.items():
+            opened[entry] = _FrameBytes.open(store.blob_path(span.digest), span.offset,
+                                             span.length)
+    except BaseException:
+        for frame in opened.values():
+            frame.release()
+        raise
+    archive.add_ready(opened)
 
 
 async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
                         archive: _ArchiveBuilder,
-                        follow: FollowSource | None) -> tuple[dict[Digest, Digest], int]:
-    """Make the missing layer frames, each in a slot of ``budget``. Returns the frames and
-    how many of them this call compressed itself (the others were being made by a concurrent
-    pack of another image and were waited for).
+                        follow: FollowSource | None) -> tuple[list[_FrameBytes], int]:
+    """Make the missing layer frames, each in a slot of ``budget``, and get them into the
+    archive. Returns the frames this call made (references the caller releases once the
+    archive is committed) and how many layers it compressed itself (the others were being
+    made by a concurrent pack of another image and were waited for, or found cached).
 
     On the first failure the other layers stop early and that first failure is raised; so
-    does cancellation (the worker threads notice ``abort`` within one chunk).
+    does cancellation (the worker threads notice ``abort`` within one chunk). The frames
+    that ended cleanly before a failure are kept as frame blobs (``_keep_frames``).
     """
     abort = threading.Event()
     flights = _flights(store)
@@ -986,23 +1117,25 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
             return _FollowReader(src.read_following(digest), loop, abort)
         return following
 
-    async def one(job: _LayerJob) -> tuple[Digest, bool]:
+    async def one(job: _LayerJob) -> tuple[_FrameBytes | None, bool]:
         key = frame_key(job.diff_id, level)
         other = flights.get(key)
         if other is not None:
             await asyncio.wait([other])
-            # else that pack failed or stopped (maybe over another layer): make it here
-            done = other.result() if not other.cancelled() and other.exception() is None else None
-        else:
-            # a concurrent pack may have finished this frame since pack_image looked
-            done = store.get_alias("frame", key)
-        if done is not None:
+            shared = other.result() if not other.cancelled() and other.exception() is None else None
+            if shared is not None and shared.acquire():
+                await asyncio.to_thread(archive.add_ready, {job.entry: shared})
+                return None, False
+            # else that pack failed or stopped (maybe over another layer): look again below
+        # a concurrent pack may have committed this frame since pack_image looked
+        cached = store.get_frame(key)
+        if cached is not None:
             try:
-                await asyncio.to_thread(archive.add_ready, {job.entry: store.blob_path(done)})
-                return done, False
+                await asyncio.to_thread(_add_cached, store, archive, {job.entry: cached})
+                return None, False
             except FileNotFoundError:
-                pass  # a gc took it before this pack leased it: make the frame again
-        fut: asyncio.Future[Digest] = asyncio.get_running_loop().create_future()
+                pass  # a gc took it before this pack could open it: make the frame again
+        fut: asyncio.Future[_FrameBytes] = asyncio.get_running_loop().create_future()
         flights[key] = fut
         try:
             blob = job.descriptor.digest
@@ -1014,7 +1147,7 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                     _build_frame, store, job, level, threads, where, abort, progress, archive,
                     source(blob), cctx))
                 try:
-                    digest = await asyncio.shield(work)
+                    frame = await asyncio.shield(work)
                 except asyncio.CancelledError:
                     # Hold the slot until the worker is gone (it sees ``abort`` within a
                     # chunk, or 50 ms while it waits for bytes): when the pack ends, nothing
@@ -1022,12 +1155,12 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
                     abort.set()
                     archive.discard()  # a frame finishing meanwhile must not complete it
                     await asyncio.wait([work])
-                    if not work.cancelled():
-                        work.exception()
+                    if not work.cancelled() and work.exception() is None:
+                        work.result().release()
                     raise
                 budget.recycle(level, threads, cctx)  # its frame ended cleanly
-            fut.set_result(digest)
-            return digest, True
+            fut.set_result(frame)
+            return frame, True
         except Exception as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: waiters decide what to do with it
@@ -1043,27 +1176,30 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
     except asyncio.CancelledError:
         abort.set()
         raise
+    made = [(job, r[0]) for job, r in zip(todo, results, strict=True)
+            if not isinstance(r, BaseException) and r[0] is not None]
     errors = [r for r in results if isinstance(r, BaseException)]
     real = [e for e in errors if not isinstance(e, _Aborted | asyncio.CancelledError)]
     if real or errors:
         abort.set()
+        try:
+            if made and real:
+                await asyncio.to_thread(_keep_frames, store, level, made)
+        finally:
+            for _, frame in made:
+                frame.release()
         raise (real or errors)[0]
-    made: dict[Digest, Digest] = {}
-    compressed = 0
-    for job, r in zip(todo, results, strict=True):
-        assert not isinstance(r, BaseException)
-        made[job.diff_id] = r[0]
-        compressed += r[1]
-    return made, compressed
+    compressed = sum(1 for r in results if not isinstance(r, BaseException) and r[1])
+    return [frame for _, frame in made], compressed
 
 
 # Frames being made in this process, per store: when two images on one base are packed at
 # once, the second waits for the first's frame instead of compressing the same layer again.
-_IN_FLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[Digest]]] = (
+_IN_FLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[_FrameBytes]]] = (
     weakref.WeakKeyDictionary())
 
 
-def _flights(store: PackStore) -> dict[str, asyncio.Future[Digest]]:
+def _flights(store: PackStore) -> dict[str, asyncio.Future[_FrameBytes]]:
     try:
         return _IN_FLIGHT.setdefault(store, {})
     except TypeError:  # a store that cannot be weakly referenced: no sharing, still correct

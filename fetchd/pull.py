@@ -351,8 +351,8 @@ class Puller:
             # (automatic after any commit, or `fetchd gc` in another process) must not take
             # a layer fetched or found here, nor a cached frame that stands in for a layer
             # this job therefore does not download, before pack has read it.
-            frames = [f for d in config.diff_ids
-                      if (f := self.store.get_alias("frame", frame_key(d, req.level))) is not None]
+            frames = [f.digest for d in config.diff_ids
+                      if (f := self.store.get_frame(frame_key(d, req.level))) is not None]
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
                                    *frames], f"pull {where}"):
                 needed = self._needed_layers(job, ref, image, config.diff_ids, req)
@@ -519,7 +519,7 @@ class Puller:
         for i, layer in enumerate(image.layers):
             if i < len(diff_ids):
                 self.store.record_blob_info(layer.digest, media_type=layer.media_type, diff_id=diff_ids[i])
-                if self.store.get_alias("frame", frame_key(diff_ids[i], req.level)) is not None:
+                if self.store.get_frame(frame_key(diff_ids[i], req.level)) is not None:
                     job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
                                     "state": "frame-cached"})
                     continue

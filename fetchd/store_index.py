@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS aliases (
     created REAL NOT NULL,
     PRIMARY KEY (kind, key)
 );
+CREATE TABLE IF NOT EXISTS frame_spans (
+    key TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tags (
     name TEXT NOT NULL,
     tag TEXT NOT NULL,
@@ -196,8 +203,11 @@ class StoreIndex:
     # -- blobs -------------------------------------------------------------------------
 
     def add_blob(
-        self, digest: str, size: int, now: float, alias: tuple[str, str] | None = None
+        self, digest: str, size: int, now: float, alias: tuple[str, str] | None = None,
+        spans: Iterable[tuple[str, int, int]] = (),
     ) -> None:
+        """Record a committed blob, the alias naming it and the frame spans inside it
+        (``(key, offset, length)``), in one transaction."""
         with self.transaction() as c:
             c.execute(
                 "INSERT INTO blobs(digest, size, added, last_used) VALUES (?, ?, ?, ?) "
@@ -209,6 +219,11 @@ class StoreIndex:
                     "INSERT OR REPLACE INTO aliases(kind, key, digest, created) VALUES (?, ?, ?, ?)",
                     (alias[0], alias[1], digest, now),
                 )
+            c.executemany(
+                "INSERT OR REPLACE INTO frame_spans(key, digest, offset, length, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(key, digest, offset, length, now) for key, offset, length in spans],
+            )
 
     def remove_blob_row(self, conn: sqlite3.Connection, digest: str) -> None:
         conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
@@ -271,6 +286,16 @@ class StoreIndex:
         ).fetchone()
         return str(row[0]) if row else None
 
+    def get_frame_span(self, key: str) -> tuple[str, int, int] | None:
+        """``(digest, offset, length)`` of the frame ``key`` inside a blob (an archive)."""
+        try:
+            row = self._conn().execute(
+                "SELECT digest, offset, length FROM frame_spans WHERE key = ?", (key,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # a read-only index made before frame spans existed
+            return None
+        return (str(row[0]), int(row[1]), int(row[2])) if row else None
+
     def put_tag(self, name: str, tag: str, digest: str, media_type: str, now: float) -> None:
         with self.transaction() as c:
             c.execute(
@@ -302,11 +327,15 @@ class StoreIndex:
         return [ImageRow(*r) for r in rows]
 
     def drop_dangling(self, tag_cutoff: float) -> tuple[int, int, int]:
-        """Drop tags resolved before ``tag_cutoff`` and aliases/images whose blob is gone."""
+        """Drop tags resolved before ``tag_cutoff`` and aliases, frame spans and images whose
+        blob is gone."""
         with self.transaction() as c:
             tags = c.execute("DELETE FROM tags WHERE resolved_at < ?", (tag_cutoff,)).rowcount
             aliases = c.execute(
                 "DELETE FROM aliases WHERE digest NOT IN (SELECT digest FROM blobs)"
+            ).rowcount
+            aliases += c.execute(
+                "DELETE FROM frame_spans WHERE digest NOT IN (SELECT digest FROM blobs)"
             ).rowcount
             images = c.execute(
                 "DELETE FROM images WHERE archive_digest NOT IN (SELECT digest FROM blobs)"

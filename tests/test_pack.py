@@ -16,7 +16,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +33,7 @@ from support.images import (
 )
 
 from fetchd.archive_format import docker_archive_chunks
-from fetchd.digest import Digest
+from fetchd.digest import BlobSpan, Digest
 from fetchd.errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch, StoreError
 from fetchd.layer_store import LayerStore, StoreSettings
 from fetchd.manifest import ImageManifest, parse_manifest
@@ -280,7 +280,10 @@ async def test_level_change_recompresses_from_the_store_alone(store: LayerStore,
     assert r9.digest != r3.digest
     assert unzstd(r3.path) == unzstd(r9.path)
     for layer in part.layers:
-        assert store.get_alias("frame", frame_key(layer.diff_id, 9)) is not None
+        # the level-9 frames are cached as spans of the level-9 archive, not stored twice
+        frame = store.get_frame(frame_key(layer.diff_id, 9))
+        assert frame is not None and frame.digest == r9.digest
+        assert store.get_alias("frame", frame_key(layer.diff_id, 9)) is None
 
 
 async def test_duplicate_layer_is_compressed_once(store: LayerStore, catalog: dict[str, Any]) -> None:
@@ -359,7 +362,7 @@ async def test_disk_full_while_packing_is_a_store_error_and_keeps_nothing(
     def full(self: object, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pack_module._Tee, "write", full)
+    monkeypatch.setattr(pack_module._Sink, "write", full)
     with pytest.raises(StoreError) as info:
         await pack_image(store, manifest, part.config_bytes, "x:1", 3)
     assert str(store.root) in info.value.message and "full" in info.value.message
@@ -379,6 +382,7 @@ class FakeStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.aliases: dict[tuple[str, str], Digest] = {}
+        self.spans: dict[str, BlobSpan] = {}
         self.opened: list[Digest] = []
         self.leased: list[Digest] = []
         self._n = 0
@@ -400,12 +404,21 @@ class FakeStore:
         return self.root / f"tmp{self._n}{suffix}"
 
     def commit_file(self, tmp: Path, digest: Digest | None = None,
-                    alias: tuple[str, str] | None = None, media_type: str | None = None) -> Digest:
+                    alias: tuple[str, str] | None = None, media_type: str | None = None,
+                    frame_spans: Sequence[tuple[str, int, int]] = ()) -> Digest:
         d = Digest.of(tmp.read_bytes())
         tmp.replace(self.blob_path(d))
         if alias:
             self.aliases[alias] = d
+        for key, offset, length in frame_spans:
+            self.spans[key] = BlobSpan(d, offset, length)
         return d
+
+    def get_frame(self, key: str) -> BlobSpan | None:
+        own = self.aliases.get(("frame", key))
+        if own is not None:
+            return BlobSpan(own, 0, self.blob_path(own).stat().st_size)
+        return self.spans.get(key)
 
     def blob_path(self, digest: Digest) -> Path:
         return self.root / digest.hex
@@ -440,7 +453,9 @@ async def test_fake_store_each_layer_read_once_and_reused_frames_not_read(
     assert rb.frames_compressed == 1
 
 
-def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("teed", [True, False], ids=["written-into-the-archive", "own-file"])
+def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             teed: bool) -> None:
     # A layer of >= 8 GiB gets a 1536-byte PAX header that does not fit the reserved space:
     # pretend this small layer is one, and check the rewritten unit decodes to header + content.
     import fetchd.pack as pack_module
@@ -456,13 +471,13 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
     completed: list[bool] = []
     archive = pack_module._ArchiveBuilder(tmp_path / "archive.zst", 1, lambda: completed.append(True))
     size, in_archive = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1,
-                                                    archive=archive)
-    assert size == len(content) and not in_archive
+                                                    archive=archive if teed else None)
+    assert size == len(content) and in_archive is None
     assert unzstd(out) == huge + content + padding(len(content))
     # the bytes it had written into the archive while compressing were cut off again ...
     assert (tmp_path / "archive.zst").stat().st_size == 0 and not completed
     # ... and the rewritten frame goes in by copy
-    archive.add_ready({0: out})
+    archive.add_ready({0: pack_module._FrameBytes.open(out)})
     archive.finish(b"")
     assert completed and (tmp_path / "archive.zst").read_bytes() == out.read_bytes()
 
@@ -658,6 +673,83 @@ async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path, thread
     finally:
         store.close()
         reference.close()
+
+
+async def test_a_frame_is_stored_once_as_a_span_of_its_archive(tmp_path: Path) -> None:
+    from support.images import text_bytes
+
+    part = _layers_image(text_bytes("once-a", 2 << 20), text_bytes("once-b", 1 << 20))
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        result = await pack(store, part, "x:1", 3)
+        blobs = {p.name for p in (store.root / "blobs" / "sha256").iterdir()}
+        # config, two layers, the archive: no frame blob beside it
+        assert blobs == {part.config_digest.hex, *(layer.digest.hex for layer in part.layers),
+                         result.digest.hex}
+        data = result.path.read_bytes()
+        for layer in part.layers:
+            span = store.get_frame(frame_key(layer.diff_id, 3))
+            assert span is not None and span.digest == result.digest
+            frame = data[span.offset:span.offset + span.length]
+            header = zstandard.ZstdDecompressor().decompressobj().decompress(frame[:600])
+            assert header[:512].startswith(f"{layer.diff_id.hex}.tar".encode()[:100])
+        # another name reuses both spans: nothing is compressed again, bytes equal
+        again = await pack(store, part, "y:2", 3)
+        assert (again.frames_compressed, again.frames_reused) == (0, 2)
+        reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+        try:
+            assert again.digest == (await pack(reference, part, "y:2", 3)).digest
+        finally:
+            reference.close()
+        # the spans now point at the newest archive: they live as long as it does
+        assert store.get_frame(frame_key(part.layers[0].diff_id, 3)).digest == again.digest  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+async def test_frames_that_ended_cleanly_stay_cached_when_another_layer_fails(
+        tmp_path: Path) -> None:
+    from support.images import text_bytes
+
+    import fetchd.pack as pack_module
+    from fetchd.errors import RegistryError
+
+    part = _layers_image(text_bytes("kept-base", 2 << 20), text_bytes("kept-top", 2 << 20))
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        base, top = part.layers
+        put_blob(store, base.read())
+        fetch = _HalfThenWait(top.read(), RegistryError("connection reset by the test"))
+        download = asyncio.create_task(store.ensure_blob(top.digest, top.size, fetch))
+        await fetch.half_written.wait()
+        done: list[str] = []
+        packing = asyncio.create_task(pack_image(
+            store, _manifest(part), part.config_bytes, "x:1", 3,
+            follow=_counting_follow(store, {}), budget=pack_module.CompressionBudget(workers=2),
+            progress=lambda e: done.append(e["diff_id"]) if e["state"] == "layer-done" else None))
+        await _until(lambda: str(base.diff_id) in done)  # the base frame is finished ...
+        fetch.release.set()  # ... then the top layer's download fails
+        with pytest.raises(RegistryError):
+            await download
+        with pytest.raises(RegistryError):
+            await packing
+        # no archive, but the base frame is kept (as a blob of its own) for the retry
+        assert store.get_alias("archive", archive_key(part.config_digest, "x:1", 3)) is None
+        kept = store.get_frame(frame_key(base.diff_id, 3))
+        assert kept is not None and kept.offset == 0
+        assert store.get_frame(frame_key(top.diff_id, 3)) is None
+        assert list((store.root / "tmp").iterdir()) == []
+        put_blob(store, top.read())
+        retry = await pack_image(store, _manifest(part), part.config_bytes, "x:1", 3)
+        assert (retry.frames_compressed, retry.frames_reused) == (1, 1)
+        reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+        try:
+            assert retry.digest == (await pack(reference, part, "x:1", 3)).digest
+        finally:
+            reference.close()
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])

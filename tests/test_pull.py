@@ -92,17 +92,18 @@ async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
 ) -> None:
     image = images["single-oci"]
     store = puller.store
-    await _pull(puller, image.reference)
-    frames = [store.get_alias("frame", frame_key(d, 3)) for d in image.only.diff_ids]
-    assert all(f is not None for f in frames)
-    # Only the frames stay: the next job (another RepoTags name, so no cached archive) does
-    # not download the layers, it relies on the frames.
-    with store.lease([f for f in frames if f is not None]):
+    first = await _pull(puller, image.reference)
+    frames = [store.get_frame(frame_key(d, 3)) for d in image.only.diff_ids]
+    assert all(f is not None and f.digest == first for f in frames)  # spans of the archive
+    # Only the archive that holds the frames stays: the next job (another RepoTags name, so
+    # no cached archive) does not download the layers, it relies on the frames.
+    with store.lease([first]):
         await store.gc(max_size=0)
     assert not any(store.has(layer.digest) for layer in image.only.layers)
     removed = _gc_before_pack(puller, monkeypatch)
-    await _pull(puller, image.reference, repo_tag="example.org/other:1")
-    assert len(removed) == 1  # the gc ran (it took the first archive, not the frames)
+    second = await _pull(puller, image.reference, repo_tag="example.org/other:1")
+    assert len(removed) == 1  # the gc ran, and could not take the archive holding the frames
+    assert second != first and store.has(first)
     assert not any(store.has(layer.digest) for layer in image.only.layers)
 
 

@@ -647,7 +647,12 @@ class _ArchiveBuilder:
             else:
                 self.file.truncate(start)
                 self.file.seek(start)
-            self._drain()
+            try:
+                self._drain()
+            except BaseException:
+                if frame is not None:
+                    frame.release()
+                raise
             return frame
 
     def add_ready(self, entries: dict[int, _FrameBytes]) -> None:

@@ -492,13 +492,15 @@ class _FrameBytes:
 
     def acquire(self) -> bool:
         with self._lock:
-            if self._refs == 0:
+            if self._refs <= 0:
                 return False
             self._refs += 1
             return True
 
     def release(self) -> None:
         with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("pack frame released more often than acquired")
             self._refs -= 1
             if self._refs == 0:
                 os.close(self._fd)

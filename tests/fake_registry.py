@@ -88,6 +88,7 @@ class FakeRegistry:
     async def start(self) -> FakeRegistry:
         app = web.Application()
         app.router.add_get("/token", self._token)
+        app.router.add_post("/token", self._token_refresh)
         app.router.add_get("/v2/", self._ping)
         app.router.add_route("*", r"/v2/{name:.+}/manifests/{ref}", self._manifest)
         app.router.add_route("*", r"/v2/{name:.+}/blobs/{digest}", self._blob)
@@ -156,6 +157,18 @@ class FakeRegistry:
         if self.expires_in is not None:
             answer["expires_in"] = self.expires_in
         return web.json_response(answer)
+
+    async def _token_refresh(self, request: web.Request) -> web.Response:
+        """OAuth2 refresh-token grant (POST form), as for `docker login` identity tokens."""
+        form = dict(await request.post())
+        self.seen.append(Seen(request.method, request.path, {k: str(v) for k, v in form.items()},
+                              dict(request.headers)))
+        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != self.password:
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        self.tokens_issued += 1
+        token = f"token-{self.tokens_issued}"
+        self.valid_tokens.add(token)
+        return web.json_response({"access_token": token, "expires_in": self.expires_in or 300})
 
     def _error(self, fault: Fault) -> web.Response:
         body = fault.body if fault.body is not None else json.dumps(

@@ -149,6 +149,37 @@ class _NeverValid(set[str]):
         pass
 
 
+@pytest.mark.parametrize("right", [True, False], ids=["valid", "revoked"])
+async def test_identity_token_login_uses_the_refresh_token_grant(fake, tmp_path: Path,
+                                                                 right: bool) -> None:
+    """`docker login` against an OAuth2 registry stores an identity token: it goes only in
+    the POST body of the refresh-token grant to the token realm, never to the registry."""
+    fake.auth, fake.password = "bearer", "identity-token-xyz"
+    auth_file = tmp_path / "auth.json"
+    stored = "identity-token-xyz" if right else "revoked-token"
+    auth_file.write_text(json.dumps({"auths": {fake.host: {"identitytoken": stored}}}))
+    async with make_client(env={"REGISTRY_AUTH_FILE": str(auth_file),
+                                "HOME": str(tmp_path)}) as client:
+        if right:
+            assert (await client.get_manifest(ref(fake))).body == MANIFEST
+        else:
+            with pytest.raises(Unauthorized) as info:
+                await client.get_manifest(ref(fake))
+            assert "revoked-token" not in str(info.value)
+    grants = [s for s in fake.requests("token") if s.method == "POST"]
+    assert len(grants) == 1
+    assert grants[0].query["grant_type"] == "refresh_token"
+    assert grants[0].query["refresh_token"] == stored
+    assert grants[0].query["scope"] == "repository:x/y:pull"
+    assert grants[0].query["service"] == "fake-registry"
+    assert "Authorization" not in grants[0].headers  # the token is in the body only
+    for seen in fake.seen:
+        if seen is not grants[0]:
+            assert stored not in json.dumps([seen.path, seen.query, seen.headers])
+    if right:
+        assert fake.requests("manifest")[-1].headers["Authorization"] == "Bearer token-1"
+
+
 async def test_basic_auth_from_the_users_auth_file(fake, tmp_path: Path) -> None:
     fake.auth = "basic"
     auth_file = tmp_path / "auth.json"

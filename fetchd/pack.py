@@ -895,10 +895,11 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
     frame: _FrameBytes | None = None
     try:
         with source() as src:
+            # no early write-back: a frame file of its own is temporary (copied into the
+            # archive, then gone), so its bytes need never reach the disk
             size, frame = make_layer_frame(src, tmp, job, level, threads,
                                            image_name=image_name, abort=abort,
-                                           progress=progress, archive=archive,
-                                           writeback=_fsyncs(store), cctx=cctx)
+                                           progress=progress, archive=archive, cctx=cctx)
         if frame is None:  # in its own file: into the archive by copy, when its turn comes
             frame = _FrameBytes.open(tmp)
             tmp.unlink()  # the open file keeps the bytes for the archive and waiting packs

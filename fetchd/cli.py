@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .errors import FetchdError
 
     _setup_logging(args.log_level)
+    limit_malloc_arenas()
     try:
         from .server import serve, with_overrides
 
@@ -177,6 +178,30 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the daemon; True if applied.
+
+    glibc gives a thread that contends for malloc an arena of its own (up to 8 per core) and
+    seldom returns their free memory. The daemon's worker threads (pack, hashing, ingest
+    writes) left 30-40 MB of peak RSS there on the benchmarks' all-platforms request; two
+    arenas cost no measurable speed. Call it before the threads start. An explicit
+    ``MALLOC_ARENA_MAX`` in the environment is the user's choice and is left alone; on
+    another C library this does nothing.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 def _os_error(e: OSError) -> str:

@@ -69,6 +69,16 @@ def test_usage_errors_exit_2() -> None:
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
+def test_serve_caps_malloc_arenas_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    # glibc (Debian): applied; an explicit MALLOC_ARENA_MAX is the user's and wins
+    from fetchd.cli import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+
+
 def test_version() -> None:
     proc = fetchd("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fetchd ")

@@ -9,7 +9,31 @@ accepted (``accepted`` stays None).
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from fetchd.digest import Digest, Verifier
+
+
+class HalfThenWait:
+    """A fetch for ``LayerStore.ensure_blob``: writes ``data[:split]`` (default: half), then
+    waits for ``release`` and either raises ``fail`` or writes the rest."""
+
+    def __init__(self, data: bytes, fail: BaseException | None = None,
+                 split: int | None = None) -> None:
+        self.data = data
+        self.fail = fail
+        self.split = len(data) // 2 if split is None else split
+        self.release = asyncio.Event()
+        self.half_written = asyncio.Event()
+
+    async def __call__(self, sink: Any) -> None:
+        await sink.write_at(0, self.data[: self.split])
+        self.half_written.set()
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        await sink.write_at(self.split, self.data[self.split :])
 
 
 class MemorySink:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registry_sinks import HalfThenWait
 
 from fetchd.digest import Digest
 from fetchd.errors import BlobUnknown, DigestMismatch, RegistryError, SizeMismatch, StoreError
@@ -150,13 +151,7 @@ async def test_follower_gets_bytes_before_the_download_ends(store: LayerStore, v
     verifies it) get the first half before the download ends, then exactly the committed bytes."""
     data, d = blob(2 * MiB, seed=3)
     half = len(data) // 2
-    release = asyncio.Event()
-
-    async def slow(sink: BlobSink) -> None:
-        await sink.write_at(0, data[:half])
-        await release.wait()
-        await sink.write_at(half, data[half:])
-
+    slow = HalfThenWait(data)
     download = asyncio.create_task(store.ensure_blob(d, len(data), slow))
     got = bytearray()
     reader = store.read_following(d, verify=verify)
@@ -164,7 +159,7 @@ async def test_follower_gets_bytes_before_the_download_ends(store: LayerStore, v
         got += await reader.__anext__()
     assert bytes(got) == data[:half]
     assert not download.done() and not store.has(d)  # still downloading
-    release.set()
+    slow.release.set()
     async for chunk in reader:
         got += chunk
     assert bytes(got) == data
@@ -174,18 +169,12 @@ async def test_follower_gets_bytes_before_the_download_ends(store: LayerStore, v
 async def test_follower_raises_when_the_ingest_fails(store: LayerStore) -> None:
     data, d = blob(MiB, seed=4)
     wrong = bytes([data[0] ^ 1]) + data[1:]
-    release = asyncio.Event()
-
-    async def bad(sink: BlobSink) -> None:
-        await sink.write_at(0, wrong[:1000])
-        await release.wait()
-        await sink.write_at(1000, wrong[1000:])
-
+    bad = HalfThenWait(wrong, split=1000)
     download = asyncio.create_task(store.ensure_blob(d, len(data), bad))
     reader = store.read_following(d)
     first = await reader.__anext__()
     assert first == wrong[:1000]
-    release.set()
+    bad.release.set()
     with pytest.raises(DigestMismatch):
         async for _ in reader:
             pass
@@ -731,13 +720,7 @@ async def test_thread_follower_reads_the_ingest_from_a_worker_thread(store: Laye
 
     data, d = blob(3 * MiB, seed=41)
     half = len(data) // 2
-    release = asyncio.Event()
-
-    async def slow(sink: BlobSink) -> None:
-        await sink.write_at(0, data[:half])
-        await release.wait()
-        await sink.write_at(half, data[half:])
-
+    slow = HalfThenWait(data)
     download = asyncio.create_task(store.ensure_blob(d, len(data), slow))
     await asyncio.sleep(0.01)
     reader = store.open_following(d, threading.Event())
@@ -745,7 +728,7 @@ async def test_thread_follower_reads_the_ingest_from_a_worker_thread(store: Laye
     first = await asyncio.to_thread(reader.read, half)
     assert first == data[:half] and not store.has(d)  # before the commit
     rest = asyncio.create_task(asyncio.to_thread(reader.read, -1))  # blocks until more comes
-    release.set()
+    slow.release.set()
     assert first + await rest == data
     reader.close()
     await download

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import pytest
 import zstandard
+from registry_sinks import HalfThenWait
 from support.images import (
     CATALOG_NAMES,
     Catalog,
@@ -580,25 +581,6 @@ def _manifest(part: PlatformImage) -> ImageManifest:
     return m
 
 
-class _HalfThenWait:
-    """A fetch that writes the first half of a blob, then waits for ``release`` (or fails)."""
-
-    def __init__(self, data: bytes, fail: BaseException | None = None) -> None:
-        self.data = data
-        self.fail = fail
-        self.release = asyncio.Event()
-        self.half_written = asyncio.Event()
-
-    async def __call__(self, sink: Any) -> None:
-        half = len(self.data) // 2
-        await sink.write_at(0, self.data[:half])
-        self.half_written.set()
-        await self.release.wait()
-        if self.fail is not None:
-            raise self.fail
-        await sink.write_at(half, self.data[half:])
-
-
 class _CountingFollow:
     """The store's following readers for pack, counting the bytes pack read of each layer:
     ``threaded`` through ``open_following`` (reads in pack's worker thread), else through
@@ -653,7 +635,7 @@ async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path, thread
         put_blob(store, part.config_bytes)
         first, last = part.layers
         put_blob(store, first.read())  # the base is in; the top layer is still downloading
-        fetch = _HalfThenWait(last.read())
+        fetch = HalfThenWait(last.read())
         download = asyncio.create_task(store.ensure_blob(last.digest, last.size, fetch))
         await fetch.half_written.wait()
         seen: dict[Digest, int] = {}
@@ -720,7 +702,7 @@ async def test_frames_that_ended_cleanly_stay_cached_when_another_layer_fails(
         put_blob(store, part.config_bytes)
         base, top = part.layers
         put_blob(store, base.read())
-        fetch = _HalfThenWait(top.read(), RegistryError("connection reset by the test"))
+        fetch = HalfThenWait(top.read(), RegistryError("connection reset by the test"))
         download = asyncio.create_task(store.ensure_blob(top.digest, top.size, fetch))
         await fetch.half_written.wait()
         done: list[str] = []
@@ -767,10 +749,10 @@ async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
     try:
         put_blob(store, part.config_bytes)
         if failure == "registry-error":
-            fetch = _HalfThenWait(data, RegistryError("connection reset by the test"))
+            fetch = HalfThenWait(data, RegistryError("connection reset by the test"))
             expected: type[Exception] = RegistryError
         else:  # every byte arrives, but the second half is wrong
-            fetch = _HalfThenWait(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+            fetch = HalfThenWait(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
             expected = DigestMismatch
         download = asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
         await fetch.half_written.wait()
@@ -802,7 +784,7 @@ async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path, thre
     store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
     try:
         put_blob(store, part.config_bytes)
-        fetch = _HalfThenWait(layer.read())
+        fetch = HalfThenWait(layer.read())
         download = asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
         await fetch.half_written.wait()
         seen: dict[Digest, int] = {}

@@ -330,7 +330,7 @@ async def test_wrong_diff_id_is_refused_and_nothing_is_delivered(store: LayerSto
     assert str(wrong) in message and str(other.diff_id) in message
     key = archive_key(Digest.of(bad_part.config_bytes), "victim:1", 3)
     assert store.get_alias("archive", key) is None
-    assert store.get_alias("frame", frame_key(wrong, 3)) is None
+    assert store.get_frame(frame_key(wrong, 3)) is None
     assert list(store.tmp_dir.iterdir()) == []
 
 
@@ -644,7 +644,7 @@ async def test_pack_compresses_a_layer_while_it_downloads(tmp_path: Path, thread
         # pack reads the first half of the last layer before its blob is committed
         await _until(lambda: seen.get(last.digest, 0) >= last.size // 2)
         assert not store.has(last.digest) and not packing.done()
-        assert store.get_alias("frame", frame_key(last.diff_id, 3)) is None
+        assert store.get_frame(frame_key(last.diff_id, 3)) is None
         fetch.release.set()
         result = await packing
         assert (await download).is_file()
@@ -766,7 +766,7 @@ async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(
         with pytest.raises(expected):
             await packing
         assert not store.has(layer.digest)
-        assert store.get_alias("frame", frame_key(layer.diff_id, 3)) is None
+        assert store.get_frame(frame_key(layer.diff_id, 3)) is None
         assert store.get_alias("archive", archive_key(part.config_digest, "x:1", 3)) is None
         assert list((store.root / "tmp").iterdir()) == []  # no half-made frame or archive left
     finally:

@@ -108,7 +108,7 @@ async def test_gc_before_pack_keeps_the_cached_frames_that_stand_in_for_layers(
 
 
 async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
-        tmp_path: Path) -> None:
+        puller: Puller) -> None:
     from fake_registry import FakeRegistry, Fault
     from support.images import make_image, make_layer, text_bytes
 
@@ -118,11 +118,7 @@ async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
     top = make_layer(text_bytes("pull-top", 2 << 20), "gzip")
     part = make_image("linux/amd64", [base, top])
     fake = await FakeRegistry().start()
-    config = Config.from_dict({"network": {"retries": 1, "backoff_base": 0.001}},
-                              env={"FETCHD_STORE": str(tmp_path / "store")})
-    store = LayerStore(tmp_path / "store")
-    client = RegistryClient(config)
-    puller = Puller(store, client, config)
+    store = puller.store
     try:
         for blob in (part.config_bytes, base.read(), top.read()):
             fake.add_blob(blob)
@@ -138,12 +134,9 @@ async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
         events = [e async for e in job.events()]
         assert [e["state"] for e in events if e["event"] == "pack"][:1] == ["start"]
         assert not store.has(top.digest)
-        assert store.get_alias("frame", frame_key(top.diff_id, 3)) is None
+        assert store.get_frame(frame_key(top.diff_id, 3)) is None
         assert not [e for e in events if e["event"] == "pack" and e.get("state") == "done"]
         assert store.list_images() == []
         assert list((store.root / "tmp").iterdir()) == []
     finally:
-        await puller.close()
-        await client.close()
-        store.close()
         await fake.close()

@@ -145,12 +145,35 @@ def test_names_are_isars(fake: FakeClient, tmp_path: Path, url: str, arch: str, 
     ("--threads=4 -3", "-3", 3),
     ("--threads=4 -9", "-3", 9),       # ZSTD_DEFAULTS as expanded wins
     ("-T2", "-19", 19),                # no level in ZSTD_DEFAULTS: ZSTD_COMPRESSION_LEVEL
-    ("-T 2 --ultra -22", None, 22),
-    ("--fast=3", None, -3),
+    ("-T 2 --ultra -19", None, 19),
     (None, "7", 7),
 ])
 def test_zstd_level(defaults: str | None, level_var: str | None, level: int) -> None:
     assert naming.zstd_level(defaults, level_var)[0] == level
+
+
+@pytest.mark.parametrize("defaults,level_var,level", [
+    ("-T 2 --ultra -22", None, 22),
+    ("--fast=3", None, -3),
+    (None, "-20", 20),
+])
+def test_zstd_levels_fetchd_does_not_make_fail_at_parse_time(
+        defaults: str | None, level_var: str | None, level: int) -> None:
+    with pytest.raises(ValueError, match=f"zstd level {level} is out of fetchd's range"):
+        naming.zstd_level(defaults, level_var)
+
+
+def test_a_forced_level_fetchd_does_not_make_fails_at_parse_time(fake: FakeClient,
+                                                                 tmp_path: Path) -> None:
+    d = make_datastore(tmp_path, "amd64", FETCHD_ZSTD_LEVEL="22")
+    with pytest.raises(bb.fetch2.ParameterError, match="FETCHD_ZSTD_LEVEL"):
+        bb.fetch2.FetchData("docker://debian;tag=12", d)
+
+
+def test_level_range_matches_the_daemons() -> None:
+    from fetchd import pack
+
+    assert (naming.MIN_LEVEL, naming.MAX_LEVEL) == (pack.MIN_LEVEL, pack.MAX_LEVEL)
 
 
 def test_zstd_level_reports_options_it_cannot_honour() -> None:

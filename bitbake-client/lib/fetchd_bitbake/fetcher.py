@@ -102,7 +102,7 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
         ignored: list[str] = []
         try:
             if level_text:
-                ud.zstd_level = int(level_text)
+                ud.zstd_level = naming.check_level(int(level_text), "FETCHD_ZSTD_LEVEL")
             else:
                 ud.zstd_level, ignored = naming.zstd_level(
                     d.getVar("ZSTD_DEFAULTS"), d.getVar("ZSTD_COMPRESSION_LEVEL")

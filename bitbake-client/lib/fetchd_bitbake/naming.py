@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 DEFAULT_TAG = "latest"
 DEFAULT_LEVEL = 3
-# zstd's own limits: --fast=N goes down to -131072 in theory; keep the range sane.
-MIN_LEVEL = -7
-MAX_LEVEL = 22
+# The levels the daemon makes (fetchd.pack.MIN_LEVEL/MAX_LEVEL; a test checks they are equal):
+# zstd's --fast and --ultra levels beyond them are refused when the recipe is parsed.
+MIN_LEVEL = 1
+MAX_LEVEL = 19
 
 # Debian architecture (PACKAGE_ARCH) -> (OCI architecture, variant). Must equal
 # fetchd.platform.DEBIAN_ARCHES (a test checks it); duplicated because this
@@ -116,12 +117,17 @@ def zstd_level(zstd_defaults: str | None, compression_level: str | None) -> tupl
                 ignored.append(tok)
     if level is None:
         level = DEFAULT_LEVEL
+    return check_level(level, "ZSTD_COMPRESSION_LEVEL / ZSTD_DEFAULTS"), ignored
+
+
+def check_level(level: int, where: str) -> int:
+    """``level`` if fetchd makes it, else ValueError naming ``where`` it came from."""
     if not MIN_LEVEL <= level <= MAX_LEVEL:
         raise ValueError(
-            f"zstd level {level} is out of range ({MIN_LEVEL}..{MAX_LEVEL}): "
-            "check ZSTD_COMPRESSION_LEVEL / ZSTD_DEFAULTS"
+            f"zstd level {level} is out of fetchd's range ({MIN_LEVEL}..{MAX_LEVEL}): "
+            f"check {where}"
         )
-    return level, ignored
+    return level
 
 
 def _parse_level_token(tok: str) -> int | None:

@@ -130,7 +130,7 @@ class Recorder:
                 if not callable(attr):
                     return attr
 
-                @functools.wraps(attr)  # keeps the signature the fetcher inspects
+                @functools.wraps(attr)
                 def call(*args: Any, **kwargs: Any) -> Any:
                     calls.append((name, str(args[0]) if args else ""))
                     result = attr(*args, **kwargs)

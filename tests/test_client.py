@@ -88,14 +88,15 @@ def _archive(tmp_path: Path) -> tuple[Path, str]:
     return store, "sha256:" + hashlib.sha256(store.read_bytes()).hexdigest()
 
 
-def test_fetch_sends_the_request_and_reports_events(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_fetch_sends_the_request_and_reports_events(fake: FakeDaemon, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     store, digest = _archive(tmp_path)
     result = {"path": str(tmp_path / "out.zst"), "delivery": "hardlink", "store_path": str(store),
               "archive_digest": digest}
     fake.lines = [{"event": "manifest", "layers": 2}, {"event": "heartbeat"}, {"result": result}]
     os.link(store, tmp_path / "out.zst")  # what the daemon did
     events: list[dict[str, Any]] = []
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # dest is relative: the client makes it absolute
     got = Client(fake.path).fetch("debian:bookworm", arch="armhf", level=9, repo_tag="x:1",
                                   dest="out.zst", on_event=events.append)
     assert got == result

@@ -17,7 +17,6 @@ BB_NO_NETWORK).
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
 import shutil
@@ -42,7 +41,6 @@ from bb.fetch2 import (
 
 from . import naming
 
-DEFAULT_SOCKET = "/run/fetchd/fetchd.sock"
 SIDECAR_SUFFIX = ".fetchd"
 
 # BitBake's generic URL parameters, meaningless for docker:// and silently accepted as by Isar.
@@ -242,11 +240,8 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
     def _resolve(self, client: Any, ud: FetchData, source_name: str, *, offline: bool) -> str:
         """The digest ``source_name:tag`` points at, asked fresh from the registry when online."""
         reference = source_name + ":" + ud.tag
-        extra: dict[str, Any] = {}
-        if _accepts(client.resolve, "max_age"):
-            # Ask the registry, not the daemon's short-lived tag cache: moved tags count.
-            extra["max_age"] = 0
-        answer = self._call(client, ud, "resolve", reference, offline=offline, **extra)
+        # max_age=0: ask the registry, not the daemon's short-lived tag cache: moved tags count
+        answer = self._call(client, ud, "resolve", reference, offline=offline, max_age=0)
         digest = answer.get("digest")
         if not isinstance(digest, str) or not naming.check_digest(digest):
             raise FetchError(f"fetchd resolved {reference} to {digest!r}, not a sha256 digest", ud.url)
@@ -411,14 +406,8 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
 
         try:
             result = getattr(client, op)(*args, **kwargs)
-        except DaemonUnreachable as e:
-            path = getattr(e, "socket_path", None) or getattr(client, "socket_path", None) or "?"
-            message = e.message
-            if path not in message or "fetchd serve" not in message:
-                message = (f"cannot reach the fetchd daemon at {path} ({message}): start it with "
-                           "'systemctl start fetchd.socket' or 'fetchd serve', or set FETCHD_SOCKET "
-                           "to the socket of a running daemon")
-            raise FetchError(message, ud.url) from e
+        except DaemonUnreachable as e:  # its message names the socket and how to start it
+            raise FetchError(e.message, ud.url) from e
         except FetchdClientError as e:
             if e.code == "network-disabled":
                 raise NetworkAccess(ud.url, f"fetchd {op} {args[0] if args else ''}: {e.message}") from e
@@ -429,22 +418,17 @@ class Fetchd(FetchMethod):  # type: ignore[misc]  # bb is untyped
 
 
 def socket_path(d: Any) -> str:
-    """FETCHD_SOCKET from the datastore, else from the environment, else the default."""
-    return d.getVar("FETCHD_SOCKET") or os.environ.get("FETCHD_SOCKET") or DEFAULT_SOCKET
+    """FETCHD_SOCKET from the datastore, else the client's default (environment, then
+    /run/fetchd/fetchd.sock)."""
+    from fetchd_client import socket_path_default
+
+    return d.getVar("FETCHD_SOCKET") or socket_path_default()
 
 
 def _default_factory() -> ClientFactory:
     from fetchd_client import Client
 
     return Client
-
-
-def _accepts(func: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _no_network(d: Any) -> bool:

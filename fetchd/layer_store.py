@@ -345,9 +345,13 @@ class LayerStore:
         alias: tuple[str, str] | None = None,
         media_type: str | None = None,
         frame_spans: Sequence[tuple[str, int, int]] = (),
+        lease: str | None = None,
     ) -> Digest:
         """Move a locally produced file into blobs/ and record ``alias`` -> its digest, and
         the ``frame_spans`` (``(key, offset, length)``) it holds (see ``get_frame``).
+
+        ``lease`` (an id ``lease()`` yielded) gets the blob before it becomes visible: no gc
+        can take it between its commit and the end of that lease.
 
         Hashes the file (and checks ``digest`` when given): blocking, so call it from a
         thread (``asyncio.to_thread``) for big files. ``tmp`` is gone afterwards, also on
@@ -360,6 +364,8 @@ class LayerStore:
                 raise DigestMismatch(
                     f"local file {tmp.name}: hashes to {d}, expected {digest}; nothing was kept"
                 )
+            if lease is not None:
+                self._index(lambda: self.index.add_lease(lease, "commit", [str(d)], time.time()))
             dest = self.blob_path(d)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)

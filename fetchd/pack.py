@@ -70,7 +70,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +124,8 @@ class PackStore(Protocol):
     def commit_file(self, tmp: Path, digest: Digest | None = None,
                     alias: tuple[str, str] | None = None,
                     media_type: str | None = None,
-                    frame_spans: Sequence[tuple[str, int, int]] = ()) -> Digest: ...
+                    frame_spans: Sequence[tuple[str, int, int]] = (),
+                    lease: str | None = None) -> Digest: ...
 
     def get_frame(self, key: str) -> BlobSpan | None: ...
 
@@ -707,11 +708,9 @@ class _ArchiveBuilder:
 class _Sink:
     """The compressor's output: the frame's own file, or (claimed) the archive itself."""
 
-    def __init__(self, frame: BinaryIO | None, archive: _ArchiveBuilder | None,
-                 writeback: _Writeback | None = None) -> None:
+    def __init__(self, frame: BinaryIO | None, archive: _ArchiveBuilder | None) -> None:
         self.frame = frame
         self.archive = archive
-        self.writeback = writeback
 
     def write(self, data: bytes) -> int:
         if self.archive is not None:
@@ -719,8 +718,6 @@ class _Sink:
         else:
             assert self.frame is not None
             self.frame.write(data)
-            if self.writeback is not None:
-                self.writeback.wrote(len(data))
         return len(data)
 
     def flush(self) -> None:
@@ -747,7 +744,6 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
                      image_name: str = "", abort: threading.Event | None = None,
                      progress: ProgressSink | None = None,
                      archive: _ArchiveBuilder | None = None,
-                     writeback: bool = False,
                      cctx: zstandard.ZstdCompressor | None = None
                      ) -> tuple[int, _FrameBytes | None]:
     """Make one layer's frame: ``(layer size, its bytes in the archive or None)``.
@@ -772,11 +768,9 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: _LayerJob, level: int, 
     fits = True
     try:
         with contextlib.ExitStack() as stack:
-            early = None
-            if teed is None:
+            if teed is None:  # a file of its own: temporary, it never needs to reach the disk
                 out = stack.enter_context(open(out_path, "wb"))
-                early = stack.enter_context(contextlib.closing(_Writeback(out.fileno(), writeback)))
-            sink = _Sink(out, teed, early)
+            sink = _Sink(out, teed)
             sink.write(b"\0" * _HEADER_FRAME_SIZE)  # the header frame, once the size is known
             # No ``with``: leaving it on an error would first compress all buffered input
             # (seconds at level 19); an abandoned writer ends without finishing its frame.
@@ -895,8 +889,6 @@ def _build_frame(store: PackStore, job: _LayerJob, level: int, threads: int, ima
     frame: _FrameBytes | None = None
     try:
         with source() as src:
-            # no early write-back: a frame file of its own is temporary (copied into the
-            # archive, then gone), so its bytes need never reach the disk
             size, frame = make_layer_frame(src, tmp, job, level, threads,
                                            image_name=image_name, abort=abort,
                                            progress=progress, archive=archive, cctx=cctx)
@@ -964,7 +956,8 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      progress: ProgressSink | None = None, image_name: str = "",
                      manifest_digest: Digest | None = None,
                      budget: CompressionBudget | None = None,
-                     follow: FollowSource | None = None) -> PackResult:
+                     follow: FollowSource | None = None,
+                     lease: str | None = None) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
     The layer blobs of ``manifest`` must be in the store (the caller leases them), or, with
@@ -981,15 +974,18 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
     ``manifest_digest`` the config digest stands in for it (the archive's content depends
     only on the config, the layers it names and ``repo_tag``).
+    The archive joins ``lease`` (an id ``LayerStore.lease`` yielded) as it is committed, so
+    the caller's lease keeps it from gc after this returns; without one, the pack's own lease
+    protects it only until then.
     When this returns, ``PackResult.path`` is a complete, committed archive. A file system
     failure (disk full, read-only store) raises StoreError; nothing half-written is kept.
     """
     try:
         if budget is None:
-            budget = CompressionBudget(threads if threads is not None else usable_cpus())
+            budget = CompressionBudget(threads)
         return await _pack_image(store, manifest, config_raw, repo_tag, level, budget=budget,
                                  progress=progress, image_name=image_name,
-                                 manifest_digest=manifest_digest, follow=follow)
+                                 manifest_digest=manifest_digest, follow=follow, lease=lease)
     except OSError as e:
         raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
 
@@ -997,7 +993,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
 async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
-                      follow: FollowSource | None) -> PackResult:
+                      follow: FollowSource | None, lease: str | None) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -1037,16 +1033,20 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     # a frame lives as long as the newest archive that holds it
     spans = {job.entry: frame_key(job.diff_id, level) for job in jobs}
 
+    joined = [lease] if lease is not None else []  # the lease the archive joins
+
     async def finish() -> Digest:
         await complete.wait()
-        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level, spans)
+        return await asyncio.to_thread(_finish_archive, store, archive, tail, key, level, spans,
+                                       joined[0])
 
     # The archive is finished and committed as soon as its last layer entry is in.
     finisher = asyncio.ensure_future(finish())
     finisher.add_done_callback(_retrieve)
     try:
         with store.lease([*(f.digest for f in frames.values()),
-                          *(job.descriptor.digest for job in todo)], holder):
+                          *(job.descriptor.digest for job in todo)], holder) as own:
+            joined.append(own)  # used only when the caller passed no lease
             for job in jobs:
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                                  "reused": job.diff_id in frames})
@@ -1072,13 +1072,13 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
 
 
 def _finish_archive(store: PackStore, archive: _ArchiveBuilder, tail: bytes, key: str,
-                    level: int, frame_keys: dict[int, str]) -> Digest:
+                    level: int, frame_keys: dict[int, str], lease: str) -> Digest:
     # one thread: the tail is small, and the bytes are the same for any thread count >= 1
     archive.finish(compressor(level, 1).compress(tail))
     spans = [(frame_keys[entry], offset, length)
              for entry, (offset, length) in sorted(archive.spans.items())]
     return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE,
-                             frame_spans=spans)
+                             frame_spans=spans, lease=lease)
 
 
 def _add_cached(store: PackStore, archive: _ArchiveBuilder, frames: dict[int, BlobSpan]) -> None:
@@ -1179,26 +1179,49 @@ async def _build_frames(store: PackStore, todo: Sequence[_LayerJob], level: int,
             if flights.get(key) is fut:
                 del flights[key]
 
+    tasks = [asyncio.ensure_future(one(job)) for job in todo]
+    if not tasks:
+        return [], 0
     try:
-        results = await asyncio.gather(*(one(job) for job in todo), return_exceptions=True)
+        await asyncio.wait(tasks)
     except asyncio.CancelledError:
+        # The pull cancels its pack when a download fails: the frames that ended cleanly
+        # stay cached all the same (every task ends: ``one`` waits for its worker).
         abort.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.shield(_settle(store, level, todo, tasks, keep=True))
         raise
-    made = [(job, r[0]) for job, r in zip(todo, results, strict=True)
-            if not isinstance(r, BaseException) and r[0] is not None]
+    results = [asyncio.CancelledError() if t.cancelled() else t.exception() or t.result()
+               for t in tasks]
     errors = [r for r in results if isinstance(r, BaseException)]
     real = [e for e in errors if not isinstance(e, _Aborted | asyncio.CancelledError)]
-    if real or errors:
+    if errors:
         abort.set()
-        try:
-            if made and real:
-                await asyncio.to_thread(_keep_frames, store, level, made)
-        finally:
-            for _, frame in made:
-                frame.release()
+        await _settle(store, level, todo, tasks, keep=bool(real))
         raise (real or errors)[0]
     compressed = sum(1 for r in results if not isinstance(r, BaseException) and r[1])
-    return [frame for _, frame in made], compressed
+    return [r[0] for r in results if not isinstance(r, BaseException) and r[0] is not None], \
+        compressed
+
+
+async def _settle(store: PackStore, level: int, todo: Sequence[_LayerJob],
+                  tasks: Sequence[asyncio.Future[tuple[_FrameBytes | None, bool]]],
+                  keep: bool) -> None:
+    """A pack that fails: wait for every layer task, keep the frames this pack made that
+    ended cleanly (``keep``; as frame blobs, no archive will hold them), release them all."""
+    await asyncio.wait(tasks)
+    made: list[tuple[_LayerJob, _FrameBytes]] = []
+    for job, task in zip(todo, tasks, strict=True):
+        frame = None if task.cancelled() or task.exception() else task.result()[0]
+        if frame is not None:
+            made.append((job, frame))
+    try:
+        if made and keep:
+            await asyncio.to_thread(_keep_frames, store, level, made)
+    finally:
+        for _, frame in made:
+            frame.release()
 
 
 # Frames being made in this process, per store: when two images on one base are packed at
@@ -1259,12 +1282,3 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 def _emit(progress: ProgressSink | None, event: dict[str, Any]) -> None:
     if progress is not None:
         progress(event)
-
-
-def iter_archive_frames(store: PackStore, digest: Digest) -> Iterator[bytes]:
-    """The decompressed archive (tests, debugging): all frames, in 1 MiB chunks."""
-    with store.open_blob(digest) as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True,
-                                                            closefd=False)
-        while chunk := reader.read(1 << 20):
-            yield chunk

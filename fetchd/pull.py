@@ -354,11 +354,11 @@ class Puller:
             frames = [f.digest for d in config.diff_ids
                       if (f := self.store.get_frame(frame_key(d, req.level))) is not None]
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
-                                   *frames], f"pull {where}"):
+                                   *frames], f"pull {where}") as lease:
                 needed = self._needed_layers(job, ref, image, config.diff_ids, req)
                 downloaded = len(needed)
                 packed = await self._download_and_pack(job, ref, image, needed, config_raw,
-                                                       repo_tag, manifest_digest)
+                                                       repo_tag, manifest_digest, lease)
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
@@ -459,7 +459,7 @@ class Puller:
 
     async def _download_and_pack(self, job: Job, ref: Reference, image: ImageManifest,
                                  needed: list[Any], config_raw: bytes, repo_tag: str,
-                                 manifest_digest: Digest) -> PackResult:
+                                 manifest_digest: Digest, lease: str) -> PackResult:
         """Download ``needed`` and pack the image at once; the packed archive.
 
         The pack follows the downloads (see ``pack_image``). When a download fails, the pack
@@ -481,7 +481,7 @@ class Puller:
             return asyncio.ensure_future(pack_image(
                 self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
                 image_name=where, manifest_digest=manifest_digest, budget=self.budget,
-                follow=follower if follow else None))
+                follow=follower if follow else None, lease=lease))
 
         job.push({"event": "pack", "state": "start", "level": req.level})
         packing = pack(True)

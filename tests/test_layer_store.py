@@ -715,6 +715,19 @@ async def test_close_waits_for_a_gc_thread_that_uses_the_index(
         await store.gc()  # a closed store collects nothing
 
 
+async def test_a_committed_file_joins_the_lease_before_it_is_visible(store: LayerStore,
+                                                                    tmp_path: Path) -> None:
+    data, d = blob(100_000, seed=44)
+    with store.lease([], "pack") as lease:
+        tmp = store.temp_path()
+        tmp.write_bytes(data)
+        assert store.commit_file(tmp, lease=lease) == d
+        await store.gc(max_size=0)
+        assert store.has(d)  # the caller's lease keeps what it committed
+    await store.gc(max_size=0)
+    assert not store.has(d)
+
+
 async def test_thread_follower_reads_the_ingest_from_a_worker_thread(store: LayerStore) -> None:
     import threading
 

@@ -1,4 +1,4 @@
-"""Benchmark: fetchd's pack of the ~575 MB-tar ``big`` image vs Isar's skopeo + zstd pipeline.
+"""Benchmark: fetchd's pack of the ~588 MB-tar ``big`` image vs Isar's skopeo + zstd pipeline.
 
 Same machine, same run, same bytes (the big layer of tests/support/images.py, generated once and
 cached in ~/.cache/fetchd-tests):

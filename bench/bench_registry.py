@@ -1,6 +1,6 @@
 """Registry client benchmark: one big blob, single stream vs parallel Range parts.
 
-Fetches the big test layer (~175 MB) from a local docker-registry:
+Fetches the big test layer (~163 MB) from a local docker-registry:
 
 - ``loopback_single`` / ``loopback_parallel``: straight to the registry, verified
   (the sink hashes the contiguous prefix as it grows, as the store's ingest does).

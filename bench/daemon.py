@@ -52,12 +52,11 @@ class Daemon:
         self.socket = workdir / "fetchd.sock"
         self.store = workdir / "store"
         self.log_path = workdir / "daemon.log"
+        # always a config file of its own: never the host's /etc/fetchd/config.toml
+        cfg = workdir / "config.toml"
+        cfg.write_text(config_text or "")
         argv = [sys.executable, "-m", "fetchd", "serve", "--socket", str(self.socket),
-                "--store", str(self.store), "--log-level", "warning"]
-        if config_text is not None:
-            cfg = workdir / "config.toml"
-            cfg.write_text(config_text)
-            argv += ["--config", str(cfg)]
+                "--store", str(self.store), "--log-level", "warning", "--config", str(cfg)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.pop("FETCHD_CONFIG", None)

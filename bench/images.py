@@ -5,7 +5,7 @@
   images, no layer is shared between platforms (each arch has its own binaries).
 - ``shared-base-a`` / ``shared-base-b``: two single-platform images that share two base layers
   (~60 + 30 MB of tar) and differ in their top layer (~8 MB and ~12 MB).
-- ``big``: the infra catalog's big image (one ~175 MB gzip layer, ~575 MB tar).
+- ``big``: the infra catalog's big image (one ~163 MB gzip layer, ~588 MB tar).
 
 Layers are generated once, deterministically, and cached as files under
 ``$FETCHD_TEST_CACHE`` (default ``~/.cache/fetchd-tests``) next to the big layer; a cache

@@ -8,8 +8,9 @@
 It starts Debian's docker-registry on loopback, pushes the benchmark images, puts a counting
 proxy (and a WAN-like one) in front of it, runs every scenario for both sides on both
 networks, measures the compute floor, checks the produced .zst files, and writes
-``bench/results.json`` and the results block of ``docs/BENCHMARKS.md`` (full runs only;
-``--tiny`` and ``--out`` write elsewhere).
+``bench/results.json`` and the results block of ``docs/BENCHMARKS.md`` (complete, full runs
+only; ``--quick``, ``--tiny``, ``--no-fetchd`` or fewer networks print the JSON instead, and
+``--out`` writes elsewhere).
 """
 
 from __future__ import annotations
@@ -334,17 +335,13 @@ def evaluate_targets(rows: list[dict[str, Any]], networks: Sequence[str]) -> lis
 # --------------------------------------------------------------------------- components
 
 
-def run_components(quick: bool) -> dict[str, Any]:
-    """Run the component micro-benchmarks that exist, merge their JSON (last JSON on stdout)."""
+def run_components() -> dict[str, Any]:
+    """Run the component micro-benchmarks, merge their JSON (last JSON on stdout)."""
     out: dict[str, Any] = {}
     for name in COMPONENTS:
-        if not (REPO / "bench" / f"{name}.py").exists():
-            continue
-        argv = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else [])
+        argv = [sys.executable, "-m", f"bench.{name}"]
         try:
             p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-            if p.returncode != 0 and quick:  # a bench without --quick: try without it
-                p = subprocess.run(argv[:3], cwd=REPO, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
             out[name] = {"error": "timed out after 600 s"}
             continue
@@ -443,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": evaluate_targets(rows, networks),
         "checks": checks,
         "errors": errors,
-        "components": {} if args.tiny or args.no_components else run_components(args.quick),
+        "components": {} if args.tiny or args.no_components else run_components(),
         "total_s": round(time.perf_counter() - t0, 1),
     }
     return results
@@ -477,6 +474,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _complete(args: argparse.Namespace) -> bool:
+    """A run fit to be recorded in the repository: every scenario, side and network."""
+    networks = {n for n in args.networks.split(",") if n}
+    return not (args.quick or args.tiny or args.no_fetchd) and networks == {"loopback", "wan"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
@@ -486,12 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (args.out / "BENCHMARKS.md").write_text(render_markdown(results) + "\n")
-    elif args.tiny:
+    elif not _complete(args):  # only complete, full runs are recorded in the repository
         print(json.dumps(results, indent=1))
     else:
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         write_doc(DOC, render_markdown(results), BEGIN, END)
-    print(render_markdown(results), file=sys.stderr if args.tiny and args.out is None else sys.stdout)
+    printed_json = args.out is None and not _complete(args)
+    print(render_markdown(results), file=sys.stderr if printed_json else sys.stdout)
     return 1 if results["errors"] else 0
 
 

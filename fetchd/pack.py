@@ -29,8 +29,8 @@ so CPU and zstd memory stay bounded however many images are packed at once). Cac
 frames are copied in (``copy_file_range``); the first layer still to be made when everything
 before it is in writes its output straight into the archive, so the biggest bytes (a
 single-layer base image) are written once, never copied, and hashed once (by the archive's
-commit); a layer made out of turn goes to an unnamed temporary file and is copied in when
-its turn comes. The tail frame closes the file.
+commit); a layer made out of turn goes to a temporary file (unlinked once complete and opened)
+and is copied in when its turn comes. The tail frame closes the file.
 
 Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
 is decompressed and compressed as its bytes come in (``LayerStore.open_following``).

@@ -13,7 +13,7 @@ export PATH=$VENV/bin:$PATH
 lint_rc=0
 if [ "${SKIP_LINT:-0}" != 1 ]; then
     targets=()
-    for d in fetchd tests bench client; do
+    for d in fetchd tests bench client bitbake-client/lib; do
         [ -e "$d" ] && targets+=("$d")
     done
     echo "== ruff check ${targets[*]}"

@@ -2,7 +2,7 @@
 
 - ``registry``: a ``LocalRegistry`` (Debian's docker-registry) for the whole session.
 - ``images``: the small catalog (``support.images.CATALOG_NAMES``) pushed once into ``registry``.
-- ``big_image``: the ~175 MB image, pushed on first use (generated once, cached on disk).
+- ``big_image``: the ~163 MB image, pushed on first use (generated once, cached on disk).
 - ``registry_factory``: fresh registries for one test (e.g. ``proxy_remote=`` pull-through).
 - ``proxy_factory`` / ``proxy``: fault-injecting HTTP proxies in front of ``registry``.
 Every process and thread started here is stopped at the end, also when tests fail.

@@ -70,12 +70,8 @@ def normalize_repo_tag(repo_tag: str) -> tuple[str, str]:
         raise InvalidRequest(
             f"archive name {repo_tag!r} holds a digest: docker-archive RepoTags need name:tag"
         )
-    registry, repository = ref.registry, ref.repository
-    if registry == "index.docker.io":  # Docker's legacy hub name, normalized like Docker does
-        registry = "docker.io"
-        if "/" not in repository:
-            repository = "library/" + repository
-    return f"{registry}/{repository}", ref.tag or DEFAULT_TAG
+    # Reference.parse already maps Docker Hub's aliases (index.docker.io, ...) to docker.io
+    return f"{ref.registry}/{ref.repository}", ref.tag or DEFAULT_TAG
 
 
 def qualified_repo_tag(repo_tag: str) -> str:

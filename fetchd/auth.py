@@ -33,6 +33,7 @@ import aiohttp
 
 from .config import BasicCredentials
 from .errors import InsecureRegistry, RegistryError, Unauthorized
+from .registry_errors import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,7 @@ async def fetch_token(
             headers = {"Authorization": basic_authorization(credentials)} if credentials else {}
             ctx = session.get(realm, params=params, headers=headers, timeout=client_timeout)
         async with ctx as resp:
-            body = bytearray()
-            while len(body) <= MAX_TOKEN_BODY:
-                chunk = await resp.content.read(MAX_TOKEN_BODY + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
+            body = await read_capped(resp.content, MAX_TOKEN_BODY + 1)
             status = resp.status
     except (TimeoutError, aiohttp.ClientError) as e:
         raise RegistryError(

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .archive_format import qualified_repo_tag
 from .config import Config
 from .digest import Digest
 from .errors import (
@@ -77,7 +78,9 @@ class FetchRequest:
     @property
     def archive_name(self) -> str:
         """The fully qualified ``name:tag`` written into RepoTags, as skopeo writes it."""
-        return normalize_repo_tag(self.repo_tag, self.reference)
+        if not self.repo_tag:
+            return f"{self.reference.name}:{self.reference.tag_or_default}"
+        return qualified_repo_tag(self.repo_tag)
 
 
 @dataclass(frozen=True)
@@ -110,18 +113,6 @@ class FetchResult:
             "frames_compressed": self.frames_compressed,
             "frames_reused": self.frames_reused,
         }
-
-
-def normalize_repo_tag(repo_tag: str | None, reference: Reference) -> str:
-    """``name:tag`` fully qualified (``debian:12`` -> ``docker.io/library/debian:12``)."""
-    if not repo_tag:
-        return f"{reference.name}:{reference.tag_or_default}"
-    parsed = Reference.parse(repo_tag)
-    if parsed.digest is not None:
-        from .errors import InvalidRequest
-
-        raise InvalidRequest(f"repo_tag {repo_tag!r} must be name:tag, without a digest")
-    return f"{parsed.name}:{parsed.tag_or_default}"
 
 
 # Failures that say "the registry could not be asked" (down, unreachable, 5xx, throttled),

@@ -22,7 +22,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -382,7 +382,7 @@ class Transport:
                 sock_read=ep.timeout)
         for _ in range(MAX_REDIRECTS + 1):
             host.bump("requests")
-            async with asyncio.timeout(ep.timeout) if ep.timeout is not None else nullcontext():
+            async with asyncio.timeout(ep.timeout):  # None: no limit
                 resp = await self.session().request(
                     method, target, headers=hdrs, allow_redirects=False,
                     ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE, **extra)

@@ -105,6 +105,10 @@ class Endpoint:
         return f"mirror {self.key}" if self.mirror else f"registry {self.key}"
 
 
+# The per-host stats that only grow (``Host.bump``); the others are levels.
+COUNTERS = ("requests", "bytes", "retries", "errors", "fallbacks", "corrupt", "timeouts")
+
+
 @dataclass
 class Host:
     """What the client knows about one host; ``semaphore`` is its whole connection budget.
@@ -129,9 +133,8 @@ class Host:
     latency: float | None = None
     blob_redirects: bool = False  # blobs came from another origin (object storage, a CDN)
     stats: dict[str, int | None] = field(default_factory=lambda: {
-        "requests": 0, "bytes": 0, "retries": 0, "errors": 0, "ratelimit_remaining": None,
-        "ratelimit_limit": None, "ratelimit_window_seconds": None,
-        "fallbacks": 0, "corrupt": 0, "timeouts": 0})
+        **dict.fromkeys(COUNTERS, 0), "ratelimit_remaining": None, "ratelimit_limit": None,
+        "ratelimit_window_seconds": None})
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -50,6 +50,7 @@ from .errors import (
 from .platform import Platform
 from .pull import FetchRequest, FetchResult, Job
 from .reference import Reference
+from .registry_http import COUNTERS
 
 log = logging.getLogger("fetchd.server")
 
@@ -380,9 +381,7 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
-# Keys of the registry client's per-host stats that only grow (the rest are levels).
-REGISTRY_COUNTERS = frozenset({"requests", "bytes", "retries", "errors", "fallbacks", "corrupt",
-                               "timeouts"})
+REGISTRY_COUNTERS = frozenset(COUNTERS)  # registry stats that only grow: Prometheus counters
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

@@ -380,8 +380,13 @@ def _human(n: int) -> str:
 
 
 def _duration(seconds: float) -> str:
+    """``m:ss`` under an hour, else ``h h mm min`` or ``d d h h`` (uptimes, ETAs, ages)."""
     s = int(seconds)
-    return f"{s // 60}:{s % 60:02d}"
+    if s < 3600:
+        return f"{s // 60}:{s % 60:02d}"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 # -- the small commands ---------------------------------------------------------------------------

@@ -79,6 +79,14 @@ def test_serve_caps_malloc_arenas_unless_the_user_chose(monkeypatch: pytest.Monk
     assert limit_malloc_arenas() is False
 
 
+@pytest.mark.parametrize("seconds,text", [(75, "1:15"), (3 * 3600 + 125, "3 h 02 min"),
+                                          (3 * 86400 + 5 * 3600, "3 d 5 h")])
+def test_durations_stay_readable_past_an_hour(seconds: float, text: str) -> None:
+    from fetchd.cli import _duration
+
+    assert _duration(seconds) == text
+
+
 def test_version() -> None:
     proc = fetchd("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fetchd ")

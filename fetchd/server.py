@@ -651,15 +651,12 @@ def with_overrides(config: Config, *, socket_path: str | None = None, store: str
 
 
 def store_settings(config: Config) -> Any:
-    """The store's settings from the config: the fields both share, by name."""
+    """The store's settings from the config: the fields both share, by name, and the tag
+    cache's lifetime from [network]."""
     from .layer_store import StoreSettings
 
-    names = {f.name for f in dataclasses.fields(StoreSettings)}
-    values = {f.name: getattr(config.store, f.name) for f in dataclasses.fields(config.store)
-              if f.name in names}
-    if "tag_cache_ttl" in names:
-        values["tag_cache_ttl"] = config.network.tag_cache_ttl
-    return StoreSettings(**values)
+    return dataclasses.replace(StoreSettings.from_config(config.store),
+                               tag_cache_ttl=config.network.tag_cache_ttl)
 
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:

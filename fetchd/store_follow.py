@@ -99,11 +99,7 @@ async def follow_flight(flight: Flight, d: Digest, verify: bool = True) -> Async
     fd = -1
 
     def check_prefix() -> None:
-        ing = flight.ingest
-        if rewrites is not None and (ing is None or ing.rewrites != rewrites):
-            raise DigestMismatch(
-                f"blob {d}: the download started over while it was being read; the bytes "
-                "read so far are not trusted, read the blob again")
+        _check_rewrites(flight, d, rewrites)
 
     try:
         while True:
@@ -258,11 +254,7 @@ class ThreadFollower:
         return data
 
     def _check_prefix(self) -> None:
-        ing = self._flight.ingest
-        if self._rewrites is not None and (ing is None or ing.rewrites != self._rewrites):
-            raise DigestMismatch(
-                f"blob {self._d}: the download started over while it was being read; the "
-                "bytes read so far are not trusted, read the blob again")
+        _check_rewrites(self._flight, self._d, self._rewrites)
 
     def _wait(self) -> None:
         flight = self._flight
@@ -283,3 +275,13 @@ class ThreadFollower:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_rewrites(flight: Flight, d: Digest, seen: int | None) -> None:
+    """DigestMismatch if the ingest a follower read from (``seen``: its rewrite count then)
+    was cut back or is gone: the bytes read so far are no longer known to be the blob's."""
+    ing = flight.ingest
+    if seen is not None and (ing is None or ing.rewrites != seen):
+        raise DigestMismatch(
+            f"blob {d}: the download started over while it was being read; the bytes read "
+            "so far are not trusted, read the blob again")

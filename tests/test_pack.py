@@ -884,7 +884,9 @@ async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Pat
 
     parts = [_layers_image(text_bytes(f"pool{i}a", 1 << 20), text_bytes(f"pool{i}b", 1 << 20))
              for i in range(3)]
-    budget = CompressionBudget(workers=2, keep_idle=0.0)
+    # keep idle contexts while the packs run (the slots may all be free for a moment
+    # between two layers), free them at once later
+    budget = CompressionBudget(workers=2, keep_idle=60.0)
     store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
     reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
     try:
@@ -897,6 +899,10 @@ async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Pat
         for i, (p, r) in enumerate(zip(parts, results, strict=True)):
             assert r.digest == (await pack(reference, p, f"x{i}:1", 3, threads=1)).digest
         # idle contexts are freed once nothing compresses (keep_idle=0: on the next turn)
+        assert budget.idle_contexts() > 0
+        budget.keep_idle = 0.0
+        async with budget.slot(3):
+            pass
         for _ in range(5):
             await asyncio.sleep(0)
         assert budget.idle_contexts() == 0

@@ -80,7 +80,7 @@ def test_module_imports_only_from_layers_above(path: Path) -> None:
 
 @pytest.mark.parametrize("path", [p for p in _modules() if p.stem in PURE], ids=lambda p: p.stem)
 def test_pure_modules_use_only_the_standard_library(path: Path) -> None:
-    third_party = {"aiohttp", "aiofiles", "zstandard", "isal", "yarl", "multidict"}
+    third_party = {"aiohttp", "zstandard", "isal", "yarl", "multidict"}
     assert not (_imports(path) & third_party), f"fetchd/{path.name} must stay pure (stdlib only)"
 
 
@@ -98,6 +98,6 @@ def test_client_library_is_standard_library_only() -> None:
     assert files, "client/fetchd_client has no modules"
     for path in files:
         names = _imports(path)
-        assert not names & {"fetchd", "aiohttp", "aiofiles", "zstandard", "isal"}, (
+        assert not names & {"fetchd", "aiohttp", "zstandard", "isal"}, (
             f"{path.relative_to(ROOT)} must use the standard library only"
         )

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,11 +65,16 @@ _PROGRESS_INTERVAL = 0.25  # seconds between progress events per layer
 
 @dataclass(frozen=True)
 class FetchRequest:
+    """What a client asks for. ``uid`` is the asking peer's uid (SO_PEERCRED; None in-process):
+    it is not part of the job's ``key`` (identical requests of different users share one job),
+    it decides whose quotas the job counts against (job slots, compression slots, ingest)."""
+
     reference: Reference
     platform: Platform
     level: int = 3
     repo_tag: str | None = None
     offline: bool = False
+    uid: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[str, str, int, str, bool]:

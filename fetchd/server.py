@@ -170,6 +170,14 @@ def host_default_platform() -> Platform:
         return Platform("linux", "amd64")
 
 
+def peer_uid(request: web.Request) -> int | None:
+    """The client's uid (SO_PEERCRED), None when it cannot be known (not a Unix socket)."""
+    try:
+        return peer_of(request).uid
+    except PermissionRefused:
+        return None
+
+
 def peer_of(request: web.Request) -> Peer:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None or sock.family != socket.AF_UNIX:
@@ -193,6 +201,7 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         level=body.get("level", 3),
         repo_tag=body.get("repo_tag"),
         offline=body.get("offline", False),
+        uid=peer_uid(request),
     )
     _ = fetch_request.key  # normalizes repo_tag: a malformed one is a 400 before any work
     dest, peer = None, None

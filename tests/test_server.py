@@ -28,7 +28,7 @@ from support.registry import LocalRegistry
 import fetchd.server as server_module
 from fetchd.config import Config
 from fetchd.layer_store import LayerStore
-from fetchd.pull import Puller
+from fetchd.pull import FetchRequest, Puller
 from fetchd.registry_async import RegistryClient
 from fetchd.server import (
     MAX_BODY,
@@ -388,3 +388,18 @@ def test_socket_this_user_may_not_probe_is_not_called_another_daemon() -> None:
     shutil.rmtree(tmp_path)
     assert "may not connect to it" in out.stdout, out.stdout + out.stderr
     assert "another fetchd" not in out.stdout
+
+
+async def test_fetch_request_carries_the_peer_uid(daemon: Daemon, images: Catalog) -> None:
+    """The job's quotas (job slots, compression slots, ingest space) are per uid: the server
+    hands the SO_PEERCRED uid to the Puller with every request."""
+    seen: list[FetchRequest] = []
+    submit = daemon.services.puller.submit
+
+    def recording(request: FetchRequest) -> Any:
+        seen.append(request)
+        return submit(request)
+
+    daemon.services.puller.submit = recording  # type: ignore[method-assign]
+    await daemon.call("fetch", images["single-docker"].reference)
+    assert [r.uid for r in seen] == [os.getuid()]

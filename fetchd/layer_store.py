@@ -464,7 +464,12 @@ class LayerStore:
             str(digest), media_type, str(diff_id) if diff_id else None))
 
     def blob_info(self, digest: Digest) -> BlobInfo | None:
-        """What the index knows of ``digest`` (None if nothing)."""
+        """What the index knows of ``digest`` (None if nothing).
+
+        ``media_type`` and ``diff_id`` are hints: any image's manifest may name any digest
+        with any type, so they are shown, never decided on (a manifest's type comes from its
+        own verified bytes, a layer's diff_id from the image config being packed).
+        """
         row = self._index(lambda: self.index.blob_row(str(digest)))
         media_type, diff_id = self._index(lambda: self.index.info(str(digest)))
         if row is None and media_type is None and diff_id is None:

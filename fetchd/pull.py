@@ -379,7 +379,12 @@ class Puller:
                       max_age: float | None = None) -> dict[str, Any]:
         """Tag -> digest for clients (BitBake's checksum logic). ``max_age=0`` forces a HEAD."""
         resolved = await self.resolve_digest(reference, offline=offline, max_age=max_age)
-        out = {"digest": str(resolved.top_digest), "media_type": resolved.media_type,
+        media_type = resolved.media_type
+        if not media_type:  # pinned: the type the stored bytes say, if they are here
+            body = await self._stored(resolved.top_digest)
+            if body is not None:
+                media_type = parse_manifest(body, None, str(reference)).media_type
+        out = {"digest": str(resolved.top_digest), "media_type": media_type,
                "cached": resolved.from_cache}
         if resolved.warning is not None:
             out["warning"] = resolved.warning
@@ -388,9 +393,10 @@ class Puller:
     async def resolve_digest(self, ref: Reference, *, offline: bool, job: Job | None = None,
                              max_age: float | None = None) -> _Resolved:
         if ref.digest is not None:
-            info = self.store.blob_info(ref.digest) if self.store.has(ref.digest) else None
-            media = (info.media_type if info is not None else None) or ""
-            return _Resolved(ref.digest, media, True)
+            # No media type from the index: any image's layer list may name this digest with
+            # any type (blob_info is a hint, never trusted). parse_manifest takes the type from
+            # the verified bytes themselves: their mediaType, else their structure.
+            return _Resolved(ref.digest, "", True)
         tag = ref.tag_or_default
         cached = self.store.lookup_tag(ref.name, tag)
         ttl = self.tag_cache_ttl if max_age is None else max_age
@@ -514,7 +520,7 @@ class Puller:
         needed = []
         for i, layer in enumerate(image.layers):
             if i < len(diff_ids):
-                self.store.record_blob_info(layer.digest, media_type=layer.media_type, diff_id=diff_ids[i])
+                self.store.record_blob_info(layer.digest, diff_id=diff_ids[i])
                 if self.store.get_frame(frame_key(diff_ids[i], req.level)) is not None:
                     job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
                                     "state": "frame-cached"})

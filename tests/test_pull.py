@@ -140,3 +140,49 @@ async def test_a_download_failing_while_the_pack_follows_it_leaves_no_archive(
         assert list((store.root / "tmp").iterdir()) == []
     finally:
         await fake.close()
+
+
+async def test_another_images_layer_list_cannot_change_how_a_pinned_manifest_is_read(
+        puller: Puller) -> None:
+    """issue 13: an image naming a victim's manifest digest as a 'layer' of index type
+    rewrote the stored media type; the victim's digest-pinned pulls (a manifest without
+    mediaType, as OCI allows) were then read as an index and failed for everyone."""
+    import json
+
+    from fake_registry import FakeRegistry
+    from support.images import make_image, make_layer, text_bytes
+
+    from fetchd.manifest import OCI_INDEX, OCI_MANIFEST
+
+    layer = make_layer(text_bytes("pinned-victim", 4096), "gzip")
+    victim = make_image("linux/amd64", [layer])
+    manifest = json.loads(victim.manifest_bytes)
+    manifest.pop("mediaType", None)  # optional in OCI
+    victim_body = json.dumps(manifest).encode()
+    victim_digest = Digest.of(victim_body)
+    # The attacker's image lists the victim's manifest digest as a layer "of index type".
+    attacker_config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [str(layer.diff_id)]}}).encode()
+    attacker_body = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": str(Digest.of(attacker_config)), "size": len(attacker_config)},
+        "layers": [{"mediaType": OCI_INDEX, "digest": str(victim_digest), "size": len(victim_body)}],
+    }).encode()
+    fake = await FakeRegistry().start()
+    try:
+        for blob in (victim.config_bytes, layer.read(), attacker_config, victim_body):
+            fake.add_blob(blob)
+        fake.add_manifest("v/img", None, victim_body, OCI_MANIFEST)
+        fake.add_manifest("evil/img", "1", attacker_body, OCI_MANIFEST)
+        pinned = f"{fake.host}/v/img@{victim_digest}"
+        first = await _pull(puller, pinned)
+        attack = puller.submit(FetchRequest(Reference.parse(f"{fake.host}/evil/img:1"), AMD64))
+        await attack.wait()  # the "layer" is frame-cached under the victim's diff_id: it packs
+        assert await _pull(puller, pinned) == first
+        offline = puller.submit(FetchRequest(Reference.parse(pinned), AMD64, offline=True))
+        assert Digest.parse((await offline.wait()).archive_digest) == first
+        resolved = await puller.resolve(Reference.parse(pinned), offline=True)
+        assert resolved["media_type"] == OCI_MANIFEST
+    finally:
+        await fake.close()

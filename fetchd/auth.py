@@ -238,7 +238,7 @@ async def fetch_token(
         data = json.loads(body)
         token = data.get("token") or data.get("access_token")
         expires_in = data.get("expires_in") or DEFAULT_EXPIRES_IN
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         token, expires_in = None, 0
     if not isinstance(token, str) or not token:
         raise RegistryError(f"registry {registry}: token server {parts.netloc} sent no token")

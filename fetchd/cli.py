@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from .errors import printable
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -83,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         from . import __version__
 
-        print(f"fetchd {__version__}")
+        _say(f"fetchd {__version__}")
         return 0
     if not args.command:
         parser.print_help(sys.stderr)
@@ -121,8 +123,14 @@ def _ensure_client_importable() -> None:
             sys.path.append(here)
 
 
+def _say(*values: object, file: TextIO | None = None) -> None:
+    """print(), with control characters escaped: the daemon's answers carry registry text
+    (error messages, names), and an ESC or OSC sequence in them must not reach the terminal."""
+    print(*(printable(str(v)) for v in values), file=file)
+
+
 def _fail(message: str) -> None:
-    print(f"fetchd: error: {message}", file=sys.stderr)
+    _say(f"fetchd: error: {message}", file=sys.stderr)
 
 
 _HINTS = {
@@ -143,7 +151,7 @@ def _with_hint(code: str, message: str) -> str:
 def _printed_as_json(args: argparse.Namespace, answer: Any) -> bool:
     """With ``--json``, print ``answer`` as the daemon gave it and say so."""
     if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
+        _say(json.dumps(answer, indent=2, sort_keys=True))
     return bool(args.json)
 
 
@@ -256,14 +264,14 @@ def _pull(args: argparse.Namespace) -> int:
         raise FetchdClientError("size-mismatch", f"{output} has {size} bytes, expected {result.get('size')}")
     verify_file(output, str(result["archive_digest"]))
     if not _printed_as_json(args, result):
-        print(f"{output}: {result['repo_tag']} {result['platform']} "
+        _say(f"{output}: {result['repo_tag']} {result['platform']} "
               f"{_human(int(result['size']))} ({result['delivery']}) {result['archive_digest']}")
     return 0
 
 
 def _warnings_only(event: dict[str, Any]) -> None:
     if event.get("event") == "warning":
-        print(f"fetchd: warning: {event.get('message')}", file=sys.stderr)
+        _say(f"fetchd: warning: {event.get('message')}", file=sys.stderr)
 
 
 class Progress:
@@ -284,7 +292,7 @@ class Progress:
         kind = event.get("event")
         if kind == "warning":
             self._clear()
-            print(f"fetchd: warning: {event.get('message')}", file=self.stream)
+            _say(f"fetchd: warning: {event.get('message')}", file=self.stream)
         elif kind == "manifest":
             self.status = f"{event.get('platform')}: {event.get('layers')} layers"
         elif kind == "layer":
@@ -353,7 +361,7 @@ class Progress:
     def _draw(self) -> None:
         lines = self._lines()
         self._clear()
-        self.stream.write("\n".join(lines) + "\n")
+        self.stream.write("\n".join(printable(line) for line in lines) + "\n")
         self.stream.flush()
         self._drawn = len(lines)
 
@@ -395,7 +403,7 @@ def _duration(seconds: float) -> str:
 def _resolve(args: argparse.Namespace) -> int:
     result = _client(args).resolve(args.reference, offline=args.offline)
     if not _printed_as_json(args, result):
-        print(f"{result['digest']}{' (cached)' if result.get('cached') else ''}")
+        _say(f"{result['digest']}{' (cached)' if result.get('cached') else ''}")
     return 0
 
 
@@ -406,7 +414,7 @@ def _deliver(args: argparse.Namespace) -> int:
     result = _client(args).deliver(args.archive_digest, output)
     verify_file(output, args.archive_digest)
     if not _printed_as_json(args, result):
-        print(f"{output}: {args.archive_digest} ({result.get('delivery')})")
+        _say(f"{output}: {args.archive_digest} ({result.get('delivery')})")
     return 0
 
 
@@ -414,18 +422,18 @@ def _status(args: argparse.Namespace) -> int:
     status = _client(args).status()
     if _printed_as_json(args, status):
         return 0
-    print(f"fetchd {status.get('version')} pid {status.get('pid')} on {status.get('socket')}, "
+    _say(f"fetchd {status.get('version')} pid {status.get('pid')} on {status.get('socket')}, "
           f"up {_duration(float(status.get('uptime') or 0))}, store {status.get('store_path')}")
     jobs = status.get("jobs") or []
-    print(f"jobs: {len(jobs)} running, {status.get('completed')} completed, {status.get('failed')} failed")
+    _say(f"jobs: {len(jobs)} running, {status.get('completed')} completed, {status.get('failed')} failed")
     for job in jobs:
-        print(f"  {job.get('reference')} {job.get('platform')} level {job.get('level')}: "
+        _say(f"  {job.get('reference')} {job.get('platform')} level {job.get('level')}: "
               f"{job.get('state')} ({job.get('waiters')} waiting)")
-    print("store:")
+    _say("store:")
     _print_mapping(status.get("store"), "  ")
     registries = status.get("registries")
     if registries:
-        print("registries:")
+        _say("registries:")
         _print_mapping(registries, "  ")
     return 0
 
@@ -434,13 +442,13 @@ def _print_mapping(obj: Any, indent: str) -> None:
     if isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(value, dict):
-                print(f"{indent}{key}:")
+                _say(f"{indent}{key}:")
                 _print_mapping(value, indent + "  ")
             else:
                 shown = _human(value) if _is_size(key, value) else value
-                print(f"{indent}{key}: {shown}")
+                _say(f"{indent}{key}: {shown}")
     elif obj is not None:
-        print(f"{indent}{obj}")
+        _say(f"{indent}{obj}")
 
 
 def _is_size(key: str, value: Any) -> bool:
@@ -455,14 +463,14 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     store = answer.get("store")
     if isinstance(store, dict) and isinstance(store.get("bytes"), int):
-        print(f"store: {store.get('blobs')} blobs, {_human(store['bytes'])}")
+        _say(f"store: {store.get('blobs')} blobs, {_human(store['bytes'])}")
     if not images:
-        print("no images in the store")
+        _say("no images in the store")
         return 0
     now = time.time()
     for image in images:
         if not isinstance(image, dict):
-            print(image)
+            _say(image)
             continue
         size = image.get("size")
         parts = [str(image.get(k)) for k in ("reference", "platform") if image.get(k) is not None]
@@ -478,7 +486,7 @@ def _ls(args: argparse.Namespace) -> int:
         digest = image.get("archive_digest") or image.get("archive")
         if digest:
             parts.append(str(digest))
-        print("  ".join(parts) if parts else json.dumps(image, sort_keys=True))
+        _say("  ".join(parts) if parts else json.dumps(image, sort_keys=True))
     return 0
 
 

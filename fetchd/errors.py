@@ -6,12 +6,31 @@ translated in exactly two places: the server's error middleware (to JSON
 ``{"code", "message"}`` plus an HTTP status) and the clients (to an exit code
 and one line, or to bitbake's FetchError family).
 
-Messages never contain credentials, tokens or URL userinfo.
+Messages never contain credentials, tokens or URL userinfo, nor control characters: a
+registry's error text reaches terminals and logs, so ``FetchdError`` escapes every control
+character in its message (``printable``), whoever built it.
 """
 
 from __future__ import annotations
 
 import errno
+import re
+
+# C0, DEL, C1, and the bidirectional overrides/isolates that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character as a visible escape (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    For text from outside (a registry's error body, a header, a path) on its way to a terminal
+    or a log: ESC/OSC sequences cannot recolour, retitle or rewrite what the reader sees.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(m: re.Match[str]) -> str:
+    return m.group().encode("unicode_escape").decode("ascii")
 
 
 class FetchdError(Exception):
@@ -21,6 +40,7 @@ class FetchdError(Exception):
     http_status: int = 500
 
     def __init__(self, message: str) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
 

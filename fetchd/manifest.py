@@ -69,7 +69,9 @@ class Descriptor:
             size=size,
             platform=Platform.from_json(obj.get("platform")),
             urls=tuple(u for u in urls if isinstance(u, str)),
-            annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+            # a map of strings (OCI); anything else is dropped, never turned into text
+            annotations=tuple(sorted((k, v) for k, v in annotations.items()
+                                     if isinstance(k, str) and isinstance(v, str))),
         )
 
     def annotation(self, key: str) -> str | None:
@@ -117,6 +119,19 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> ImageMa
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestInvalid(f"{where}: manifest is not valid JSON ({e})") from e
+    except RecursionError:
+        raise ManifestInvalid(f"{where}: {_TOO_DEEP}") from None
+    try:
+        return _manifest(obj, content_type, where)
+    except RecursionError:  # a nested value deep inside (an annotation, a platform)
+        raise ManifestInvalid(f"{where}: {_TOO_DEEP}") from None
+
+
+_TOO_DEEP = ("JSON nested too deeply to be a manifest or image config; the registry sent "
+             "something else, check the image")
+
+
+def _manifest(obj: Any, content_type: str | None, where: str) -> ImageManifest | ImageIndex:
     if not isinstance(obj, dict):
         raise ManifestInvalid(f"{where}: manifest is not a JSON object")
     media_type = obj.get("mediaType") or (content_type or "").split(";")[0].strip()
@@ -148,11 +163,13 @@ def parse_config(raw: bytes, where: str) -> ImageConfig:
     try:
         obj = json.loads(raw)
         diff_ids = tuple(Digest.parse(d) for d in obj["rootfs"]["diff_ids"])
+        if not isinstance(obj, dict):
+            raise ManifestInvalid(f"{where}: image config is not a JSON object")
+        return ImageConfig(raw, diff_ids, Platform.from_json(obj), obj)
     except (ValueError, KeyError, TypeError, InvalidReference) as e:
         raise ManifestInvalid(f"{where}: image config is invalid ({e})") from e
-    if not isinstance(obj, dict):
-        raise ManifestInvalid(f"{where}: image config is not a JSON object")
-    return ImageConfig(raw, diff_ids, Platform.from_json(obj), obj)
+    except RecursionError:
+        raise ManifestInvalid(f"{where}: {_TOO_DEEP}") from None
 
 
 def select_platform(index: ImageIndex, want: Platform, where: str) -> Descriptor:

@@ -13,6 +13,7 @@ raises ``InvalidReference``; there are no half-parsed values.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 
@@ -138,6 +139,7 @@ def split_name(name: str, original: str | None = None) -> tuple[str, str]:
         registry, path = first, remainder
         if not _HOST.match(registry):
             raise InvalidReference(f"invalid image reference {shown!r}: bad registry host {registry!r}")
+        _check_host(shown, registry)
     else:
         registry, path = DOCKER_HUB, name
     if registry in _HUB_ALIASES:
@@ -155,6 +157,21 @@ def split_name(name: str, original: str | None = None) -> tuple[str, str]:
     if len(registry) + 1 + len(path) > _MAX_NAME:
         raise InvalidReference(f"invalid image reference {shown!r}: name longer than {_MAX_NAME}")
     return registry, path
+
+
+def _check_host(shown: str, registry: str) -> None:
+    """The port is 1..65535 and a bracketed host is an IPv6 address (the pattern admits more)."""
+    m = re.fullmatch(r"(?P<host>\[[^\]]*\]|[^:]*)(?::(?P<port>[0-9]+))?", registry)
+    host, port = (m["host"], m["port"]) if m else (registry, None)
+    if port and not 1 <= int(port) <= 65535:
+        raise InvalidReference(
+            f"invalid image reference {shown!r}: port {port} of {registry!r} is not in 1..65535")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidReference(
+                f"invalid image reference {shown!r}: {host} is not an IPv6 address") from None
 
 
 def _check_tag(original: str, tag: str) -> None:

@@ -53,7 +53,7 @@ def parse_error_body(body: bytes) -> list[tuple[str, str]]:
     """(code, message) pairs of a registry error body; empty when it is not the spec's JSON."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return []
     errors = data.get("errors") if isinstance(data, dict) else None
     if not isinstance(errors, list):

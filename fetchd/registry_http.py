@@ -17,6 +17,7 @@ reached or times out is skipped for ``network.mirror_cooldown`` seconds.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import ssl
@@ -393,7 +394,7 @@ class Transport:
             if resp.status not in _REDIRECTS or not location:
                 return resp, foreign
             resp.close()
-            target = resp.url.join(URL(location, encoded=True))
+            target = _redirect_target(ep, resp.url, location)
             if target.scheme == "http" and not (ep.allow_http or is_loopback(target.raw_authority)):
                 raise InsecureRegistry(
                     f"{ep.label} redirected to plain-HTTP {target.host}; refusing. If intended, "
@@ -560,6 +561,30 @@ class Transport:
         return Unauthorized(
             f"{ep.label} refused {ref.name} (401): {how}. Log in with 'podman login {ep.key}' "
             f"or 'docker login {ep.key}', or set auth_file for it in the fetchd config")
+
+
+def _redirect_target(ep: Endpoint, base: URL, location: str) -> URL:
+    """Where a redirect leads: an absolute http(s) URL with a host, or RegistryError.
+
+    A registry's ``Location`` is untrusted text: ``file://``, ``ftp:``, ``data:``, a host
+    that is no host, or a port out of range end here as a clear error naming the registry.
+    """
+    host: str | None = None
+    try:
+        target = base.join(URL(location, encoded=True))
+        scheme = target.scheme
+        if scheme in ("http", "https"):
+            host, _ = target.host, target.port  # yarl checks the port when asked
+            target.origin()
+            if host and ":" in host:  # yarl takes any bracketed text for an IPv6 address
+                ipaddress.IPv6Address(host.split("%", 1)[0])
+    except (ValueError, TypeError):
+        raise RegistryError(f"{ep.label} redirected to a malformed URL {location[:200]!r}; "
+                            "refusing. The registry is misconfigured or hostile") from None
+    if scheme not in ("http", "https") or not host:
+        raise RegistryError(f"{ep.label} redirected to a {scheme or 'relative'}: URL; only http(s) "
+                            "redirects are followed. The registry is misconfigured or hostile")
+    return target
 
 
 _URL_SECRETS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^\s/@'\"]*@)?"

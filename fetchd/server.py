@@ -132,6 +132,9 @@ async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidRequest("request body is JSON nested too deeply: send a flat object "
+                                 "of the documented fields (docs/API.md)") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("request body must be a JSON object")
     unknown = sorted(set(obj) - set(schema))

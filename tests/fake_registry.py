@@ -222,7 +222,9 @@ class FakeRegistry:
         if fault.status:
             return self._error(fault)
         if fault.redirect:
-            raise web.HTTPTemporaryRedirect(f"{fault.redirect}/storage/{request.match_info['digest']}")
+            # as sent, unchecked: a hostile registry's Location need not be a valid URL
+            return web.Response(status=307, headers={
+                "Location": f"{fault.redirect}/storage/{request.match_info['digest']}"})
         return await self._send_blob(request, request.match_info["digest"], fault)
 
     async def _storage(self, request: web.Request) -> web.StreamResponse:

@@ -278,3 +278,42 @@ def test_verify_with_corrupt_blobs_exits_1(monkeypatch: pytest.MonkeyPatch,
                                "again when next needed (check the disk: files under blobs/ are read-only)")
     monkeypatch.setattr(fetchd_client.Client, "verify", lambda self: dict(report, corrupt=[]))
     assert main(["verify", "--socket", "/nonexistent"]) == 0
+
+
+HOSTILE_TEXT = "denied\x1b]0;pwned\x07\x1b[2J\x9b1m\u202eevil\nfake line"
+
+
+def _no_controls(text: str) -> bool:
+    return not any(c in text for c in ("\x1b", "\x07", "\x9b", "\u202e"))
+
+
+def test_daemon_text_reaches_the_terminal_escaped(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 13: a registry's error text (through the daemon) kept its ESC/OSC sequences."""
+    import fetchd_client
+
+    def fail(self: object) -> None:
+        raise fetchd_client.FetchdClientError("denied", HOSTILE_TEXT)
+
+    monkeypatch.setattr(fetchd_client.Client, "verify", fail)
+    assert main(["verify", "--socket", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert _no_controls(err) and "\\x1b]0;pwned\\x07" in err
+    assert err.count("\n") == 1  # one line: the registry's newline is shown, not obeyed
+    monkeypatch.setattr(fetchd_client.Client, "status", lambda self: {
+        "version": "1", "jobs": [{"reference": HOSTILE_TEXT, "state": "running"}],
+        "store": {"bytes": 1}, "registries": {HOSTILE_TEXT: {"errors": HOSTILE_TEXT}}})
+    assert main(["status", "--socket", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert _no_controls(out) and "\\u202eevil" in out
+
+
+def test_progress_escapes_event_text() -> None:
+    out = io.StringIO()
+    bar = Progress(out, interval=0)
+    bar.on_event({"event": "manifest", "platform": HOSTILE_TEXT, "layers": 1})
+    bar.on_event({"event": "warning", "message": HOSTILE_TEXT})
+    bar.close()
+    shown = out.getvalue().replace("\x1b[J", "")
+    shown = re.sub(r"\x1b\[[0-9]+F", "", shown)  # the bar's own redraw codes
+    assert _no_controls(shown) and "\\x1b[2J" in shown

@@ -131,6 +131,10 @@ BAD = [
     (manifest_body(layers=[{"digest": d(3), "size": True}]), "invalid size"),
     (manifest_body("application/x-unknown"), "unsupported manifest media type"),
     (b" " * (MAX_MANIFEST_SIZE + 1), "limit"),
+    # issue 13: RecursionError escaped as a 500 with a traceback
+    (b"[" * 100_000, "nested too deeply"),
+    (b'{"schemaVersion": 2, "layers": ' + b"[" * 100_000, "nested too deeply"),
+    (b'{"manifests": [{"annotations": {"a": ' + b'{"b": ' * 50_000, "nested too deeply"),
 ]
 
 
@@ -148,6 +152,24 @@ def test_config_gives_diff_ids_and_platform_and_keeps_raw_bytes() -> None:
     assert config.platform == Platform("linux", "arm", "v7")
     with pytest.raises(ManifestInvalid):
         parse_config(b'{"rootfs": {}}', "c")
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000,
+    b'{"rootfs": {"diff_ids": ' + b"[" * 100_000,
+    b'{"config": ' + b'{"a": ' * 100_000,
+], ids=["array", "diff_ids", "object"])
+def test_deeply_nested_config_is_a_clear_error(raw: bytes) -> None:
+    with pytest.raises(ManifestInvalid, match="nested too deeply"):
+        parse_config(raw, "c")
+
+
+def test_annotations_keep_only_strings() -> None:
+    body = manifest_body(layers=[{"digest": d(3), "size": 1,
+                                  "annotations": {"a": "x", "b": [[["deep"]]], "c": 1}}])
+    image = parse_manifest(body, None, "img")
+    assert isinstance(image, ImageManifest)
+    assert image.layers[0].annotations == (("a", "x"),)
 
 
 @pytest.mark.parametrize("media_type,head,want", [

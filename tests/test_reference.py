@@ -92,7 +92,28 @@ BAD = [
     "docker://debian:bookworm",
     f"docker://debian@{D}",
     "docker://quay.io/org/app:v1",
+    # issue 13: these reached the HTTP client and ended as 'internal' errors with tracebacks
+    "localhost:99999/app",
+    "localhost:0/app",
+    "quay.io:65536/app",
+    "[1:2:3]/app",
+    "[1:2:3]:5000/app",
+    "[::1:zz]/app",
 ]
+
+
+HOSTS_OK = [
+    ("localhost:65535/app", "localhost:65535"),
+    ("localhost:1/app", "localhost:1"),
+    ("[::1]:5000/app", "[::1]:5000"),
+    ("[fe80::1]/app", "[fe80::1]"),
+    ("127.0.0.1:5000/app", "127.0.0.1:5000"),
+]
+
+
+@pytest.mark.parametrize("text, registry", HOSTS_OK, ids=[h[0] for h in HOSTS_OK])
+def test_hosts_at_the_edges_of_valid(text: str, registry: str) -> None:
+    assert Reference.parse(text).registry == registry
 
 
 @pytest.mark.parametrize("text", BAD)
@@ -101,3 +122,4 @@ def test_bad_references_are_refused_with_the_input_named(text: str) -> None:
         Reference.parse(text)
     assert isinstance(info.value, ValueError)
     assert text[:20] in info.value.message  # the message names what was given
+    assert info.value.http_status == 400

@@ -24,6 +24,7 @@ from fetchd.auth import Credentials
 from fetchd.config import BasicCredentials, Config, MirrorConfig, NetworkConfig, RegistryConfig
 from fetchd.digest import Digest
 from fetchd.errors import (
+    Denied,
     DigestMismatch,
     InsecureRegistry,
     ManifestInvalid,
@@ -670,3 +671,48 @@ async def test_failure_messages_and_logs_carry_no_url_secrets(caplog: pytest.Log
     for text in (err.value.message, caplog.text):
         assert "s3cr3t" not in text and "AKIA" not in text
 
+
+
+# ---------------------------------------------------------------------- hostile answers (issue 13)
+
+HOSTILE_REDIRECTS = [
+    ("file", "file://", "redirected to a file: URL"),
+    ("ftp", "ftp://127.0.0.1", "redirected to a ftp: URL"),
+    ("data", "data:text/plain,", "redirected to a"),
+    ("bad ipv6 host", "http://[1:2:3]", "malformed URL"),
+    ("port out of range", "http://127.0.0.1:99999", "malformed URL"),
+]
+
+
+@pytest.mark.parametrize("base, words", [h[1:] for h in HOSTILE_REDIRECTS],
+                         ids=[h[0] for h in HOSTILE_REDIRECTS])
+async def test_redirects_to_what_is_not_http_are_clear_registry_errors(
+        fake: FakeRegistry, base: str, words: str) -> None:
+    fake.fault("blob", Fault(redirect=base))
+    async with make_client() as client:
+        with pytest.raises(RegistryError, match=words) as info:
+            await client.fetch_blob(ref(fake), blob_desc(), MemorySink())
+    assert fake.host in info.value.message  # names the registry
+    assert len(fake.requests("blob")) == 1  # a hostile answer is not retried
+
+
+ESCAPES = [
+    ("CSI colour", "\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    ("OSC title", "\x1b]0;owned\x07", "\\x1b]0;owned\\x07"),
+    ("C1 CSI", "\x9b2J", "\\x9b2J"),
+    ("newline into the log", "ok\nFAKE LOG LINE", "ok\\nFAKE LOG LINE"),
+    ("bidi override", "abc\u202edcba", "abc\\u202edcba"),
+]
+
+
+@pytest.mark.parametrize("said, shown", [e[1:] for e in ESCAPES], ids=[e[0] for e in ESCAPES])
+async def test_registry_error_text_reaches_messages_escaped(
+        fake: FakeRegistry, said: str, shown: str) -> None:
+    body = json.dumps({"errors": [{"code": "DENIED", "message": said}]}).encode()
+    fake.fault("blob", Fault(status=403, body=body))
+    async with make_client() as client:
+        with pytest.raises(Denied) as info:
+            await client.fetch_blob(ref(fake), blob_desc(), MemorySink())
+    message = info.value.message
+    assert shown in message
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in message)

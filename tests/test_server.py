@@ -214,6 +214,12 @@ BAD_FETCHES: list[tuple[str, bytes, int, str]] = [
     ("malformed reference", b'{"reference": "Debian:Bookworm!"}', 400, "invalid image reference"),
     ("bad repo_tag", b'{"reference": "debian", "repo_tag": "Bad Tag"}', 400, "invalid image reference"),
     ("huge body", b'{"reference": "' + b"a" * (MAX_BODY + 10) + b'"}', 413, "too large"),
+    # issue 13: these were 500s with a traceback ('internal')
+    ("deeply nested body", b'{"reference": ' + b"[" * 60_000, 400, "nested too deeply"),
+    ("nested value", b'{"reference": "debian", "repo_tag": ' + b'{"a": ' * 10_000, 400,
+     "nested too deeply"),
+    ("port out of range", b'{"reference": "localhost:99999/app"}', 400, "not in 1..65535"),
+    ("not an IPv6 host", b'{"reference": "[1:2:3]/app"}', 400, "not an IPv6 address"),
 ]
 
 

@@ -50,6 +50,10 @@ class ServerConfig:
     # network.max_connections per host and compressions by the daemon's CompressionBudget,
     # so this only keeps a burst of distinct requests from holding unbounded state.
     max_jobs: int = 32
+    # Seconds that running jobs get to finish after SIGTERM before they are parked (their
+    # partial downloads kept for the next daemon). Keep it well under systemd's
+    # TimeoutStopSec (fetchd.service: 90 s), or systemd kills the daemon first.
+    shutdown_grace: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,10 @@ class NetworkConfig:
     # After a connection failure or a timeout a mirror is skipped for this many seconds, so a
     # dead mirror costs one timeout per cooldown, not one per request.
     mirror_cooldown: float = 30.0
+    # Extra whole transfers of a blob, manifest or config whose bytes failed their size or
+    # digest check (from the registry itself; a mirror that did is skipped for that content
+    # instead). Each is counted as ``corrupt`` and logged.
+    corrupt_retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -290,8 +298,11 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
             raise ConfigError(f"{where} [network] {name}: must be at least 1")
     if net.mirror_timeout <= 0:
         raise ConfigError(f"{where} [network] mirror_timeout: must be positive")
-    if net.retries < 0:
-        raise ConfigError(f"{where} [network] retries: must not be negative")
+    for name in ("retries", "corrupt_retries"):
+        if getattr(net, name) < 0:
+            raise ConfigError(f"{where} [network] {name}: must not be negative")
+    if server.shutdown_grace < 0:
+        raise ConfigError(f"{where} [server] shutdown_grace: must not be negative")
     for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_cap", "retry_after_cap",
                  "tag_cache_ttl", "mirror_cooldown", "near_latency"):
         if getattr(net, name) < 0:

@@ -538,45 +538,61 @@ class Puller:
         return list({layer.digest: layer for layer in needed}.values())
 
     async def _download(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
-        """Fetch one layer into the store; wrong bytes from a mirror are fetched again elsewhere.
+        """Fetch one layer into the store; wrong bytes are never kept, and fetched again.
 
         The store verifies on commit and discards a partial that fails, so nothing wrong is
-        ever stored; the mirrors that wrote it are excluded for the next try of this blob.
+        ever stored. Mirrors that wrote wrong bytes are excluded for the next try of this
+        blob. Wrong bytes from the registry itself are fetched again whole (from byte 0,
+        one stream) up to ``network.corrupt_retries`` times, each counted as ``corrupt``;
+        then the mismatch is the job's error.
         """
         digest, size = layer.digest, layer.size
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "downloading"})
         progress = _LayerProgress(job, str(digest), size)
         exclude: frozenset[str] = frozenset()
-        # Each try excludes at least one more mirror, or is the one repeat allowed when
-        # another task's fetch (which we joined) failed: the count is bounded.
-        tries = len(self.config.registry(ref.registry).mirrors) + 2
-        for attempt in range(tries):
+        corrupt_left = self.config.network.corrupt_retries
+        unknown_retried = whole = False
+        # Each try excludes one more mirror, spends one of the registry's corrupt retries, or
+        # is the one repeat allowed when another task's fetch (which we joined) or a resumed
+        # partial of unknown origin failed: the count is bounded.
+        while True:
             sources: list[str] = []
             resumed: list[bool] = []
 
-            async def fetch(sink: Any, exclude: frozenset[str] = exclude,
+            async def fetch(sink: Any, exclude: frozenset[str] = exclude, whole: bool = whole,
                             sources: list[str] = sources, resumed: list[bool] = resumed) -> None:
                 progress.done = sink.offset + sum(b - a for a, b in sink.held_ranges())
                 resumed.append(progress.done > 0)  # bytes of unknown origin held
                 sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
-                                                              exclude=exclude, priority=priority))
+                                                              exclude=exclude, priority=priority,
+                                                              whole=whole))
 
             try:
                 await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)
                 break
             except (DigestMismatch, SizeMismatch) as e:
                 bad = self.registry.blame(ref, layer, tuple(sources)) - exclude
-                # Another task's (or process's) fetch failed, or ours resumed a partial of
-                # unknown origin: the store dropped those bytes, so one more try is fair.
-                unknown = not sources or any(resumed)
-                if attempt + 1 >= tries or not (bad or unknown):
-                    raise
-                exclude |= bad
                 if bad:
-                    warning = (f"mirror {', '.join(sorted(bad))} served wrong bytes for layer "
-                               f"{digest} ({e.code}); nothing was kept, fetching it again from "
-                               "the next source")
-                    job.push({"event": "warning", "message": warning})
+                    exclude |= bad
+                    job.push({"event": "warning", "message": (
+                        f"mirror {', '.join(sorted(bad))} served wrong bytes for layer {digest} "
+                        f"({e.code}); nothing was kept, fetching it again from the next source")})
+                    continue
+                if (not sources or any(resumed)) and not unknown_retried:
+                    # Another task's (or process's) fetch failed, or ours resumed a partial
+                    # of unknown origin: the store dropped those bytes, so one more try is fair.
+                    unknown_retried = True
+                    continue
+                if ref.registry not in sources:
+                    raise
+                self.registry.upstream_corrupt(ref, layer, e, again=corrupt_left > 0)
+                if corrupt_left <= 0:
+                    raise
+                corrupt_left -= 1
+                whole = True
+                job.push({"event": "warning", "message": (
+                    f"{ref.registry} sent wrong bytes for layer {digest} of {ref.repository} "
+                    f"({e.code}); nothing was kept, fetching it again from byte 0")})
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "done"})
 
 

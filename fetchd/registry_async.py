@@ -214,6 +214,7 @@ class RegistryClient:
 
         Counts it as ``corrupt`` against each mirror among ``sources``, logs it, and returns
         those mirrors' keys: pass them as ``exclude`` to fetch the blob from elsewhere.
+        The registry itself is never excluded: see ``upstream_corrupt``.
         """
         mirrors = {ep.key for ep in self._t.endpoints(ref, tag=False) if ep.mirror is not None}
         mirrors |= {key for key in sources if self._t.host(key).mirror}
@@ -224,11 +225,21 @@ class RegistryClient:
                         "blob and fetching it from the next source", key, descriptor.digest, ref.name)
         return bad
 
+    def upstream_corrupt(self, ref: Reference, descriptor: Descriptor, error: FetchdError,
+                         again: bool) -> None:
+        """The registry itself wrote a blob that failed verification: count it as ``corrupt``
+        and log a warning naming registry, repository and digest (``again``: the caller
+        fetches it once more, whole)."""
+        ep = self._t.endpoints(ref, tag=False)[-1]
+        self._t.wrong_bytes(ep, ref, f"blob {descriptor.digest}", error, again)
+
     # ------------------------------------------------------------------ manifests
 
     async def get_manifest(self, ref: Reference) -> FetchedManifest:
         """The manifest or index ``ref`` names; by digest it is verified, by tag hashed."""
-        return await self._t.each_endpoint(ref, ref.digest is None, lambda ep: self._get_manifest(ep, ref))
+        return await self._t.each_endpoint(
+            ref, ref.digest is None, lambda ep: self._get_manifest(ep, ref),
+            corrupt_retries=self.net.corrupt_retries, subject=f"manifest {ref.digest or ref.target}")
 
     async def _get_manifest(self, ep: Endpoint, ref: Reference) -> FetchedManifest:
         where = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag_or_default}"
@@ -319,11 +330,12 @@ class RegistryClient:
             verifier.check()
             return bytes(sink.buf)
 
-        return await self._t.each_endpoint(ref, False, one)
+        return await self._t.each_endpoint(ref, False, one, corrupt_retries=self.net.corrupt_retries,
+                                           subject=f"config {descriptor.digest}")
 
     async def fetch_blob(
         self, ref: Reference, descriptor: Descriptor, sink: BlobSink, progress: Progress | None = None,
-        *, exclude: frozenset[str] = frozenset(), priority: int | None = None,
+        *, exclude: frozenset[str] = frozenset(), priority: int | None = None, whole: bool = False,
     ) -> tuple[str, ...]:
         """Write the blob's bytes ``[sink.offset, size)`` into ``sink`` (resuming what it holds).
 
@@ -332,7 +344,8 @@ class RegistryClient:
         read the layers.
 
         Big blobs (>= range_threshold) go as parallel Range requests where the host
-        supports them. Foreign layers come from their ``urls`` without credentials,
+        supports them, unless ``whole``: one stream (a fetch again after wrong bytes, into
+        an empty sink, asks from byte 0 without Range; only a cut resumes with one). Foreign layers come from their ``urls`` without credentials,
         then from the mirrors not in ``exclude`` (keys, ``host[:port]``), then from the
         registry. A mirror that fails mid-way leaves what it wrote; the next source
         resumes from there. Returns the keys of the endpoints that wrote into the sink,
@@ -354,7 +367,7 @@ class RegistryClient:
         async def one(ep: Endpoint, path: str) -> None:
             writes = counter.writes
             try:
-                await self._fetch_from(ep, ref, descriptor, sink, counter, path, order)
+                await self._fetch_from(ep, ref, descriptor, sink, counter, path, order, whole)
             finally:
                 if counter.writes != writes and (not sources or sources[-1] != ep.key):
                     sources.append(ep.key)
@@ -374,7 +387,7 @@ class RegistryClient:
 
     async def _fetch_from(
         self, ep: Endpoint, ref: Reference, desc: Descriptor, sink: BlobSink, counter: _Counter,
-        path: str, order: int = 0,
+        path: str, order: int = 0, whole: bool = False,
     ) -> None:
         host = self._t.host(ep.key)
         gaps = _gaps(sink, desc.size)
@@ -383,7 +396,7 @@ class RegistryClient:
         # Parts of an earlier parallel fetch are held beyond the prefix: ranges skip them.
         skips = gaps != [(sink.offset, desc.size)]
         if ((remaining >= self.net.range_threshold or skips)
-                and self.net.range_parts > 1 and ranges_ok):
+                and self.net.range_parts > 1 and ranges_ok and not whole):
             if host.range_supported is None and (skips or not self._near(host)):
                 await self._probe_ranges(ep, ref, desc, path)
             if host.range_supported and (skips or not self._near(host)):
@@ -510,13 +523,16 @@ class RegistryClient:
         """Stream the body into the sink from ``pos``; returns the new position."""
         pending: list[bytes] = []
         held = 0
+        writing = False
 
         async def flush() -> None:
-            nonlocal pos, held
+            nonlocal pos, held, writing
             if held:
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
+                writing = True
                 await sink.write_at(pos, data)
+                writing = False
                 pos += held
                 counter.add(held)
                 held = 0
@@ -535,9 +551,13 @@ class RegistryClient:
                 held += len(chunk)
                 if held >= FLUSH_SIZE:
                     await flush()
-        except TRANSIENT as e:
+        except (*TRANSIENT, asyncio.CancelledError) as e:
+            if writing:  # interrupted inside a write: the sink's own state is what counts
+                raise
             # What arrived intact is kept, including what aiohttp still buffered when the
-            # connection dropped, so the resume asks only for bytes never received.
+            # connection dropped, so the resume asks only for bytes never received. Also when
+            # the fetch is cancelled (the daemon stops, parking its jobs): the partial that
+            # the next daemon resumes then holds every byte that reached this process.
             for chunk in _salvage(resp.content):
                 if pos + held + len(chunk) > end:
                     break
@@ -545,6 +565,8 @@ class RegistryClient:
                 held += len(chunk)
                 host.bump("bytes", len(chunk))
             await flush()
+            if isinstance(e, asyncio.CancelledError):
+                raise
             raise _Cut(pos, type(e).__name__) from e
         await flush()
         return pos

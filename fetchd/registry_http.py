@@ -292,12 +292,15 @@ class Transport:
 
     async def each_endpoint(
         self, ref: Reference, tag: bool, op: Callable[[Endpoint], Awaitable[T]],
-        exclude: frozenset[str] = frozenset(),
+        exclude: frozenset[str] = frozenset(), *, corrupt_retries: int = 0, subject: str = "",
     ) -> T:
         """Run ``op`` on each endpoint in turn; mirrors' failures fall through to the next.
 
         The upstream's error is the one raised. A mirror's wrong bytes are counted
         (``corrupt``) and logged as a warning; its other failures count as ``fallbacks``.
+        When the upstream's bytes are wrong (size or digest), ``op`` runs again on it, up to
+        ``corrupt_retries`` more times, each counted and logged (``subject`` names the
+        content, e.g. ``manifest sha256:...``): ``op`` must start from nothing each time.
         """
         endpoints = self.endpoints(ref, tag=tag, exclude=exclude)
         for ep in endpoints[:-1]:
@@ -305,7 +308,25 @@ class Transport:
                 return await op(ep)
             except FetchdError as e:
                 self.mirror_failed(ep, ref, e)
-        return await op(endpoints[-1])
+        upstream, tries = endpoints[-1], 0
+        while True:
+            try:
+                return await op(upstream)
+            except _WRONG_BYTES as e:
+                again = tries < corrupt_retries
+                self.wrong_bytes(upstream, ref, subject, e, again)
+                if not again:
+                    raise
+                tries += 1
+
+    def wrong_bytes(self, ep: Endpoint, ref: Reference, subject: str, e: FetchdError,
+                    again: bool) -> None:
+        """The registry ``ep`` sent bytes that failed their check: count and log it (no URL,
+        no credentials: the host, the repository and what it was)."""
+        self.host(ep.key).bump("corrupt")
+        log.warning("%s sent wrong bytes for %s of %s (%s); they were discarded, %s", ep.label,
+                    subject or "content", ref.repository, e.code,
+                    "fetching it again from byte 0" if again else "giving up on it")
 
     def mirror_failed(self, ep: Endpoint, ref: Reference, e: FetchdError) -> None:
         host = self.host(ep.key)

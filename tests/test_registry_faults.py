@@ -245,19 +245,55 @@ async def test_corrupt_blob_body_is_a_digest_mismatch_and_nothing_is_accepted(fa
         with pytest.raises(DigestMismatch):
             sink.verify(Digest.of(BLOB), len(BLOB))
         assert sink.accepted is None
-        small = blob_desc(BLOB[:1000])
-        fake.add_blob(BLOB[:1000])
-        fake.fault("blob", Fault(corrupt=True))
+    small = blob_desc(BLOB[:1000])
+    fake.add_blob(BLOB[:1000])
+    fake.fault("blob", Fault(corrupt=True))
+    async with make_client(corrupt_retries=0) as client:
         with pytest.raises(DigestMismatch, match="nothing was kept"):
             await client.get_blob_bytes(ref(fake), small)
+        assert client.stats()[fake.host]["corrupt"] == 1
 
 
 async def test_manifest_by_digest_is_verified(fake) -> None:
     digest = Digest.of(MANIFEST)
     fake.fault("manifest", Fault(corrupt=True))
-    async with make_client() as client:
+    async with make_client(corrupt_retries=0) as client:
         with pytest.raises(DigestMismatch, match=str(digest)):
             await client.get_manifest(ref(fake).with_digest(digest))
+
+
+@pytest.mark.parametrize("kind", ["manifest", "config"])
+async def test_wrong_bytes_from_the_registry_are_fetched_again_whole_and_counted(
+        fake, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """corrupt_retries (default 2) more whole transfers, each counted and logged as a warning
+    naming registry, repository and digest; one more wrong answer is the error."""
+    small = BLOB[:1000]
+    fake.add_blob(small)
+    digest = Digest.of(MANIFEST if kind == "manifest" else small)
+
+    async def get(client: RegistryClient) -> bytes:
+        if kind == "manifest":
+            return (await client.get_manifest(ref(fake).with_digest(digest))).body
+        return await client.get_blob_bytes(ref(fake), blob_desc(small))
+
+    fault = "manifest" if kind == "manifest" else "blob"
+    fake.fault(fault, Fault(corrupt=True), Fault(corrupt=True))
+    async with make_client() as client:
+        with caplog.at_level(logging.WARNING, "fetchd"):
+            body = await get(client)
+        assert Digest.of(body) == digest
+        assert client.stats()[fake.host]["corrupt"] == 2
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2
+        assert all(fake.host in w and REPO in w and str(digest) in w and "again from byte 0" in w
+                   for w in warnings)
+        gets = [r for r in fake.requests(fault) if r.method == "GET"]
+        assert len(gets) == 3 and not any("Range" in r.headers for r in gets)
+
+        fake.fault(fault, Fault(corrupt=True), Fault(corrupt=True), Fault(corrupt=True))
+        with pytest.raises(DigestMismatch, match=str(digest)):
+            await get(client)
+        assert client.stats()[fake.host]["corrupt"] == 5
 
 
 async def test_disagreeing_docker_content_digest_is_flagged_not_trusted(fake, caplog) -> None:

@@ -18,6 +18,11 @@ for the first ``times`` matching requests, or always when ``times`` is None):
 - ``rate_limit(match, retry_after=1)``: 429 TOOMANYREQUESTS with ``Retry-After``.
 - ``stall(match, seconds)``: wait before the first response byte.
 - ``ignore_range(match)``: drop the ``Range`` header, so the registry answers 200 + full body.
+- ``every(n, status, retry_after=None)``: every ``n``-th request the proxy gets (of any path,
+  counting from its start) is answered ``status`` without asking the registry.
+- ``per_transfer(match, [("cut", 1 << 20), ("corrupt", 100)])``: the k-th transfer of each
+  matching path (a request that reached the registry, not one answered by a status fault)
+  gets the k-th fault of the list: a cut after that many body bytes, or that body byte flipped.
 - ``set_link(rate=30e6, latency=0.04)``: every connection capped at ``rate`` bytes/s, and
   ``latency`` seconds added before each response's first byte (benchmarks).
 """
@@ -30,7 +35,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -53,6 +58,8 @@ class Rule:
     status: int = 500
     retry_after: str | None = None
     seconds: float = 0.0
+    every: int | None = None                         # kind "status": every n-th request
+    sequence: tuple[tuple[str, int], ...] = ()      # kind "sequence": faults by transfer
     fired: int = 0
     _rx: re.Pattern[str] = field(init=False, repr=False)
 
@@ -164,7 +171,11 @@ class RegistryProxy:
         up_host, _, up_port = target.rpartition(":")
         self.upstream = (up_host, int(up_port))
         self._lock = threading.Lock()
+        self._progress = threading.Condition(self._lock)
+        self._live: dict[str, int] = {}              # path -> body bytes sent so far (live)
         self._rules: list[Rule] = []
+        self._requests = 0                           # every request, for ``every`` rules
+        self._transfers: dict[str, int] = {}         # path -> transfers, for ``per_transfer``
         self._log: list[Record] = []
         self._rate: float | None = None
         self._latency = 0.0
@@ -210,6 +221,21 @@ class RegistryProxy:
     def ignore_range(self, match: str = "/blobs/", times: int | None = None) -> Rule:
         return self.add_rule(Rule("ignore_range", match, None, times))
 
+    def every(self, n: int, status: int, retry_after: float | str | None = None,
+              match: str = "") -> Rule:
+        """Answer every ``n``-th request (all paths count) with ``status``."""
+        ra = None if retry_after is None else (
+            retry_after if isinstance(retry_after, str) else f"{retry_after:g}")
+        return self.add_rule(Rule("status", match, None, None, status=status, retry_after=ra,
+                                  every=n))
+
+    def per_transfer(self, match: str, faults: list[tuple[str, int]],
+                     method: str | None = "GET") -> Rule:
+        """The k-th transfer of each path matching ``match`` gets ``faults[k]`` (``("cut",
+        after_bytes)`` or ``("corrupt", at_byte)``); later transfers go through untouched."""
+        assert all(kind in ("cut", "corrupt") for kind, _ in faults)
+        return self.add_rule(Rule("sequence", match, method, None, sequence=tuple(faults)))
+
     def set_link(self, rate: float | None = None, latency: float = 0.0) -> None:
         """Cap each connection at ``rate`` bytes/s (None: no cap); delay each first byte."""
         with self._lock:
@@ -219,20 +245,39 @@ class RegistryProxy:
         """Remove every fault rule and the link shaping."""
         with self._lock:
             self._rules.clear()
+            self._transfers.clear()
             self._rate, self._latency = None, 0.0
 
     def reset_stats(self) -> None:
         with self._lock:
             self._log.clear()
+            self._live.clear()
+            self._requests = 0
+            self._transfers.clear()
 
     def _take_rules(self, method: str, path: str) -> list[Rule]:
         """The first applicable rule of each kind fires (and uses up one of its ``times``)."""
         with self._lock:
+            self._requests += 1
             hit: dict[str, Rule] = {}
             for r in self._rules:
-                if r.kind not in hit and r.applies(method, path):
-                    r.fired += 1
-                    hit[r.kind] = r
+                if r.kind in hit or r.kind == "sequence" or not r.applies(method, path):
+                    continue
+                if r.every is not None and self._requests % r.every:
+                    continue
+                r.fired += 1
+                hit[r.kind] = r
+            if "status" not in hit:  # the request reaches the registry: a transfer
+                for r in self._rules:
+                    if r.kind == "sequence" and r.applies(method, path):
+                        k = self._transfers.get(path, 0)
+                        self._transfers[path] = k + 1
+                        if k < len(r.sequence):
+                            kind, at = r.sequence[k]
+                            if kind not in hit:
+                                r.fired += 1
+                                hit[kind] = Rule(kind, r.match, r.method, 1, after_bytes=at)
+                        break
             return list(hit.values())
 
     # ------------------------------------------------------------------ counters (any thread)
@@ -264,6 +309,35 @@ class RegistryProxy:
 
     def blob_gets(self, digest: object) -> int:
         return self.count(f"/blobs/{digest}$", "GET")
+
+    def sent_live(self, match: str = "") -> int:
+        """Body bytes sent so far to paths matching ``match``, transfers in progress included."""
+        rx = re.compile(match)
+        with self._lock:
+            return sum(n for path, n in self._live.items() if rx.search(path))
+
+    def wait_sent(self, n: int, match: str = "",
+                  give_up: Callable[[], str | None] = lambda: None) -> int:
+        """Block until at least ``n`` body bytes went to paths matching ``match`` (transfers
+        in progress included); returns the count. A test's trigger on the transfer's own
+        progress, never a sleep. ``give_up`` is asked every second: a message it returns
+        (e.g. "the daemon exited") is raised as ``RuntimeError`` instead of waiting on."""
+        rx = re.compile(match)
+
+        def sent() -> int:
+            return sum(v for path, v in self._live.items() if rx.search(path))
+
+        with self._progress:
+            while not self._progress.wait_for(lambda: sent() >= n, 1.0):
+                reason = give_up()
+                if reason:
+                    raise RuntimeError(f"only {sent()} of {n} bytes went to {match!r}: {reason}")
+            return sent()
+
+    def _sent(self, path: str, n: int) -> None:
+        with self._progress:
+            self._live[path] = self._live.get(path, 0) + n
+            self._progress.notify_all()
 
     # ------------------------------------------------------------------ relay (loop thread)
 
@@ -428,6 +502,7 @@ class RegistryProxy:
                     flipped[at - tx.sent] ^= 0xFF
                     data = bytes(flipped)
                 tx.sent += len(data)
+                self._sent(tx.path, len(data))
                 if last and sent == length:
                     tx.finish(True)
             if w is not None:

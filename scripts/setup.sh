@@ -9,11 +9,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv)
+APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv locales)
 # tool -> the package that ships it
 declare -A TOOLS=(
     [docker-registry]=docker-registry [skopeo]=skopeo [podman]=podman [zstd]=zstd
-    [pzstd]=zstd [systemctl]=systemd [newuidmap]=uidmap
+    [pzstd]=zstd [systemctl]=systemd [newuidmap]=uidmap [locale-gen]=locales
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -40,18 +40,38 @@ if [ -z "$PY" ] || ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
 
+# Root, or sudo for the system changes (apt, the locale).
+SUDO=()
+need_root() {
+    [ "$(id -u)" -eq 0 ] && return 0
+    command -v sudo >/dev/null 2>&1 || { log "not root and no sudo: $1"; exit 1; }
+    SUDO=(sudo)
+}
+
 if [ ${#missing[@]} -gt 0 ]; then
     log "missing: ${missing[*]}; installing ${APT_PACKAGES[*]}"
-    SUDO=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || { log "not root and no sudo: install ${APT_PACKAGES[*]} by hand"; exit 1; }
-        SUDO=(sudo)
-    fi
+    need_root "install ${APT_PACKAGES[*]} by hand"
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${APT_PACKAGES[@]}"
     PY=$(pick_python) || { log "no python3 >= 3.11 found (set PYTHON=...)"; exit 1; }
+fi
+
+# BitBake (tests/test_bitbake_build.py runs the real runner) refuses to start without the
+# en_US.UTF-8 locale. Generated once: listed in /etc/locale.gen (so a later locale-gen keeps it).
+if ! locale -a 2>/dev/null | grep -qix 'en_US\.utf-\?8'; then
+    log "generating the en_US.UTF-8 locale (BitBake needs it)"
+    need_root "generate the en_US.UTF-8 locale by hand (locale-gen)"
+    if ! grep -qx 'en_US.UTF-8 UTF-8' /etc/locale.gen 2>/dev/null; then
+        if grep -qx '# *en_US.UTF-8 UTF-8' /etc/locale.gen 2>/dev/null; then
+            "${SUDO[@]}" sed -i 's/^# *\(en_US\.UTF-8 UTF-8\)$/\1/' /etc/locale.gen
+        else
+            echo 'en_US.UTF-8 UTF-8' | "${SUDO[@]}" tee -a /etc/locale.gen >/dev/null
+        fi
+    fi
+    "${SUDO[@]}" locale-gen >/dev/null
+    locale -a 2>/dev/null | grep -qix 'en_US\.utf-\?8' || { log "locale-gen did not make en_US.UTF-8"; exit 1; }
 fi
 
 # A venv that is missing, broken, or too old is made anew.

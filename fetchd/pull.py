@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .archive_format import qualified_repo_tag
+from .compress_budget import CompressionBudget, check_level
 from .config import Config
 from .digest import Digest
 from .errors import (
@@ -53,7 +54,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import CompressionBudget, PackResult, archive_key, check_level, frame_key, pack_image
+from .pack import PackResult, archive_key, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient

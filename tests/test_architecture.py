@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     # store side
     "store_index": 4, "ingest": 4, "store_follow": 5, "store_gc": 5, "layer_store": 6,
     # pack side
-    "decompress": 4, "pack": 5,
+    "decompress": 4, "compress_budget": 4, "archive_writer": 4, "layer_frame": 5, "pack": 6,
     # hand-back and service plumbing
     "deliver": 4, "sdnotify": 4,
     # the meeting point
@@ -38,7 +38,13 @@ IO_NEIGHBOURS_FORBIDDEN = {
     "layer_store": {"registry_async", "auth", "pack", "pull", "aiohttp"},
     "ingest": {"registry_async", "auth", "pack", "pull", "aiohttp"},
     "store_index": {"registry_async", "auth", "pack", "pull", "aiohttp"},
-    "pack": {"registry_async", "auth", "pull", "aiohttp", "server"},
+    "pack": {"registry_async", "auth", "pull", "aiohttp", "server", "layer_store"},
+    "compress_budget": {"registry_async", "auth", "pull", "aiohttp", "server", "layer_store",
+                        "pack", "archive_writer", "layer_frame", "decompress", "store_index"},
+    "archive_writer": {"registry_async", "auth", "pull", "aiohttp", "server", "layer_store",
+                       "pack", "compress_budget", "layer_frame", "zstandard", "store_index"},
+    "layer_frame": {"registry_async", "auth", "pull", "aiohttp", "server", "layer_store",
+                    "pack", "store_index"},
     "deliver": {"registry_async", "pack", "pull", "layer_store"},
 }
 

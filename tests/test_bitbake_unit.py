@@ -171,9 +171,9 @@ def test_a_forced_level_fetchd_does_not_make_fails_at_parse_time(fake: FakeClien
 
 
 def test_level_range_matches_the_daemons() -> None:
-    from fetchd import pack
+    from fetchd import compress_budget
 
-    assert (naming.MIN_LEVEL, naming.MAX_LEVEL) == (pack.MIN_LEVEL, pack.MAX_LEVEL)
+    assert (naming.MIN_LEVEL, naming.MAX_LEVEL) == (compress_budget.MIN_LEVEL, compress_budget.MAX_LEVEL)
 
 
 def test_zstd_level_reports_options_it_cannot_honour() -> None:

@@ -35,18 +35,13 @@ from support.images import (
 )
 
 from fetchd.archive_format import docker_archive_chunks
+from fetchd.compress_budget import CompressionBudget, check_level, compressor, context_memory
 from fetchd.digest import BlobSpan, Digest
 from fetchd.errors import CompressionLevelInvalid, DiffIdMismatch, DigestMismatch, StoreError
+from fetchd.layer_frame import LayerJob, make_layer_frame, raw_zstd_frame
 from fetchd.layer_store import LayerStore, StoreSettings
 from fetchd.manifest import ImageManifest, parse_manifest
-from fetchd.pack import (
-    PackResult,
-    archive_key,
-    check_level,
-    frame_key,
-    pack_image,
-    raw_zstd_frame,
-)
+from fetchd.pack import PackResult, archive_key, frame_key, pack_image
 
 # --------------------------------------------------------------------------- helpers
 
@@ -356,7 +351,7 @@ async def test_disk_full_while_packing_is_a_store_error_and_keeps_nothing(
     import errno
     import os
 
-    from fetchd import pack as pack_module
+    from fetchd import archive_writer
 
     part = catalog["single-oci"].only
     manifest = put_image(store, part)
@@ -364,7 +359,7 @@ async def test_disk_full_while_packing_is_a_store_error_and_keeps_nothing(
     def full(self: object, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pack_module._Sink, "write", full)
+    monkeypatch.setattr(archive_writer.FrameSink, "write", full)
     with pytest.raises(StoreError) as info:
         await pack_image(store, manifest, part.config_bytes, "x:1", 3)
     assert str(store.root) in info.value.message and "full" in info.value.message
@@ -461,26 +456,26 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
                                              teed: bool) -> None:
     # A layer of >= 8 GiB gets a 1536-byte PAX header that does not fit the reserved space:
     # pretend this small layer is one, and check the rewritten unit decodes to header + content.
-    import fetchd.pack as pack_module
+    from fetchd import archive_writer, layer_frame
     from fetchd.archive_format import padding, tar_header
 
     content = b"layer bytes " * 100
     diff_id = Digest.of(content)
     huge = tar_header("big.tar", 9 * 1024**3)
-    monkeypatch.setattr(pack_module, "layer_member_header", lambda d, size: huge)
+    monkeypatch.setattr(layer_frame, "layer_member_header", lambda d, size: huge)
     layer = make_layer(content, "gzip")
-    job = pack_module._LayerJob(layer.descriptor(), diff_id, 0)
+    job = LayerJob(layer.descriptor(), diff_id, 0)
     out = tmp_path / "frame.zst"
     completed: list[bool] = []
-    archive = pack_module._ArchiveBuilder(tmp_path / "archive.zst", 1, lambda: completed.append(True))
-    size, in_archive = pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1,
+    archive = archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 1, lambda: completed.append(True))
+    size, in_archive = make_layer_frame(io.BytesIO(layer.read()), out, job, 3, 1,
                                                     archive=archive if teed else None)
     assert size == len(content) and in_archive is None
     assert unzstd(out) == huge + content + padding(len(content))
     # the bytes it had written into the archive while compressing were cut off again ...
     assert (tmp_path / "archive.zst").stat().st_size == 0 and not completed
     # ... and the rewritten frame goes in by copy
-    archive.add_ready({0: pack_module._FrameBytes.open(out)})
+    archive.add_ready({0: archive_writer.FrameBytes.open(out)})
     archive.finish(b"")
     assert completed and (tmp_path / "archive.zst").read_bytes() == out.read_bytes()
 
@@ -691,7 +686,6 @@ async def test_frames_that_ended_cleanly_stay_cached_when_another_layer_fails(
         tmp_path: Path, how: str) -> None:
     from support.images import text_bytes
 
-    import fetchd.pack as pack_module
     from fetchd.errors import RegistryError
 
     part = _layers_image(text_bytes("kept-base", 2 << 20), text_bytes("kept-top", 2 << 20))
@@ -706,7 +700,7 @@ async def test_frames_that_ended_cleanly_stay_cached_when_another_layer_fails(
         done: list[str] = []
         packing = asyncio.create_task(pack_image(
             store, _manifest(part), part.config_bytes, "x:1", 3,
-            follow=_counting_follow(store, {}), budget=pack_module.CompressionBudget(workers=2),
+            follow=_counting_follow(store, {}), budget=CompressionBudget(workers=2),
             progress=lambda e: done.append(e["diff_id"]) if e["state"] == "layer-done" else None))
         fds = len(os.listdir("/proc/self/fd"))
         await _until(lambda: str(base.diff_id) in done)  # the base frame is finished ...
@@ -816,8 +810,6 @@ async def test_cancelled_pack_stops_while_waiting_for_bytes(tmp_path: Path, thre
 async def test_a_shared_budget_bounds_compressions_across_packs(tmp_path: Path) -> None:
     from support.images import text_bytes
 
-    from fetchd.pack import CompressionBudget
-
     parts = [_layers_image(text_bytes(f"img{i}a", 1 << 20), text_bytes(f"img{i}b", 1 << 20))
              for i in range(3)]
     budget = CompressionBudget(workers=2)
@@ -859,28 +851,24 @@ def test_a_reused_context_makes_the_same_frame_as_a_new_one(tmp_path: Path) -> N
     # next must be byte for byte what a fresh context makes, for 1 and 2 threads.
     from support.images import text_bytes
 
-    import fetchd.pack as pack_module
-
     first, second = text_bytes("reuse-a", 3 << 20), text_bytes("reuse-b", 2 << 20)
 
     def frame(content: bytes, name: str, threads: int, cctx: Any = None) -> bytes:
         layer = make_layer(content, "gzip")
-        job = pack_module._LayerJob(layer.descriptor(), Digest.of(content), 0)
+        job = LayerJob(layer.descriptor(), Digest.of(content), 0)
         out = tmp_path / name
-        pack_module.make_layer_frame(io.BytesIO(layer.read()), out, job, 3, threads, cctx=cctx)
+        make_layer_frame(io.BytesIO(layer.read()), out, job, 3, threads, cctx=cctx)
         return out.read_bytes()
 
     for threads in (1, 2):
         fresh = frame(second, f"fresh{threads}", threads)
-        used = pack_module.compressor(3, threads)
+        used = compressor(3, threads)
         frame(first, f"before{threads}", threads, used)
         assert frame(second, f"reused{threads}", threads, used) == fresh
 
 
 async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Path) -> None:
     from support.images import text_bytes
-
-    from fetchd.pack import CompressionBudget, context_memory
 
     parts = [_layers_image(text_bytes(f"pool{i}a", 1 << 20), text_bytes(f"pool{i}b", 1 << 20))
              for i in range(3)]
@@ -924,8 +912,6 @@ async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Pat
 
 
 def test_budget_threads_and_memory_by_level() -> None:
-    from fetchd.pack import CompressionBudget, context_memory
-
     budget = CompressionBudget(workers=2)
     assert budget.threads(3) == 2 and budget.threads(9) == 2
     assert budget.threads(19) == 1  # one high-level context with 2 threads alone is > 300 MB
@@ -935,8 +921,6 @@ def test_budget_threads_and_memory_by_level() -> None:
 
 
 async def test_budget_grants_ready_waiters_first_and_one_big_alone() -> None:
-    from fetchd.pack import CompressionBudget
-
     budget = CompressionBudget(workers=2)
     order: list[str] = []
     gate = asyncio.Event()
@@ -960,8 +944,6 @@ async def test_budget_grants_ready_waiters_first_and_one_big_alone() -> None:
 
 
 async def test_budget_slot_cancelled_while_waiting_is_not_lost() -> None:
-    from fetchd.pack import CompressionBudget
-
     budget = CompressionBudget(workers=1)
     gate = asyncio.Event()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 DEFAULT_TAG = "latest"
 DEFAULT_LEVEL = 3
-# The levels the daemon makes (fetchd.pack.MIN_LEVEL/MAX_LEVEL; a test checks they are equal):
+# The levels the daemon makes (fetchd.compress_budget.MIN_LEVEL/MAX_LEVEL; a test checks they are equal):
 # zstd's --fast and --ultra levels beyond them are refused when the recipe is parsed.
 MIN_LEVEL = 1
 MAX_LEVEL = 19

@@ -1,0 +1,299 @@
+"""The archive file being assembled: frames appended in layer order, shared frame bytes,
+early writeback.
+
+A pack appends each layer's zstd frame to one temporary archive file in layer order, while the
+frames are still being made: a finished frame is copied in (``ArchiveBuilder.add_ready``), and
+the worker of the layer next in line may write its frame straight into the archive
+(``ArchiveBuilder.claim``, through a ``FrameSink``). ``FrameBytes`` are finished frames held
+by an open file descriptor and reference counted, so the packs sharing a frame and the cache
+can read them whatever happens to the path. This module knows files and offsets; it knows
+nothing of zstd, layers or the store.
+
+Invariants:
+- entry ``i`` is appended only after entries ``0..i-1``; ``spans`` records each entry's
+  (offset, length) in the file;
+- once ``discard`` ran nothing writes the file again (every use holds the lock and checks),
+  so a stale descriptor never names another file;
+- a ``FrameBytes`` closes its descriptor with its last reference, exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+_WRITEBACK_EVERY = 32 << 20
+
+
+class Aborted(Exception):
+    """The pack stopped (another layer failed, or it was cancelled): stop early, the archive
+    will not be made."""
+
+
+def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) or 0:]
+
+
+class FrameBytes:
+    """A finished layer frame: ``length`` bytes at ``offset`` of an open file (its own
+    temporary file, the archive being made, or a cached frame blob or archive of the store).
+
+    Shared by the packs that use it and reference counted: ``acquire`` (False once closed)
+    and ``release``; the file is closed with the last reference. Holding the open file keeps
+    the bytes readable whatever happens to the path (a gc, a commit renaming it).
+    """
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self.offset = offset
+        self.length = length
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, offset: int = 0, length: int | None = None) -> FrameBytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if length is None:
+            length = os.fstat(fd).st_size - offset
+        return cls(fd, offset, length)
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._refs <= 0:
+                return False
+            self._refs += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("pack frame released more often than acquired")
+            self._refs -= 1
+            if self._refs == 0:
+                os.close(self._fd)
+
+    def append_to(self, dst: BinaryIO) -> None:
+        """Append the bytes to ``dst`` (an unbuffered file positioned at its end)."""
+        pos, end = self.offset, self.offset + self.length
+        try:
+            while pos < end:
+                n = os.copy_file_range(self._fd, dst.fileno(), end - pos, pos)
+                if n == 0:
+                    break
+                pos += n
+        except OSError:  # no copy_file_range between these files: copy through user space
+            pass
+        dst.seek(0, os.SEEK_END)
+        while pos < end:
+            chunk = os.pread(self._fd, min(1 << 20, end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "a pack frame is shorter than recorded")
+            write_all(dst, chunk)
+            pos += len(chunk)
+
+
+class Writeback:
+    """Starts the disk write of a growing file early: an ``fdatasync`` in a thread of its own
+    after every ``_WRITEBACK_EVERY`` bytes, so the fsync of the commit that follows the last
+    byte has little left to write (the kernel would otherwise hold it all back until then).
+    Does nothing when the store does not fsync. ``close`` before closing the file."""
+
+    def __init__(self, fd: int, enabled: bool) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if enabled:
+            self._thread = threading.Thread(target=self._run, name="fetchd-writeback", daemon=True)
+            self._thread.start()
+
+    def wrote(self, n: int) -> None:
+        if self._thread is None:
+            return
+        self._pending += n
+        if self._pending >= _WRITEBACK_EVERY:
+            self._pending = 0
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            with contextlib.suppress(OSError):  # only a head start: the commit's fsync counts
+                os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+
+class ArchiveBuilder:
+    """The archive file, appended entry by entry in layer order while frames are being made.
+
+    Entry ``i`` (the i-th distinct layer) gets in either by copying its finished frame
+    (``add_ready``), or while it is made: the worker of the entry right after everything
+    appended so far may ``claim`` the file and write its frame straight into it (a *tee*:
+    the biggest bytes, a single-layer base image, are written once and never copied). One
+    tee at a time; copies wait while a tee runs. ``spans`` records where each entry's frame
+    lies in the file (the store keeps them as the frame cache). All methods are
+    thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
+    """
+
+    def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
+                 writeback: bool = False) -> None:
+        self.path = path
+        self.count = count
+        self._on_complete = on_complete
+        # read too: spans of it are handed out (end_tee) for other packs and the cache
+        self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        self._writeback = Writeback(self.file.fileno(), writeback)
+        self._next = 0
+        self.spans: dict[int, tuple[int, int]] = {}  # entry -> (offset, length) in the file
+        # open files: a frame stays readable after a gc took its blob (commit -> lease window)
+        self._ready: dict[int, FrameBytes] = {}
+        self._teeing = False
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def claim(self, entry: int) -> int | None:
+        """The offset where ``entry`` starts if its worker may write it here now, else None."""
+        with self._lock:
+            if self._failed or self._teeing or entry != self._next:
+                return None
+            self._teeing = True
+            return self.file.seek(0, os.SEEK_END)
+
+    # Every use of the file holds the lock (uncontended while a tee runs), so ``discard`` can
+    # never close it under a worker that still writes: a stale descriptor number could name
+    # another file by then.
+    def write(self, data: bytes | memoryview) -> None:
+        with self._lock:
+            self._check()
+            write_all(self.file, data)
+            self._writeback.wrote(len(data))
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        with self._lock:
+            self._check()
+            os.pwrite(self.file.fileno(), data, offset)
+
+    def _check(self) -> None:
+        if self._failed:
+            raise Aborted
+
+    def copy_out(self, start: int, dst: BinaryIO) -> None:
+        """Copy the archive's bytes from ``start`` to its end into ``dst`` (the claiming
+        worker, before it gives up its claim)."""
+        with self._lock:
+            self._check()
+            pos, end = start, self.file.seek(0, os.SEEK_END)
+            while pos < end:
+                chunk = os.pread(self.file.fileno(), min(1 << 20, end - pos), pos)
+                if not chunk:
+                    raise OSError(errno.EIO, "the archive is shorter than written")
+                dst.write(chunk)
+                pos += len(chunk)
+
+    def end_tee(self, ok: bool, start: int, entry: int) -> FrameBytes | None:
+        """The claiming worker is done: its entry is in (``ok``; returns the frame's bytes,
+        shared with the archive file), or is cut off again."""
+        with self._lock:
+            self._teeing = False
+            if self._failed:
+                return None
+            frame = None
+            if ok:
+                end = self.file.seek(0, os.SEEK_END)
+                self.spans[entry] = (start, end - start)
+                frame = FrameBytes(os.dup(self.file.fileno()), start, end - start)
+                self._next += 1
+            else:
+                self.file.truncate(start)
+                self.file.seek(start)
+            try:
+                self._drain()
+            except BaseException:
+                if frame is not None:
+                    frame.release()
+                raise
+            return frame
+
+    def add_ready(self, entries: dict[int, FrameBytes]) -> None:
+        """Finished frames, each copied in when its turn comes; takes over one reference of
+        each (released once copied, or on ``discard``)."""
+        with self._lock:
+            if self._failed:
+                for frame in entries.values():
+                    frame.release()
+                raise Aborted
+            self._ready.update(entries)
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._teeing and self._next in self._ready:
+            frame = self._ready.pop(self._next)
+            try:
+                before = self.file.seek(0, os.SEEK_END)
+                frame.append_to(self.file)
+            finally:
+                frame.release()
+            size = self.file.seek(0, os.SEEK_END) - before
+            self.spans[self._next] = (before, size)
+            self._writeback.wrote(size)
+            self._next += 1
+        if self._next == self.count and not self._teeing:
+            self._on_complete()  # every layer entry is in: only the tail is missing
+
+    def finish(self, tail: bytes) -> None:
+        with self._lock:
+            if self._failed or self._teeing or self._next != self.count:
+                raise Aborted
+            self.file.seek(0, os.SEEK_END)
+            write_all(self.file, tail)
+            self._writeback.close()
+            self.file.close()
+
+    def discard(self) -> None:
+        with self._lock:
+            self._failed = True
+            self._writeback.close()
+            self.file.close()
+            for frame in self._ready.values():
+                frame.release()
+            self._ready.clear()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class FrameSink:
+    """The compressor's output: the frame's own file, or (claimed) the archive itself."""
+
+    def __init__(self, frame: BinaryIO | None, archive: ArchiveBuilder | None) -> None:
+        self.frame = frame
+        self.archive = archive
+
+    def write(self, data: bytes) -> int:
+        if self.archive is not None:
+            self.archive.write(data)
+        else:
+            assert self.frame is not None
+            self.frame.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.frame is not None:
+            self.frame.flush()
+

@@ -46,7 +46,8 @@ class ServerConfig:
     socket: str = DEFAULT_SOCKET_PATH
     socket_mode: int = 0o660
     socket_group: str | None = None
-    # Jobs running at once (resolve, downloads, pack). Not a CPU knob: downloads are bounded by
+    # Jobs that talk to registries at once (a job takes its slot before its first registry
+    # request and keeps it to its end). Not a CPU knob: downloads are bounded by
     # network.max_connections per host and compressions by the daemon's CompressionBudget,
     # so this only keeps a burst of distinct requests from holding unbounded state.
     max_jobs: int = 32
@@ -54,6 +55,13 @@ class ServerConfig:
     # partial downloads kept for the next daemon). Keep it well under systemd's
     # TimeoutStopSec (fetchd.service: 90 s), or systemd kills the daemon first.
     shutdown_grace: float = 20.0
+    # ... of which one uid may hold at most this many; jobs answered from the store (offline,
+    # fully cached) take no slot at all, so they never wait behind network work.
+    max_jobs_per_uid: int = 16
+    # Progress events a job keeps for clients that join late (older ones are summarized).
+    max_job_events: int = 4096
+    # Layers an image may have; a longer layer list is refused before any per-layer work.
+    max_layers: int = 4096
 
 
 @dataclass(frozen=True)
@@ -291,8 +299,9 @@ def _mode(value: object, what: str) -> int:
 def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, where: str) -> None:
     if not 0 < store.low_watermark <= store.high_watermark <= 1:
         raise ConfigError(f"{where} [store]: need 0 < low_watermark <= high_watermark <= 1")
-    if server.max_jobs < 1:
-        raise ConfigError(f"{where} [server] max_jobs: must be at least 1")
+    for name in ("max_jobs", "max_jobs_per_uid", "max_job_events", "max_layers"):
+        if getattr(server, name) < 1:
+            raise ConfigError(f"{where} [server] {name}: must be at least 1")
     for name in ("max_connections", "range_parts"):
         if getattr(net, name) < 1:
             raise ConfigError(f"{where} [network] {name}: must be at least 1")

@@ -111,8 +111,13 @@ class ImageConfig:
     data: dict[str, Any] = field(repr=False, compare=False, hash=False, default_factory=dict)
 
 
-def parse_manifest(body: bytes, content_type: str | None, where: str) -> ImageManifest | ImageIndex:
-    """Parse a manifest or index. ``where`` names it in errors (e.g. 'docker.io/library/debian:12')."""
+def parse_manifest(body: bytes, content_type: str | None, where: str,
+                   max_layers: int | None = None) -> ImageManifest | ImageIndex:
+    """Parse a manifest or index. ``where`` names it in errors (e.g. 'docker.io/library/debian:12').
+
+    ``max_layers`` caps the layer list (and an index's entries): a longer list is refused
+    before any of its entries is looked at.
+    """
     if len(body) > MAX_MANIFEST_SIZE:
         raise ManifestInvalid(f"{where}: manifest of {len(body)} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
     try:
@@ -122,7 +127,7 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> ImageMa
     except RecursionError:
         raise ManifestInvalid(f"{where}: {_TOO_DEEP}") from None
     try:
-        return _manifest(obj, content_type, where)
+        return _manifest(obj, content_type, where, max_layers)
     except RecursionError:  # a nested value deep inside (an annotation, a platform)
         raise ManifestInvalid(f"{where}: {_TOO_DEEP}") from None
 
@@ -131,7 +136,8 @@ _TOO_DEEP = ("JSON nested too deeply to be a manifest or image config; the regis
              "something else, check the image")
 
 
-def _manifest(obj: Any, content_type: str | None, where: str) -> ImageManifest | ImageIndex:
+def _manifest(obj: Any, content_type: str | None, where: str,
+              max_layers: int | None) -> ImageManifest | ImageIndex:
     if not isinstance(obj, dict):
         raise ManifestInvalid(f"{where}: manifest is not a JSON object")
     media_type = obj.get("mediaType") or (content_type or "").split(";")[0].strip()
@@ -146,11 +152,13 @@ def _manifest(obj: Any, content_type: str | None, where: str) -> ImageManifest |
         entries = obj.get("manifests")
         if not isinstance(entries, list):
             raise ManifestInvalid(f"{where}: index has no 'manifests' list")
+        _check_count(len(entries), max_layers, "index entries", where)
         return ImageIndex(media_type, tuple(Descriptor.from_json(e, where) for e in entries))
     if media_type in MANIFEST_TYPES:
         layers = obj.get("layers")
         if not isinstance(layers, list):
             raise ManifestInvalid(f"{where}: manifest has no 'layers' list")
+        _check_count(len(layers), max_layers, "layers", where)
         return ImageManifest(
             media_type,
             Descriptor.from_json(obj.get("config"), where),
@@ -159,10 +167,21 @@ def _manifest(obj: Any, content_type: str | None, where: str) -> ImageManifest |
     raise UnsupportedManifest(f"{where}: unsupported manifest media type {media_type!r}")
 
 
-def parse_config(raw: bytes, where: str) -> ImageConfig:
+def _check_count(n: int, limit: int | None, what: str, where: str) -> None:
+    if limit is not None and n > limit:
+        raise ManifestInvalid(
+            f"{where}: {n} {what}, more than the {limit} this daemon accepts ([server] "
+            "max_layers); nothing was fetched. Squash the image, or raise max_layers if it is "
+            "trusted")
+
+
+def parse_config(raw: bytes, where: str, max_layers: int | None = None) -> ImageConfig:
     try:
         obj = json.loads(raw)
-        diff_ids = tuple(Digest.parse(d) for d in obj["rootfs"]["diff_ids"])
+        listed = obj["rootfs"]["diff_ids"]
+        if isinstance(listed, list):
+            _check_count(len(listed), max_layers, "diff_ids in the image config", where)
+        diff_ids = tuple(Digest.parse(d) for d in listed)
         if not isinstance(obj, dict):
             raise ManifestInvalid(f"{where}: image config is not a JSON object")
         return ImageConfig(raw, diff_ids, Platform.from_json(obj), obj)

@@ -135,27 +135,65 @@ class _Resolved:
 
 
 class Job:
-    """One running fetch. Subscribers see every event from the start; ``wait`` gives the result.
+    """One running fetch. ``events`` gives every event from the start, or, to a reader that
+    fell behind (a client joining late), a summary in place of what was dropped; ``wait``
+    gives the result.
+
+    The event list is bounded: past ``max_events`` the oldest half is dropped. What a late
+    reader gets instead is one ``{"event": "summary", "skipped": n}`` and the latest event
+    of each kind per layer (manifest, layer state, download progress, pack progress) and the
+    last warnings, so its view ends where everyone else's is. Memory per job is bounded by
+    ``max_events`` and the image's layer count (``server.max_layers``).
 
     Events are pushed from the event loop's thread only (threads use ``call_soon_threadsafe``).
     """
 
-    def __init__(self, request: FetchRequest) -> None:
+    WARNINGS_KEPT = 8
+
+    def __init__(self, request: FetchRequest, max_events: int = 4096) -> None:
         self.request = request
         self.key = request.key
         self.started = time.time()
         self.state = "queued"
         self._events: list[dict[str, Any]] = []
+        self._base = 0  # the absolute index of _events[0]: events dropped so far
+        self._max_events = max(2, max_events)
+        self._latest: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._warnings = 0
         self._wakeups: list[asyncio.Future[None]] = []
         self._done = False
         self._future: asyncio.Future[FetchResult] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
         self.waiters = 0
+        self.slot = False  # holds a network slot (Puller._online)
         self.seq = 0  # submission order (Puller.submit): earlier jobs' downloads go first
 
     def push(self, event: dict[str, Any]) -> None:
         self._events.append(event)
+        self._remember(event)
+        if len(self._events) > self._max_events:
+            drop = len(self._events) - self._max_events // 2
+            del self._events[:drop]
+            self._base += drop
         self._wake()
+
+    def _remember(self, event: dict[str, Any]) -> None:
+        kind = str(event.get("event"))
+        if kind in ("layer", "progress"):
+            key: tuple[str, ...] = (kind, str(event.get("digest")))
+        elif kind == "pack" and "diff_id" in event:
+            key = (kind, str(event.get("diff_id")))
+        elif kind == "warning":
+            self._warnings += 1
+            self._latest.pop(("warning", str(self._warnings - self.WARNINGS_KEPT)), None)
+            key = (kind, str(self._warnings))
+        else:
+            key = (kind,)
+        self._latest[key] = event
+
+    def summary(self) -> list[dict[str, Any]]:
+        """The latest event of each kind (see the class docstring), in first-seen order."""
+        return list(self._latest.values())
 
     def _wake(self) -> None:
         wakeups, self._wakeups = self._wakeups, []
@@ -168,12 +206,20 @@ class Job:
         self._wake()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every event of this job, from its first, until it ends."""
-        index = 0
+        """This job's events until it ends; a summary stands in for those already dropped."""
+        index = 0  # absolute
         while True:
-            while index < len(self._events):
-                yield self._events[index]
+            if index < self._base:
+                skipped = self._base - index
+                index = self._base + len(self._events)  # the summary covers those too
+                for event in [{"event": "summary", "skipped": skipped}, *self.summary()]:
+                    yield event
+                continue
+            if index < self._base + len(self._events):
+                event = self._events[index - self._base]
                 index += 1
+                yield event
+                continue
             if self._done:
                 return
             fut = asyncio.get_running_loop().create_future()
@@ -206,12 +252,72 @@ class Job:
 
 
 
+class JobSlots:
+    """Network job slots: at most ``total`` held at once, at most ``per_uid`` by one uid.
+
+    Waiters are served in arrival order, except that one whose uid is at its cap is passed
+    over (it does not hold up other uids' waiters). ``acquire`` and ``release`` run on the
+    event loop; a waiter that is cancelled leaves no slot behind.
+    """
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        self.total, self.per_uid = total, per_uid
+        self.held = 0
+        self.by_uid: dict[int | None, int] = {}
+        self._waiters: list[tuple[int | None, asyncio.Future[None]]] = []
+
+    def _fits(self, uid: int | None) -> bool:
+        return self.held < self.total and self.by_uid.get(uid, 0) < self.per_uid
+
+    def _take(self, uid: int | None) -> None:
+        self.held += 1
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+
+    async def acquire(self, uid: int | None) -> None:
+        # Any waiter that fits was granted at the last release: no queue jumping here.
+        if self._fits(uid):
+            self._take(uid)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (uid, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(uid)  # granted just as it was cancelled: pass it on
+            else:
+                self._waiters.remove(entry)
+            raise
+
+    def release(self, uid: int | None) -> None:
+        self.held -= 1
+        left = self.by_uid.get(uid, 1) - 1
+        if left:
+            self.by_uid[uid] = left
+        else:
+            self.by_uid.pop(uid, None)
+        for entry in list(self._waiters):
+            if self.held >= self.total:
+                break
+            wuid, fut = entry
+            if self.by_uid.get(wuid, 0) < self.per_uid:
+                self._waiters.remove(entry)
+                self._take(wuid)
+                fut.set_result(None)
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
 class Puller:
     """Runs fetch jobs against one store and one registry client (both shared by the daemon).
 
     ``budget`` bounds the layer compressions of all jobs together (default: one per usable
-    CPU, within the zstd memory estimate); ``server.max_jobs`` only caps how many jobs run at
-    once (a job waiting for a slot has not started to resolve nor to download).
+    CPU, within the zstd memory estimate). Every job starts at once; a job takes one of the
+    ``server.max_jobs`` network slots (at most ``server.max_jobs_per_uid`` for one uid) only
+    before its first registry request, and keeps it to its end: work answered from the store
+    (an offline or fully cached pull) never waits behind jobs that wait on registries.
     """
 
     def __init__(self, store: LayerStore, registry: RegistryClient, config: Config,
@@ -222,9 +328,10 @@ class Puller:
         self.budget = budget if budget is not None else CompressionBudget()
         self._jobs: dict[tuple[str, str, int, str, bool], Job] = {}
         self._submitted = itertools.count()
-        self._slots = asyncio.Semaphore(config.server.max_jobs)  # config checks >= 1
+        self._slots = JobSlots(config.server.max_jobs, config.server.max_jobs_per_uid)
         self._closing = False
         self.tag_cache_ttl = config.network.tag_cache_ttl
+        self.max_layers = config.server.max_layers
         self.completed = 0
         self.failed = 0
 
@@ -238,7 +345,7 @@ class Puller:
         job = self._jobs.get(request.key)
         if job is not None and not job.done():
             return job
-        job = Job(request)
+        job = Job(request, self.config.server.max_job_events)
         job.seq = next(self._submitted)
         self._jobs[request.key] = job
         job.task = asyncio.create_task(self._run(job), name=f"fetch {request.reference}")
@@ -256,11 +363,24 @@ class Puller:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _online(self, job: Job | None) -> None:
+        """Take a network job slot for ``job`` before its first registry request (once)."""
+        if job is None or job.slot:
+            return
+        job.state = "queued"
+        await self._slots.acquire(job.request.uid)
+        job.slot = True
+        job.state = "running"
+
     async def _run(self, job: Job) -> None:
         try:
-            async with self._slots:
-                job.state = "running"
+            job.state = "running"
+            try:
                 result = await self._fetch(job)
+            finally:
+                if job.slot:
+                    job.slot = False
+                    self._slots.release(job.request.uid)
         except asyncio.CancelledError:
             job.state = "cancelled"
             if not job._future.done():
@@ -299,8 +419,8 @@ class Puller:
         ref = req.reference
         where = str(ref)
         resolved = await self.resolve_digest(ref, offline=req.offline, job=job)
-        top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline)
-        top = parse_manifest(top_body, resolved.media_type, where)
+        top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline, job)
+        top = parse_manifest(top_body, resolved.media_type, where, self.max_layers)
         index_digest: Digest | None = None
         manifest_digest = resolved.top_digest
         chosen = None
@@ -309,14 +429,14 @@ class Puller:
             entry = select_platform(top, req.platform, where)
             chosen = entry.platform
             manifest_digest = entry.digest
-            body = await self._manifest_bytes(ref, entry.digest, req.offline)
-            image = parse_manifest(body, entry.media_type, where)
+            body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
+            image = parse_manifest(body, entry.media_type, where, self.max_layers)
             if isinstance(image, ImageIndex):  # nested index: one more level
                 entry = select_platform(image, req.platform, where)
                 chosen = entry.platform
                 manifest_digest = entry.digest
-                body = await self._manifest_bytes(ref, entry.digest, req.offline)
-                image = parse_manifest(body, entry.media_type, where)
+                body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
+                image = parse_manifest(body, entry.media_type, where, self.max_layers)
             if not isinstance(image, ImageManifest):
                 from .errors import ManifestInvalid
 
@@ -327,8 +447,8 @@ class Puller:
                         "manifest_digest": str(manifest_digest),
                         "platform": str(chosen or req.platform), "layers": len(image.layers)})
 
-        config_raw = await self._config_bytes(ref, image, req.offline)
-        config = parse_config(config_raw, where)
+        config_raw = await self._config_bytes(ref, image, req.offline, job)
+        config = parse_config(config_raw, where, self.max_layers)
         if chosen is None:
             chosen = config.platform
             if chosen is not None and req.platform.accepts(chosen) is None:
@@ -408,6 +528,7 @@ class Puller:
                 f"{ref} is not in the tag cache and network access is disabled; "
                 "fetch it once with network access, or pin it by digest"
             )
+        await self._online(job)
         try:
             # With a cached answer to fall back on, one quick retry at most: a build should
             # not sit through minutes of backoff (or a 429's Retry-After) for a HEAD.
@@ -434,7 +555,8 @@ class Puller:
         except FileNotFoundError:
             return None
 
-    async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool) -> bytes:
+    async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool,
+                              job: Job | None = None) -> bytes:
         stored = await self._stored(digest)
         if stored is not None:
             return stored
@@ -442,12 +564,14 @@ class Puller:
             raise NetworkDisabled(
                 f"manifest {digest} of {ref.name} is not in the store and network access is disabled"
             )
+        await self._online(job)
         fetched = await self.registry.get_manifest(ref.with_digest(digest))
         await asyncio.to_thread(self.store.commit_bytes, fetched.body, digest,
                                 fetched.media_type or None)
         return fetched.body
 
-    async def _config_bytes(self, ref: Reference, image: ImageManifest, offline: bool) -> bytes:
+    async def _config_bytes(self, ref: Reference, image: ImageManifest, offline: bool,
+                            job: Job | None = None) -> bytes:
         desc = image.config
         stored = await self._stored(desc.digest)
         if stored is not None:
@@ -456,6 +580,7 @@ class Puller:
             raise NetworkDisabled(
                 f"config {desc.digest} of {ref.name} is not in the store and network access is disabled"
             )
+        await self._online(job)
         body = await self.registry.get_blob_bytes(ref, desc)
         await asyncio.to_thread(self.store.commit_bytes, body, desc.digest, desc.media_type or None)
         return body
@@ -474,6 +599,8 @@ class Puller:
         """
         req = job.request
         where = str(ref)
+        if needed:
+            await self._online(job)
         # Blobs are fetched in the order pack reads them: this job's before later jobs',
         # its first layer before its second (ranges of one host take turns by this order).
         downloads = asyncio.gather(*(self._download(job, ref, layer, job.seq * 1024 + i)

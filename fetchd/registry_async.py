@@ -256,7 +256,8 @@ class RegistryClient:
                         where, ep.label, header_digest, actual, actual)
         if content_type in DOCKER_SCHEMA1:
             parse_manifest(b'{"schemaVersion": 1}', content_type, where)  # raises UnsupportedManifest
-        parsed = parse_manifest(body, content_type, where)
+        # The layer list is checked against max_layers before any per-layer work.
+        parsed = parse_manifest(body, content_type, where, self.config.server.max_layers)
         return FetchedManifest(actual, parsed.media_type, body, len(body), header_digest)
 
     async def _read_manifest(self, ep: Endpoint, ref: Reference, where: str) -> tuple[str, str | None, bytes]:

@@ -1,0 +1,252 @@
+"""Red-team tests: every finding of issue 13 (one daemon, many users: nobody can starve,
+fill, evict, poison or trick it for the others), each reproduced against its own evil
+registry on loopback and shown fixed.
+
+The evil registries here are small aiohttp apps: ``Tarpit`` holds requests open (sending a
+byte now and then, or nothing), the rest of a finding's fault is scripted in its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from fake_registry import FakeRegistry
+from support.images import PlatformImage, make_image, make_layer, text_bytes
+
+from fetchd.config import Config
+from fetchd.layer_store import LayerStore
+from fetchd.platform import Platform
+from fetchd.pull import FetchRequest, Job, Puller
+from fetchd.reference import Reference
+from fetchd.registry_async import RegistryClient
+
+AMD64 = Platform.parse("linux/amd64")
+ATTACKER, VICTIM = 6666, 1001  # peer uids as the server would pass them
+
+
+# -- evil registries and helpers ------------------------------------------------------------
+
+
+class Tarpit:
+    """A registry that answers every manifest and blob request with its headers and one
+    byte, then holds the connection until ``release()``; ``holding(n)`` waits until ``n``
+    requests are held."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._changed = asyncio.Condition()
+        self._released = asyncio.Event()
+        self.server: TestServer | None = None
+
+    async def start(self) -> Tarpit:
+        app = web.Application()
+        app.router.add_get("/v2/", self._ping)
+        app.router.add_route("*", r"/v2/{name:.+}/{kind:manifests|blobs}/{ref}", self._hold)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        return self
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _hold(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        resp.content_length = 1 << 20
+        await resp.prepare(request)
+        async with self._changed:
+            self.held += 1
+            self._changed.notify_all()
+        try:
+            if request.method != "HEAD":
+                await resp.write(b"{")
+            await self._released.wait()
+        finally:
+            async with self._changed:
+                self.held -= 1
+                self._changed.notify_all()
+        return resp
+
+    async def holding(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held >= n)
+
+    async def close(self) -> None:
+        self._released.set()
+        if self.server is not None:
+            await self.server.close()
+
+
+def small_image(seed: str, layers: int = 2) -> PlatformImage:
+    return make_image("linux/amd64", [make_layer(text_bytes(f"{seed}-{i}", 64 << 10), "gzip")
+                                      for i in range(layers)])
+
+
+def serve_image(fake: FakeRegistry, repo: str, tag: str, image: PlatformImage) -> str:
+    fake.add_blob(image.config_bytes)
+    for layer in image.layers:
+        fake.add_blob(layer.read())
+    fake.add_manifest(repo, tag, image.manifest_bytes, image.manifest_media_type)
+    return f"{fake.host}/{repo}:{tag}"
+
+
+def request(reference: str, uid: int | None = VICTIM, **kw: Any) -> FetchRequest:
+    return FetchRequest(Reference.parse(reference), AMD64, uid=uid, **kw)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRegistry]:
+    registry = await FakeRegistry().start()
+    try:
+        yield registry
+    finally:
+        await registry.close()
+
+
+@pytest.fixture
+async def tarpit() -> AsyncIterator[Tarpit]:
+    pit = await Tarpit().start()
+    try:
+        yield pit
+    finally:
+        await pit.close()
+
+
+class Daemon:
+    """A Puller with its store and registry client, configured by the test."""
+
+    def __init__(self, tmp_path: Path, **sections: dict[str, Any]) -> None:
+        sections.setdefault("network", {}).setdefault("retries", 1)
+        sections["network"].setdefault("backoff_base", 0.001)
+        self.config = Config.from_dict(sections, env={"FETCHD_STORE": str(tmp_path / "store")})
+        self.store = LayerStore(tmp_path / "store", self.config.store)
+        self.registry = RegistryClient(self.config)
+        self.puller = Puller(self.store, self.registry, self.config)
+
+    def submit(self, reference: str, uid: int | None = VICTIM, **kw: Any) -> Job:
+        return self.puller.submit(request(reference, uid, **kw))
+
+    async def close(self) -> None:
+        await self.puller.close()
+        await self.registry.close()
+        self.store.close()
+
+
+# -- starvation: job slots ------------------------------------------------------------------
+
+
+async def test_cached_and_offline_pulls_never_queue_behind_stalled_network_jobs(
+        tmp_path: Path, fake: FakeRegistry, tarpit: Tarpit) -> None:
+    """Finding: requests whose manifests trickle filled server.max_jobs; then even a fully
+    cached --offline pull waited. Now a job takes a network slot only before its first
+    registry request: work answered from the store takes none."""
+    d = Daemon(tmp_path, server={"max_jobs": 2, "max_jobs_per_uid": 2})
+    try:
+        reference = serve_image(fake, "app/img", "1", small_image("slots"))
+        warm = await d.submit(reference).wait()
+        stuck = [d.submit(f"{tarpit.host}/evil/img:{i}", uid=ATTACKER) for i in range(2)]
+        await tarpit.holding(2)  # every network slot is held by a trickling request
+        offline = await d.submit(reference, offline=True).wait()
+        cached = await d.submit(reference).wait()  # tag cache fresh: no registry request
+        assert offline.archive_digest == cached.archive_digest == warm.archive_digest
+        assert not any(job.done() for job in stuck)
+    finally:
+        await d.close()
+
+
+async def test_one_uid_cannot_take_every_network_job_slot(
+        tmp_path: Path, fake: FakeRegistry, tarpit: Tarpit) -> None:
+    """Finding: one user's trickling requests took every job slot. Now one uid holds at
+    most server.max_jobs_per_uid of them; the others stay free for other users."""
+    d = Daemon(tmp_path, server={"max_jobs": 4, "max_jobs_per_uid": 2})
+    try:
+        reference = serve_image(fake, "app/img", "1", small_image("per-uid"))
+        stuck = [d.submit(f"{tarpit.host}/evil/img:{i}", uid=ATTACKER) for i in range(4)]
+        await tarpit.holding(2)
+        assert sorted(job.state for job in stuck) == ["queued", "queued", "running", "running"]
+        result = await d.submit(reference).wait()  # needs the network: a free slot
+        assert result.blobs_downloaded == 2
+        assert not any(job.done() for job in stuck)
+    finally:
+        await d.close()
+
+
+# -- memory and per-layer work: layer count, job events -------------------------------------
+
+
+async def test_a_huge_layer_list_is_refused_before_any_per_layer_work(
+        tmp_path: Path, fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: a 20000-layer manifest blocked the loop with per-layer sqlite writes and
+    opened files for every layer. Now the list's length is checked first (server.max_layers)
+    and the pull fails with a clear error, having looked at no layer."""
+    import fetchd.manifest
+
+    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+               "digest": "sha256:" + f"{i:064x}", "size": 1000} for i in range(20000)]
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": "sha256:" + "c" * 64, "size": 2},
+                       "layers": layers}).encode()
+    fake.add_manifest("huge/img", "1", body)
+    described: list[object] = []
+    original = fetchd.manifest.Descriptor.from_json
+
+    def counting(obj: object, where: str) -> fetchd.manifest.Descriptor:
+        described.append(obj)
+        return original(obj, where)
+
+    monkeypatch.setattr(fetchd.manifest.Descriptor, "from_json", staticmethod(counting))
+    d = Daemon(tmp_path)
+    try:
+        job = d.submit(f"{fake.host}/huge/img:1")
+        with pytest.raises(fetchd.manifest.ManifestInvalid) as err:
+            await job.wait()
+        assert "20000 layers" in err.value.message and "max_layers" in err.value.message
+        assert described == []  # not one layer descriptor was built
+        assert fake.requests("blob") == []
+        assert d.store.blob_info(fetchd.manifest.Digest.parse(layers[0]["digest"])) is None
+    finally:
+        await d.close()
+
+
+async def test_a_jobs_event_list_is_bounded_and_late_readers_get_a_summary() -> None:
+    """Finding: a job's event list grew for its whole lifetime (progress of every layer,
+    every quarter second). Now it keeps at most max_events; a reader that joins late gets
+    a summary: the latest event of each layer, then the live events."""
+    job = Job(request("example.org/a/b:1"), max_events=16)
+    job.push({"event": "manifest", "layers": 2})
+    early = job.events()
+    first = await anext(early)  # a reader that joined at once, then stopped reading
+    for i in range(1, 1001):
+        for digest in ("sha256:aa", "sha256:bb"):
+            job.push({"event": "progress", "digest": digest, "bytes": i, "total": 1000})
+    job.push({"event": "warning", "message": "slow registry"})
+    assert len(job._events) <= 16
+    late = [e async for e in _until_done(job)]
+    assert late[0]["event"] == "summary" and late[0]["skipped"] > 1900
+    assert len(late) < 16 + 8
+    progress = {e["digest"]: e["bytes"] for e in late if e["event"] == "progress"}
+    assert progress == {"sha256:aa": 1000, "sha256:bb": 1000}
+    assert any(e["event"] == "manifest" for e in late)
+    assert any(e.get("message") == "slow registry" for e in late)
+    assert first["event"] == "manifest"
+    rest = [e async for e in early]  # the stalled reader resumes: a summary, not the history
+    assert rest[0]["event"] == "summary" and len(rest) < 16 + 8
+
+
+async def _until_done(job: Job) -> AsyncIterator[dict[str, Any]]:
+    events = job.events()
+    job._finish()
+    async for event in events:
+        yield event

@@ -62,6 +62,9 @@ class ServerConfig:
     max_job_events: int = 4096
     # Layers an image may have; a longer layer list is refused before any per-layer work.
     max_layers: int = 4096
+    # Members of this group (besides root and the daemon's own user) may run store-wide
+    # operations: gc below the watermark policy, verify. None: nobody else.
+    admin_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ class RegistryConfig:
     mirrors: tuple[MirrorConfig, ...] = ()
     max_connections: int | None = None    # overrides network.max_connections for this host
     requests_per_second: float | None = None
+    # Images from this registry may be private (pulled with the daemon's credentials): their
+    # blobs and archives are kept 0400 in the store and handed back only as the caller's own
+    # copy (mode 0600), never as a shared hard link or a store path. See docs/SECURITY.md.
+    private: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,44 @@ class Config:
             if _normalize_host(reg.host) == key:
                 return reg
         return RegistryConfig(host=host)
+
+
+def permission_warnings(config: Config, uid: int | None = None, gid: int | None = None) -> list[str]:
+    """Why the config file's protection falls short, one sentence each (empty: it is fine).
+
+    The file may hold mirror credentials and headers, and it decides where images come from:
+    nobody but the daemon's user (``uid``, default: this process) and group, and root, may
+    write it or its directory; nobody else may read it when it holds secrets. A world-readable
+    file without secrets is fine (Debian installs /etc files 0644).
+    """
+    if config.source is None:
+        return []
+    uid = os.geteuid() if uid is None else uid
+    gid = os.getegid() if gid is None else gid
+    out = []
+    secret = any(m.credentials is not None or m.headers
+                 for reg in config.registries for m in reg.mirrors)
+    path = os.path.abspath(config.source)
+    for target, is_dir in ((path, False), (os.path.dirname(path), True)):
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        what = f"the config directory {target}" if is_dir else f"the config file {target}"
+        owners = {0, uid}
+        if st.st_uid not in owners:
+            out.append(f"{what} belongs to uid {st.st_uid}, who can change it")
+        if st.st_mode & 0o002 and not (is_dir and st.st_mode & 0o1000):
+            out.append(f"{what} is writable by every user")
+        if st.st_mode & 0o020 and st.st_gid not in (0, gid):
+            out.append(f"{what} is writable by group {st.st_gid}")
+        if secret and not is_dir:
+            if st.st_mode & 0o004:
+                out.append(f"{what} holds mirror credentials or headers and every user may read it")
+            elif st.st_mode & 0o040 and st.st_gid not in (0, gid):
+                out.append(f"{what} holds mirror credentials or headers and group {st.st_gid} "
+                           "may read it")
+    return out
 
 
 def parse_size(value: object, what: str) -> int:
@@ -325,7 +370,7 @@ def _registry(host: str, value: object, where: str) -> RegistryConfig:
     if not host or "/" in host or any(c.isspace() for c in host):
         raise ConfigError(f"{what}: the key must be a registry host[:port], e.g. \"quay.io\"")
     _check_keys(value, {"insecure", "auth_file", "mirrors", "max_connections",
-                        "requests_per_second"}, what)
+                        "requests_per_second", "private"}, what)
     mirrors_data = value.get("mirrors", [])
     if not isinstance(mirrors_data, list):
         raise ConfigError(f"{what} mirrors: expected a list of tables")
@@ -343,6 +388,7 @@ def _registry(host: str, value: object, where: str) -> RegistryConfig:
         mirrors=tuple(_mirror(m, f"{what} mirrors[{i}]") for i, m in enumerate(mirrors_data)),
         max_connections=max_conn,
         requests_per_second=None if rps is None else float(rps),
+        private=_typed(value.get("private", False), bool, f"{what} private"),
     )
 
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from . import __version__, sdnotify
-from .config import Config
+from .config import Config, permission_warnings
 from .deliver import Peer, check_destination, check_path, deliver
 from .digest import Digest
 from .errors import (
@@ -97,6 +97,7 @@ class Services:
     registry: RegistryLike
     config: Config
     socket_path: str = ""
+    admin_gid: int | None = None          # server.admin_group, resolved once at start
     started: float = dataclasses.field(default_factory=time.time)
     requests: Counter[tuple[str, int]] = dataclasses.field(default_factory=Counter)
 
@@ -377,12 +378,50 @@ async def handle_images(request: web.Request) -> web.Response:
     return web.json_response({"images": images, "store": store_usage(await _call(services.store.usage))})
 
 
+def is_admin(services: Services, peer: Peer) -> bool:
+    """Root, the daemon's own user, or a member of ``server.admin_group``."""
+    return peer.uid in (0, os.geteuid()) or (
+        services.admin_gid is not None and services.admin_gid in peer.groups)
+
+
+def _require_admin(services: Services, peer: Peer, what: str) -> None:
+    if not is_admin(services, peer):
+        group = services.config.server.admin_group
+        who = f"root, uid {os.geteuid()} (the daemon's user)" + (
+            f" or members of group {group!r}" if group else "")
+        raise PermissionRefused(
+            f"{what} is store-wide: only {who} may run it (server.admin_group in the fetchd "
+            f"config names the admin group); you are uid {peer.uid}")
+
+
+def _user_gc_floor(services: Services, peer: Peer, max_size: int | None) -> None:
+    """An ordinary user's gc stays within the watermark policy (docs/SECURITY.md).
+
+    Without ``max_size`` it is the automatic gc: evict only above ``high_watermark *
+    store.max_size``, down to ``low_watermark * store.max_size``. A ``max_size`` below that
+    low mark (or any, when store.max_size is not set) would evict what the policy keeps:
+    admins only.
+    """
+    if max_size is None or is_admin(services, peer):
+        return
+    store = services.config.store
+    if store.max_size is None:
+        _require_admin(services, peer, "gc with max_size (store.max_size is not set, so the "
+                                       "watermark policy evicts nothing)")
+        return
+    floor = int(store.max_size * store.low_watermark)
+    if max_size < floor:
+        _require_admin(services, peer, f"gc below {floor} bytes (store.low_watermark x "
+                                       "store.max_size)")
+
+
 async def handle_gc(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = await read_body(request, GC_SCHEMA)
     max_size = body.get("max_size")
     if max_size is not None and max_size < 0:
         raise InvalidRequest("field 'max_size' must be at least 0")
+    _user_gc_floor(services, peer_of(request), max_size)
     kwargs = {} if max_size is None else {"max_size": max_size}
     report = await _call(services.store.gc, **kwargs)
     log.info("gc: %s", _short(report))
@@ -392,6 +431,7 @@ async def handle_gc(request: web.Request) -> web.Response:
 async def handle_verify(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     await read_body(request, VERIFY_SCHEMA)
+    _require_admin(services, peer_of(request), "verify (re-hashing the whole store)")
     report = await _call(services.store.verify)
     log.info("verify: %s", _short(report))
     return web.json_response(jsonable(report))
@@ -680,6 +720,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     from .pull import Puller
     from .registry_async import RegistryClient
 
+    warn_about_config(config)
+    admin_gid = resolve_group(config.server.admin_group, "server.admin_group")
     sock = inherited_socket()
     activated = sock is not None
     if sock is None:
@@ -695,7 +737,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         registry = RegistryClient(config)
         stack.push_async_callback(_call, registry.close)
         puller = Puller(store, registry, config)
-        services = Services(puller, store, registry, config, socket_path=socket_path)
+        services = Services(puller, store, registry, config, socket_path=socket_path,
+                            admin_gid=admin_gid)
         runner = web.AppRunner(make_app(services), handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_GRACE, keepalive_timeout=KEEPALIVE_TIMEOUT,
                                lingering_time=LINGERING_TIME)
@@ -719,6 +762,24 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         log.info("stopping: no new jobs; running jobs are parked, partial downloads kept")
         sdnotify.notify("STOPPING=1")
     log.info("stopped")
+
+
+def warn_about_config(config: Config) -> None:
+    """Log (at start) each way the config file is less protected than its content needs."""
+    for warning in permission_warnings(config):
+        log.warning("%s: others could read its secrets or change where images come from; "
+                    "chown it to root or the daemon's user and chmod 0600 (0640 for its group)",
+                    warning)
+
+
+def resolve_group(name: str | None, key: str) -> int | None:
+    """The gid of a configured group name (None: none configured); ConfigError if unknown."""
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"{key}: group {name!r} does not exist: create it or change {key}") from None
 
 
 def _remove_socket(path: str, inode: int) -> None:

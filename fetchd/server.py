@@ -47,6 +47,7 @@ from .errors import (
     InvalidRequest,
     PermissionRefused,
 )
+from .loop_lag import LoopLag
 from .platform import Platform
 from .pull import FetchRequest, FetchResult, Job
 from .reference import Reference
@@ -100,6 +101,8 @@ class Services:
     admin_gid: int | None = None          # server.admin_group, resolved once at start
     started: float = dataclasses.field(default_factory=time.time)
     requests: Counter[tuple[str, int]] = dataclasses.field(default_factory=Counter)
+    # the event loop's own lateness; sampling runs while the app runs (make_app)
+    loop_lag: LoopLag = dataclasses.field(default_factory=LoopLag)
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -355,6 +358,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "failed": getattr(services.puller, "failed", None),
         "store": store_usage(await _call(services.store.usage)),
         "registries": jsonable(services.registry.stats()),
+        "loop_lag": services.loop_lag.snapshot().to_json(),
     })
 
 
@@ -459,6 +463,12 @@ async def handle_metrics(request: web.Request) -> web.Response:
     metric("fetchd_http_requests_total", "counter", "HTTP requests by route and status",
            [(f'{{route="{_label(route)}",status="{status}"}}', n)
             for (route, status), n in sorted(services.requests.items())])
+    lag = services.loop_lag.snapshot()
+    metric("fetchd_loop_lag_max_seconds", "gauge",
+           f"largest event loop lag of the last {lag.window_s:g} s", [("", lag.max_s)])
+    metric("fetchd_loop_lag_p99_seconds", "gauge",
+           f"99th percentile of the event loop lag over the last {lag.window_s:g} s",
+           [("", lag.p99_s)])
     metric("fetchd_jobs_running", "gauge", "fetch jobs running or queued",
            [("", len(services.puller.jobs()))])
     for attr in ("completed", "failed"):
@@ -606,6 +616,15 @@ def make_app(services: Services) -> web.Application:
     app.router.add_post(API + "/verify", handle_verify)
     app.router.add_get(API + "/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+
+    async def lag_start(app: web.Application) -> None:
+        services.loop_lag.start()
+
+    async def lag_stop(app: web.Application) -> None:
+        services.loop_lag.stop()
+
+    app.on_startup.append(lag_start)
+    app.on_cleanup.append(lag_stop)
     return app
 
 

@@ -409,3 +409,16 @@ async def test_fetch_request_carries_the_peer_uid(daemon: Daemon, images: Catalo
     daemon.services.puller.submit = recording  # type: ignore[method-assign]
     await daemon.call("fetch", images["single-docker"].reference)
     assert [r.uid for r in seen] == [os.getuid()]
+
+
+async def test_status_and_metrics_report_the_loop_lag(daemon: Daemon) -> None:
+    await daemon.services.loop_lag.next_sample()  # the monitor runs with the app
+    status = await daemon.call("status")
+    lag = status["loop_lag"]
+    assert lag["samples"] >= 1 and lag["max_ms"] >= lag["p99_ms"] >= 0
+    assert lag["window_s"] > 0
+    code, text = await daemon.raw("GET", "/metrics")
+    assert code == 200
+    values = dict(line.split() for line in text.splitlines() if line.startswith("fetchd_loop_lag"))
+    assert set(values) == {"fetchd_loop_lag_max_seconds", "fetchd_loop_lag_p99_seconds"}
+    assert float(values["fetchd_loop_lag_max_seconds"]) >= float(values["fetchd_loop_lag_p99_seconds"]) >= 0

@@ -39,6 +39,9 @@ class StoreConfig:
     high_watermark: float = 0.9          # gc starts when the store exceeds this share of max_size
     low_watermark: float = 0.7           # ... and removes unused blobs down to this share
     stale_ingest_age: float = 86400.0    # seconds after which an untouched partial download is removed
+    # Downloads with files open at once (a lock and a .part each); the others wait without
+    # any. More than the connections of all registry hosts gains nothing.
+    max_open_ingests: int = 32
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,8 @@ def _mode(value: object, what: str) -> int:
 def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, where: str) -> None:
     if not 0 < store.low_watermark <= store.high_watermark <= 1:
         raise ConfigError(f"{where} [store]: need 0 < low_watermark <= high_watermark <= 1")
+    if store.max_open_ingests < 1:
+        raise ConfigError(f"{where} [store] max_open_ingests: must be at least 1")
     for name in ("max_jobs", "max_jobs_per_uid", "max_job_events", "max_layers"):
         if getattr(server, name) < 1:
             raise ConfigError(f"{where} [server] {name}: must be at least 1")

@@ -17,6 +17,8 @@ Invariants:
   in this process (tasks share its result or error), a ``flock`` on
   ``locks/<alg>-<hex>.lock`` across processes.
 - A blob under a live lease is never removed by ``gc``.
+- At most ``max_open_ingests`` downloads of this process hold files open (lock, .part);
+  a flight waiting for its turn has opened nothing (its followers wait for its ingest).
 
 The store knows files and digests, nothing of HTTP. Helpers, used only from here:
 ``ingest`` (the resumable writer, BlobSink), ``store_index`` (sqlite), ``store_follow``
@@ -58,6 +60,9 @@ class StoreSettings:
     down to ``low_watermark * max_size``. ``tag_cache_ttl`` is how long a resolved tag
     counts as fresh (the caller revalidates after that); ``tag_cache_max_age`` is when
     gc forgets it entirely (offline builds may still use a stale entry until then).
+    ``max_open_ingests``: downloads of this process that hold their files (the digest's
+    lock, the ``.part``) at once; the others wait for a turn before opening anything, so
+    the descriptors follow the work in progress, not the layer count of the images asked.
     """
 
     max_size: int | None = None
@@ -67,6 +72,7 @@ class StoreSettings:
     tag_cache_ttl: float = 300.0
     tag_cache_max_age: float = 30 * 24 * 3600.0
     fsync: bool = True
+    max_open_ingests: int = 32
 
     @classmethod
     def from_config(cls, config: object) -> StoreSettings:
@@ -122,6 +128,8 @@ class ImageEntry:
     archive_digest: Digest
     created: float
     present: bool
+    size: int | None = None  # the archive's, None when it is not in the store
+    last_used: float | None = None
 
 
 def _digest(value: Digest | str) -> Digest:
@@ -160,6 +168,8 @@ class LayerStore:
                 "writable and on a local filesystem"
             ) from e
         self._flights: dict[Digest, Flight] = {}
+        # FIFO: downloads get their turn in the order asked (pull asks in pack's order)
+        self._ingest_slots = asyncio.Semaphore(max(1, self.settings.max_open_ingests))
         self._touches: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._touched_at = time.monotonic()
@@ -226,7 +236,16 @@ class LayerStore:
     async def _run_flight(
         self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
     ) -> Path:
+        async with self._ingest_slots:  # nothing is opened before this flight's turn
+            return await self._ingest(flight, d, size, fetch, media_type)
+
+    async def _ingest(
+        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
+    ) -> Path:
         path = self.blob_path(d)
+        if path.is_file():  # another process committed it while this flight waited
+            self._touch(d)
+            return path
         try:
             lock = self._lock(d)
             await lock.acquire()
@@ -268,9 +287,8 @@ class LayerStore:
     def _committed(self, d: Digest, size: int, media_type: str | None,
                    alias: tuple[str, str] | None = None,
                    frame_spans: Sequence[tuple[str, int, int]] = ()) -> None:
-        self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias, frame_spans))
-        if media_type:
-            self.record_blob_info(d, media_type=media_type)
+        self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias, frame_spans,
+                                                media_type))
         self._usage += size
         self._maybe_autogc()
 
@@ -448,6 +466,35 @@ class LayerStore:
         d = Digest.parse(span[0])
         return BlobSpan(d, span[1], span[2]) if self.has(d) else None
 
+    def get_frames(self, keys: Iterable[str]) -> dict[str, BlobSpan]:
+        """``get_frame`` for many keys: one index read for all of them (blocking: call it
+        from a thread when there are many). Keys without a frame are left out."""
+        wanted = list(dict.fromkeys(keys))
+        own, spans = self._index(lambda: self.index.frames(wanted))
+        out: dict[str, BlobSpan] = {}
+        for key in wanted:
+            if key in own:
+                d = Digest.parse(own[key])
+                try:
+                    out[key] = BlobSpan(d, 0, self.blob_path(d).stat().st_size)
+                    continue
+                except FileNotFoundError:
+                    pass  # gone: a span of an archive may still hold it
+            if key in spans:
+                text, offset, length = spans[key]
+                d = Digest.parse(text)
+                if self.has(d):
+                    out[key] = BlobSpan(d, offset, length)
+        return out
+
+    def record_blob_infos(
+        self, items: Iterable[tuple[Digest, str | None, Digest | None]]
+    ) -> None:
+        """``record_blob_info`` for many ``(digest, media_type, diff_id)``: one transaction."""
+        rows = [(str(d), media_type, str(diff_id) if diff_id else None)
+                for d, media_type, diff_id in items]
+        self._index(lambda: self.index.set_infos(rows))
+
     def record_tag(self, name: str, tag: str, digest: Digest, media_type: str) -> None:
         self._index(lambda: self.index.put_tag(name, tag, str(digest), media_type, time.time()))
 
@@ -495,12 +542,16 @@ class LayerStore:
         self._index(lambda: self.index.put_image(row))
 
     def list_images(self) -> list[ImageEntry]:
+        """The archives the store has made, with their size and last use: one index query
+        (and a stat per archive, the files being the truth about what is present)."""
         out = []
-        for r in self._index(self.index.images):
+        for r, size, last_used in self._index(self.index.images_with_blobs):
             archive = Digest.parse(r.archive_digest)
+            present = self.has(archive)
             out.append(ImageEntry(r.reference, r.platform, r.level,
                                   Digest.parse(r.manifest_digest), archive, r.created,
-                                  self.has(archive)))
+                                  present, size if present else None,
+                                  last_used if present else None))
         return out
 
     def usage(self) -> tuple[int, int]:

@@ -398,11 +398,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                              "reused": True})
             return result
 
-    frames: dict[Digest, BlobSpan] = {}
-    for job in jobs:
-        found = store.get_frame(frame_key(job.diff_id, level))
-        if found is not None:
-            frames[job.diff_id] = found
+    frames = await asyncio.to_thread(_cached_frames, store, jobs, level)  # index reads
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
     loop = asyncio.get_running_loop()
@@ -452,6 +448,17 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     return PackResult(digest, path, size, compressed, len(jobs) - compressed)
 
 
+def _cached_frames(store: PackStore, jobs: Sequence[LayerJob], level: int
+                   ) -> dict[Digest, BlobSpan]:
+    """The cached frames of ``jobs`` by diff_id (a worker thread: an index read per layer)."""
+    frames: dict[Digest, BlobSpan] = {}
+    for job in jobs:
+        found = store.get_frame(frame_key(job.diff_id, level))
+        if found is not None:
+            frames[job.diff_id] = found
+    return frames
+
+
 def _finish_archive(store: PackStore, archive: ArchiveBuilder, tail: bytes, key: str,
                     level: int, frame_keys: dict[int, str], lease: str) -> Digest:
     # one thread: the tail is small, and the bytes are the same for any thread count >= 1
@@ -490,6 +497,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
     that ended cleanly before a failure are kept as frame blobs (``_keep_frames``).
     """
     abort = threading.Event()
+    finished: list[tuple[LayerJob, FrameBytes]] = []  # made, then cancelled: see ``one``
     flights = _flights(store)
     loop = asyncio.get_running_loop()
 
@@ -508,22 +516,27 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
 
     async def one(job: LayerJob) -> tuple[FrameBytes | None, bool]:
         key = frame_key(job.diff_id, level)
-        other = flights.get(key)
-        if other is not None:
-            await asyncio.wait([other])
-            shared = other.result() if not other.cancelled() and other.exception() is None else None
-            if shared is not None and shared.acquire():
-                await asyncio.to_thread(archive.add_ready, {job.entry: shared})
-                return None, False
-            # else that pack failed or stopped (maybe over another layer): look again below
-        # a concurrent pack may have committed this frame since pack_image looked
-        cached = store.get_frame(key)
-        if cached is not None:
-            try:
-                await asyncio.to_thread(_add_cached, store, archive, {job.entry: cached})
-                return None, False
-            except FileNotFoundError:
-                pass  # a gc took it before this pack could open it: make the frame again
+        while True:
+            other = flights.get(key)
+            if other is not None:
+                await asyncio.wait([other])
+                shared = (other.result() if not other.cancelled() and other.exception() is None
+                          else None)
+                if shared is not None and shared.acquire():
+                    await asyncio.to_thread(archive.add_ready, {job.entry: shared})
+                    return None, False
+                # else that pack failed or stopped (maybe over another layer): look again
+            # a concurrent pack may have committed this frame since pack_image looked (the
+            # index is read in a thread: a pack may start making it meanwhile, look again)
+            cached = await asyncio.to_thread(store.get_frame, key)
+            if cached is not None:
+                try:
+                    await asyncio.to_thread(_add_cached, store, archive, {job.entry: cached})
+                    return None, False
+                except FileNotFoundError:
+                    pass  # a gc took it before this pack could open it: make the frame again
+            if key not in flights:
+                break
         fut: asyncio.Future[FrameBytes] = asyncio.get_running_loop().create_future()
         flights[key] = fut
         try:
@@ -545,7 +558,9 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                     archive.discard()  # a frame finishing meanwhile must not complete it
                     await asyncio.wait([work])
                     if not work.cancelled() and work.exception() is None:
-                        work.result().release()
+                        # it ended cleanly before the cancellation reached this task:
+                        # _settle keeps it like the frames of the tasks that returned
+                        finished.append((job, work.result()))
                     raise
                 budget.recycle(level, threads, cctx)  # its frame ended cleanly
             fut.set_result(frame)
@@ -571,7 +586,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
         abort.set()
         for task in tasks:
             task.cancel()
-        await asyncio.shield(_settle(store, level, todo, tasks, keep=True))
+        await asyncio.shield(_settle(store, level, todo, tasks, keep=True, finished=finished))
         raise
     results = [asyncio.CancelledError() if t.cancelled() else t.exception() or t.result()
                for t in tasks]
@@ -579,7 +594,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
     real = [e for e in errors if not isinstance(e, Aborted | asyncio.CancelledError)]
     if errors:
         abort.set()
-        await _settle(store, level, todo, tasks, keep=bool(real))
+        await _settle(store, level, todo, tasks, keep=bool(real), finished=finished)
         raise (real or errors)[0]
     compressed = sum(1 for r in results if not isinstance(r, BaseException) and r[1])
     return [r[0] for r in results if not isinstance(r, BaseException) and r[0] is not None], \
@@ -588,11 +603,12 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
 
 async def _settle(store: PackStore, level: int, todo: Sequence[LayerJob],
                   tasks: Sequence[asyncio.Future[tuple[FrameBytes | None, bool]]],
-                  keep: bool) -> None:
+                  keep: bool, finished: Sequence[tuple[LayerJob, FrameBytes]] = ()) -> None:
     """A pack that fails: wait for every layer task, keep the frames this pack made that
-    ended cleanly (``keep``; as frame blobs, no archive will hold them), release them all."""
+    ended cleanly (``keep``; as frame blobs, no archive will hold them), release them all.
+    ``finished``: frames that ended cleanly in tasks cancelled before they could return."""
     await asyncio.wait(tasks)
-    made: list[tuple[LayerJob, FrameBytes]] = []
+    made: list[tuple[LayerJob, FrameBytes]] = list(finished)
     for job, task in zip(todo, tasks, strict=True):
         frame = None if task.cancelled() or task.exception() else task.result()[0]
         if frame is not None:

@@ -468,11 +468,13 @@ class Puller:
             # (automatic after any commit, or `fetchd gc` in another process) must not take
             # a layer fetched or found here, nor a cached frame that stands in for a layer
             # this job therefore does not download, before pack has read it.
-            frames = [f.digest for d in config.diff_ids
-                      if (f := self.store.get_frame(frame_key(d, req.level))) is not None]
+            # index reads and writes for every layer: one thread call each, off the loop
+            found = await asyncio.to_thread(
+                self.store.get_frames, [frame_key(d, req.level) for d in config.diff_ids])
+            frames = [f.digest for f in found.values()]
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
                                    *frames], f"pull {where}") as lease:
-                needed = self._needed_layers(job, ref, image, config.diff_ids, req)
+                needed = await self._needed_layers(job, ref, image, config.diff_ids, req)
                 downloaded = len(needed)
                 packed = await self._download_and_pack(job, ref, image, needed, config_raw,
                                                        repo_tag, manifest_digest, lease)
@@ -641,23 +643,39 @@ class Puller:
                     task.exception()
             raise
 
-    def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
-                       diff_ids: tuple[Digest, ...], req: FetchRequest) -> list[Any]:
+    async def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
+                             diff_ids: tuple[Digest, ...], req: FetchRequest) -> list[Any]:
         """The distinct layers to download: those whose frame at this level is not cached
-        and whose blob is not in the store. NetworkDisabled if there are any offline."""
+        and whose blob is not in the store. NetworkDisabled if there are any offline.
+
+        The index work for all layers (their diff_ids recorded in one transaction, their
+        frames looked up in one read) and the presence checks run in one worker thread:
+        a 1000-layer image costs the event loop nothing per layer but the events."""
+        layers = image.layers
+        keys = [frame_key(diff_ids[i], req.level) if i < len(diff_ids) else None
+                for i in range(len(layers))]
+
+        def look() -> tuple[dict[str, Any], set[Digest]]:
+            # the diff_id only: a layer list is no authority on any blob's media type
+            self.store.record_blob_infos(
+                (layer.digest, None, diff_ids[i])
+                for i, layer in enumerate(layers) if i < len(diff_ids))
+            frames = self.store.get_frames(k for k in keys if k is not None)
+            present = {layer.digest for layer, key in zip(layers, keys, strict=True)
+                       if key not in frames and self.store.has(layer.digest)}
+            return frames, present
+
+        frames, present = await asyncio.to_thread(look)
         needed = []
-        for i, layer in enumerate(image.layers):
-            if i < len(diff_ids):
-                self.store.record_blob_info(layer.digest, diff_id=diff_ids[i])
-                if self.store.get_frame(frame_key(diff_ids[i], req.level)) is not None:
-                    job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
-                                    "state": "frame-cached"})
-                    continue
-            if self.store.has(layer.digest):
+        for layer, key in zip(layers, keys, strict=True):
+            if key is not None and key in frames:
                 job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
-                                "state": "cached"})
-                continue
-            needed.append(layer)
+                          "state": "frame-cached"})
+            elif layer.digest in present:
+                job.push({"event": "layer", "digest": str(layer.digest), "size": layer.size,
+                          "state": "cached"})
+            else:
+                needed.append(layer)
         if needed and req.offline:
             missing = ", ".join(str(layer.digest) for layer in needed)
             raise NetworkDisabled(

@@ -369,14 +369,7 @@ async def handle_images(request: web.Request) -> web.Response:
     def listing() -> list[dict[str, Any]]:  # index reads: in a thread
         store = services.store
         store.flush_uses()  # the batched last-use times first, so "last_used" is current
-        images = []
-        for entry in store.list_images():
-            item = jsonable(entry)
-            info = store.blob_info(entry.archive_digest) if entry.present else None
-            item["size"] = getattr(info, "size", None)
-            item["last_used"] = getattr(info, "last_used", None)
-            images.append(item)
-        return images
+        return [jsonable(entry) for entry in store.list_images()]
 
     images = await asyncio.to_thread(listing)
     return web.json_response({"images": images, "store": store_usage(await _call(services.store.usage))})

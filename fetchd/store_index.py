@@ -6,8 +6,9 @@ media types, diff_ids, aliases, the tag cache, leases, delivered images).
 ``LayerStore.gc`` reconciles the ``blobs`` table with the directory.
 
 Concurrency: WAL mode and a busy timeout; one connection per thread (sqlite
-connections are not shared across threads here); every write is one short
-transaction. Only ``layer_store`` uses this module.
+connections are not shared across threads here), closed once its thread has ended (so the
+open connections are bounded by the live threads, not by the threads ever started); every
+write is one short transaction. ``usage`` reads totals kept by triggers, never a sum. Only ``layer_store`` uses this module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,33 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE INDEX IF NOT EXISTS leases_digest ON leases(digest);
 CREATE INDEX IF NOT EXISTS leases_id ON leases(lease_id);
+CREATE INDEX IF NOT EXISTS images_archive ON images(archive_digest);
 """
+
+# The blobs table's totals, kept by triggers in the same transaction as every change of it,
+# so `usage` reads one row instead of summing the table (thousands of rows on a busy host).
+# An index made before the table existed gets it filled from the blobs table once.
+_TOTALS = """
+CREATE TABLE IF NOT EXISTS blob_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO blob_totals(id, bytes, count)
+    SELECT 0, COALESCE(SUM(size), 0), COUNT(*) FROM blobs;
+CREATE TRIGGER IF NOT EXISTS blobs_totals_insert AFTER INSERT ON blobs BEGIN
+    UPDATE blob_totals SET bytes = bytes + new.size, count = count + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_totals_delete AFTER DELETE ON blobs BEGIN
+    UPDATE blob_totals SET bytes = bytes - old.size, count = count - 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_totals_update AFTER UPDATE OF size ON blobs BEGIN
+    UPDATE blob_totals SET bytes = bytes + new.size - old.size WHERE id = 0;
+END
+"""
+
+
+_CHUNK = 500  # keys per IN (...) query: well below sqlite's limit of bound parameters
 
 
 @dataclass(frozen=True)
@@ -131,7 +158,7 @@ class StoreIndex:
         self.readonly = readonly
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._closed = False
         conn = self._conn()
@@ -139,9 +166,8 @@ class StoreIndex:
             conn.execute("SELECT COUNT(*) FROM blobs").fetchone()  # fail now if unusable
             return
         with self._tx(conn):
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
+            for stmt in _statements(_SCHEMA + ";" + _TOTALS):
+                conn.execute(stmt)
 
     # -- connections -------------------------------------------------------------------
 
@@ -150,29 +176,51 @@ class StoreIndex:
         if conn is None:
             if self._closed:
                 raise sqlite3.ProgrammingError("the store index is closed")
-            if self.readonly:
-                # immutable: sqlite creates no -shm/-wal files (impossible on a read-only fs)
-                conn = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True,
-                                       check_same_thread=False, isolation_level=None)
-                self._local.conn = conn
-                with self._all_lock:
-                    self._all.append(conn)
-                return conn
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_ms / 1000,
-                isolation_level=None,  # explicit BEGIN; autocommit otherwise
-                check_same_thread=False,  # only close() crosses threads
-            )
-            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode loses at most the last transactions on power loss, never
-            # consistency; the blobs directory stays the truth anyway.
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = self._connect()
             self._local.conn = conn
             with self._all_lock:
-                self._all.append(conn)
+                self._reap_locked()
+                self._all.append((threading.current_thread(), conn))
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            # immutable: sqlite creates no -shm/-wal files (impossible on a read-only fs)
+            return sqlite3.connect(f"file:{self.path}?immutable=1", uri=True,
+                                   check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_ms / 1000,
+            isolation_level=None,  # explicit BEGIN; autocommit otherwise
+            check_same_thread=False,  # only close() and the reaping cross threads
+        )
+        conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode loses at most the last transactions on power loss, never
+        # consistency; the blobs directory stays the truth anyway.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _reap_locked(self) -> None:
+        """Close the connections of threads that ended (a worker thread per compressed
+        layer would otherwise leave one open each until the daemon stops): the open
+        connections are at most one per live thread that used the index."""
+        alive = []
+        for thread, conn in self._all:
+            if thread.is_alive():
+                alive.append((thread, conn))
+            else:
+                try:
+                    conn.close()  # its thread is gone: nothing else uses it
+                except sqlite3.Error:
+                    pass
+        self._all = alive
+
+    def open_connections(self) -> int:
+        """How many sqlite connections this index holds open (after reaping ended threads)."""
+        with self._all_lock:
+            self._reap_locked()
+            return len(self._all)
 
     @contextmanager
     def _tx(self, conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
@@ -194,7 +242,7 @@ class StoreIndex:
         self._closed = True
         with self._all_lock:
             conns, self._all = self._all, []
-        for conn in conns:
+        for _, conn in conns:
             try:
                 conn.close()
             except sqlite3.Error:
@@ -204,11 +252,17 @@ class StoreIndex:
 
     def add_blob(
         self, digest: str, size: int, now: float, alias: tuple[str, str] | None = None,
-        spans: Iterable[tuple[str, int, int]] = (),
+        spans: Iterable[tuple[str, int, int]] = (), media_type: str | None = None,
     ) -> None:
-        """Record a committed blob, the alias naming it and the frame spans inside it
-        (``(key, offset, length)``), in one transaction."""
+        """Record a committed blob, the alias naming it, the frame spans inside it
+        (``(key, offset, length)``) and its media type, in one transaction."""
         with self.transaction() as c:
+            if media_type:
+                c.execute(
+                    "INSERT INTO blob_info(digest, media_type) VALUES (?, ?) ON CONFLICT(digest) "
+                    "DO UPDATE SET media_type=COALESCE(excluded.media_type, media_type)",
+                    (digest, media_type),
+                )
             c.execute(
                 "INSERT INTO blobs(digest, size, added, last_used) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(digest) DO UPDATE SET size=excluded.size, last_used=excluded.last_used",
@@ -248,8 +302,15 @@ class StoreIndex:
             )
 
     def usage(self) -> tuple[int, int]:
-        size, count = self._conn().execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs").fetchone()
-        return int(size), int(count)
+        """(bytes, count) of the blobs table: one row kept by triggers, not a sum."""
+        conn = self._conn()
+        try:
+            row = conn.execute("SELECT bytes, count FROM blob_totals WHERE id = 0").fetchone()
+        except sqlite3.OperationalError:  # a read-only index made before the totals existed
+            row = None
+        if row is None:
+            row = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs").fetchone()
+        return int(row[0]), int(row[1])
 
     def set_info(self, digest: str, media_type: str | None, diff_id: str | None) -> None:
         with self.transaction() as c:
@@ -259,6 +320,20 @@ class StoreIndex:
                 "media_type=COALESCE(excluded.media_type, media_type), "
                 "diff_id=COALESCE(excluded.diff_id, diff_id)",
                 (digest, media_type, diff_id),
+            )
+
+    def set_infos(self, items: Iterable[tuple[str, str | None, str | None]]) -> None:
+        """``set_info`` for many ``(digest, media_type, diff_id)`` in one transaction."""
+        rows = list(items)
+        if not rows:
+            return
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO blob_info(digest, media_type, diff_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(digest) DO UPDATE SET "
+                "media_type=COALESCE(excluded.media_type, media_type), "
+                "diff_id=COALESCE(excluded.diff_id, diff_id)",
+                rows,
             )
 
     def info(self, digest: str) -> tuple[str | None, str | None]:
@@ -296,6 +371,31 @@ class StoreIndex:
             return None
         return (str(row[0]), int(row[1]), int(row[2])) if row else None
 
+    def frames(self, keys: Sequence[str]
+               ) -> tuple[dict[str, str], dict[str, tuple[str, int, int]]]:
+        """For many frame keys at once, in one read transaction: the ``("frame", key)``
+        aliases (key -> digest) and the frame spans (key -> ``(digest, offset, length)``)."""
+        own: dict[str, str] = {}
+        spans: dict[str, tuple[str, int, int]] = {}
+        conn = self._conn()
+        with self._tx(conn, immediate=False):
+            for i in range(0, len(keys), _CHUNK):
+                part = list(keys[i:i + _CHUNK])
+                marks = ",".join("?" * len(part))
+                for key, digest in conn.execute(
+                        f"SELECT key, digest FROM aliases WHERE kind = 'frame' AND key IN ({marks})",
+                        part):
+                    own[str(key)] = str(digest)
+                try:
+                    rows = conn.execute(
+                        f"SELECT key, digest, offset, length FROM frame_spans WHERE key IN ({marks})",
+                        part).fetchall()
+                except sqlite3.OperationalError:  # a read-only index older than frame spans
+                    rows = []
+                for key, digest, offset, length in rows:
+                    spans[str(key)] = (str(digest), int(offset), int(length))
+        return own, spans
+
     def put_tag(self, name: str, tag: str, digest: str, media_type: str, now: float) -> None:
         with self.transaction() as c:
             c.execute(
@@ -325,6 +425,17 @@ class StoreIndex:
             "FROM images ORDER BY reference, platform, level"
         )
         return [ImageRow(*r) for r in rows]
+
+    def images_with_blobs(self) -> list[tuple[ImageRow, int | None, float | None]]:
+        """Every image row with its archive's size and last use (None when the index has no
+        such blob): one query, however many images."""
+        rows = self._conn().execute(
+            "SELECT i.reference, i.platform, i.level, i.manifest_digest, i.archive_digest, "
+            "i.created, b.size, b.last_used FROM images AS i "
+            "LEFT JOIN blobs AS b ON b.digest = i.archive_digest "
+            "ORDER BY i.reference, i.platform, i.level"
+        )
+        return [(ImageRow(*r[:6]), r[6], r[7]) for r in rows]
 
     def drop_dangling(self, tag_cutoff: float) -> tuple[int, int, int]:
         """Drop tags resolved before ``tag_cutoff`` and aliases, frame spans and images whose
@@ -380,6 +491,18 @@ class StoreIndex:
             "SELECT pid, pid_start FROM leases WHERE digest = ?", (digest,)
         ).fetchall()
         return any(process_alive(pid, start) for pid, start in rows)
+
+
+def _statements(script: str) -> list[str]:
+    """The complete SQL statements of ``script`` (a trigger's body holds ';' of its own)."""
+    out, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending.strip())
+            pending = ""
+    return out
 
 
 def now() -> float:

@@ -61,12 +61,15 @@ class Daemon:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.pop("FETCHD_CONFIG", None)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        started = time.perf_counter()
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.client = Client(str(self.socket), timeout=900.0)
         try:
             self._wait_ready(start_timeout)
+            # seconds from the start of the process to its first answer (polled every 20 ms)
+            self.ready_s = time.perf_counter() - started
         except BaseException:
             self.stop()
             raise

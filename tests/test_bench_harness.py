@@ -7,6 +7,7 @@ bytes are counted, targets are evaluated), never timings: benchmarks live in ben
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import sys
@@ -124,3 +125,68 @@ def test_wanproxy_counts_the_bytes_it_relays() -> None:
         server.close()
         loop.run_until_complete(server.wait_closed())
         loop.close()
+
+
+# --------------------------------------------------------------------------- bench.scale
+
+
+@pytest.fixture(scope="module")
+def scale_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from bench import scale
+
+    args = scale.parse_args(["--quick", "-q", "--workdir", str(tmp_path_factory.mktemp("scale"))])
+    return scale.run(args)
+
+
+def test_scale_quick_run_measures_every_curve_without_errors(scale_results: dict) -> None:
+    from bench import scale
+
+    assert scale_results["errors"] == []
+    plan = scale.QUICK
+    assert [p["images"] for p in scale_results["store"]] == list(plan.sizes)
+    assert [p["clients"] for p in scale_results["clients"]] == list(plan.clients)
+    assert [p["layers"] for p in scale_results["layers"]] == list(plan.layers)
+    assert len(scale_results["bytes"]) == len(plan.bytes_tar)
+    for p in scale_results["store"]:
+        # what the daemon lists is what was pulled; each image is 1 manifest, 1 config,
+        # 1 archive and 1..3 layer blobs (base and middle layers are shared)
+        assert p["ls_images"] == p["images"] and p["fill_error_count"] == 0
+        assert 4 * p["images"] <= p["blobs"] <= 6 * p["images"]
+        assert p["warm_pull_ms"] > 0 and p["status_ms"] > 0 and p["ls_ms"] > 0
+        assert 0 < p["startup_s"] and p["index_bytes"] > 0 and p["sqlite_fds"] >= 1
+        assert p["verify_corrupt"] == 0 and p["verify_checked"] == p["blobs"]
+        assert p["gc_removed"] > 0 and 0 < p["gc_freed_bytes"] <= p["store_bytes"]
+        assert p["loop_lag_max_ms"] is not None and p["loop_lag_max_ms"] >= 0
+    for section in ("clients", "layers", "bytes"):
+        for p in scale_results[section]:
+            assert p["errors"] == 0, p["error_samples"]
+            assert p["seconds"] > 0 and p["peak_rss_mb"] > 0 and p["peak_fds"] > 0
+            assert p["loop_lag_max_ms"] is not None
+    for p in scale_results["bytes"]:
+        assert p["tar_bytes"] > p["blob_bytes"] > 0 and p["floor_s"] > 0 and p["ratio_floor"] > 0
+
+
+def test_scale_targets_and_tables_are_rendered(scale_results: dict, tmp_path: Path) -> None:
+    from bench import scale
+
+    names = {t["target"] for t in scale_results["targets"]}
+    assert {"loop lag", "errors under concurrency", "time per GB of one huge layer",
+            "cold time per layer", "descriptors vs layer count"} <= names
+    assert all(t["met"] in (True, False) for t in scale_results["targets"])
+    md = scale.render_tables(scale_results)
+    for title in ("### Store size", "### Concurrent clients", "### Layers in one image",
+                  "### One big layer", "### Targets"):
+        assert title in md
+    # one table row per measured point
+    assert md.count("\n| 4 |") + md.count("\n| 12 |") >= 2
+    out = tmp_path / "out"
+    assert scale.main(["--quick", "-q", "--sections", "layers", "--out", str(out)]) == 0
+    assert json.loads((out / "scale_results.json").read_text())["layers"]
+    assert "### Layers in one image" in (out / "scale_tables.md").read_text()
+
+
+def test_scale_refuses_an_unknown_section() -> None:
+    from bench import scale
+
+    with pytest.raises(SystemExit):
+        scale.parse_args(["--sections", "store,nonsense"])

@@ -7,10 +7,24 @@ Invariants:
 * The file appears at the destination only complete: it is made under a temporary name in the
   destination directory and renamed over the destination.
 * The daemon acts for a peer (the process at the other end of the Unix socket, identified by
-  ``SO_PEERCRED``). It writes only where that peer may create files itself: write and search
-  permission on the destination directory, search permission on every ancestor, and the sticky
-  bit rule. Root may write anywhere. (POSIX ACLs are not consulted: a directory writable only
-  through an ACL is refused, which errs on the safe side.)
+  ``SO_PEERCRED``). It writes only where that peer may create files itself, as the peer sees
+  the filesystem: a root daemon opens the destination directory under ``/proc/<pid>/root``
+  (the peer's mount namespace and root, so its read-only bind mounts apply; absolute symlinks
+  resolve inside that root) on a short-lived thread whose filesystem uid, gid and groups are
+  the peer's, and asks the kernel (``faccessat(AT_EACCESS)``) for write and search
+  permission. So mode bits, POSIX ACLs, read-only mounts and every ancestor's search
+  permission are decided exactly as for the peer's own ``open``; the writes that follow are
+  the daemon's, in that opened directory. A daemon that cannot act as the peer (not root, or
+  ``/proc`` hidden) checks mode bits in its own view and leaves anything doubtful (an
+  extended ACL on the directory or an ancestor, a directory it may not use, a missing one)
+  to the client (``client-copy``), which copies with its own rights.
+* One answer for "does not exist" and "not yours": a directory the peer cannot reach or may
+  not write gets the same refusal (or, in the fallback, the same ``client-copy``), so the
+  daemon's answers tell a peer nothing it could not find out itself (no oracle into /root).
+* In a sticky directory that the peer does not own, the daemon never hard-links (the link
+  would be the daemon's file, which the peer could not delete): it makes the peer's own copy
+  (a reflink where the filesystem can), or ``client-copy`` when it cannot give the copy away.
+* A directory read-only in the peer's view is refused: nothing there is replaced.
 * Store files are never modified: a hard link shares the store's read-only (0444) inode.
 * When the daemon itself cannot write the destination directory (another user's home, a
   read-only view under systemd's ``ProtectSystem``, a directory it does not see because of
@@ -20,14 +34,17 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
+import platform
 import secrets
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,31 +177,233 @@ def _refuse(dest: Path, why: str) -> PermissionRefused:
 
 
 def check_destination(dest: object, peer: Peer) -> Path:
-    """Check that ``peer`` may create ``dest``; return it as a Path.
+    """Check that ``peer`` may create ``dest``; return it as a Path. Blocking: run it in a thread.
 
-    Raises ``InvalidRequest`` for a malformed path or a missing directory and
-    ``PermissionRefused`` when the peer could not create the file itself. A directory
-    the daemon cannot even inspect passes here: the daemon will not write there either
-    (``client-copy``), so the client's own rights decide. This is an early answer only:
-    ``deliver`` checks again on the directory it actually opened.
+    Raises ``InvalidRequest`` for a malformed path and ``PermissionRefused`` when the peer
+    could not create the file itself. What the daemon cannot decide passes here (the client's
+    own rights decide at hand-back). An early answer only: ``deliver`` checks again on the
+    directory it actually opened.
     """
     path = check_path(dest)
+    view = _open_view(path, peer)
+    if view is not None:
+        try:
+            _check_final(path, view.dfd, peer)
+        finally:
+            os.close(view.dfd)
+    return path
+
+
+@dataclass(frozen=True)
+class _View:
+    """The destination directory as the daemon may write it for the peer."""
+
+    dfd: int            # O_PATH descriptor of the directory
+    link: bool          # a hard link is fine (False: the peer's own copy)
+
+
+def _refuse_dir(path: Path, peer: Peer) -> PermissionRefused:
+    # The same words whether the directory is missing, not a directory, or not the peer's:
+    # the answer must not tell a peer what it could not find out itself.
+    return _refuse(path, f"{path.parent} does not exist, is not a directory, or uid {peer.uid} "
+                         "may not write there")
+
+
+def _open_view(path: Path, peer: Peer) -> _View | None:
+    """Open the destination directory for ``peer`` (None: leave it to the client)."""
+    if _acts_as(peer):
+        try:
+            dfd = _in_peer_view(peer, lambda: _open_as_peer(path, peer))
+        except _NoView:
+            pass  # the peer's /proc entry is hidden or gone: decide in the daemon's view
+        else:
+            st = os.fstat(dfd)
+            sticky = bool(st.st_mode & stat.S_ISVTX) and peer.uid not in (0, st.st_uid)
+            return _View(dfd, link=not sticky)
+    return _open_own_view(path, peer)
+
+
+class _NoView(Exception):
+    """The peer's view cannot be opened (its /proc entry is hidden, or it is gone)."""
+
+
+def _open_as_peer(path: Path, peer: Peer) -> int:
+    """On a thread with the peer's filesystem credentials: its directory, checked by the kernel."""
+    try:
+        root = os.open(f"/proc/{peer.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _NoView(str(e)) from None
+    try:
+        dfd = _openat_in_root(root, str(path.parent))
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP):
+            raise _refuse_dir(path, peer) from None
+        raise StoreError(f"cannot open destination directory {path.parent}: {e.strerror}") from e
+    finally:
+        os.close(root)
+    try:
+        if not _same_process(peer):
+            raise _NoView("the peer's pid now names another process")
+        err = _faccessat(dfd, ".", os.W_OK | os.X_OK)
+        if err == errno.EROFS:
+            raise _refuse(path, f"{path.parent} is on a read-only filesystem in uid {peer.uid}'s "
+                                "view (a read-only bind mount?); nothing is replaced there")
+        if err:
+            raise _refuse_dir(path, peer)
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd
+
+
+def _same_process(peer: Peer) -> bool:
+    """Whether ``/proc/<pid>`` still belongs to the peer's uid (the pid was not reused by
+    another user's process since it connected)."""
+    try:
+        with open(f"/proc/{peer.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1]) == peer.uid
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _open_own_view(path: Path, peer: Peer) -> _View | None:
+    """The fallback: the daemon's own view and mode bits; anything doubtful -> None."""
     try:
         dfd = _open_dir(path.parent)
-    except (FileNotFoundError, PermissionError):
-        # Perhaps only this daemon cannot see it (PrivateTmp, another mount namespace):
-        # the client copies itself and reports a directory that is really missing.
-        return path
-    except NotADirectoryError:
-        raise InvalidRequest(f"destination {path}: {path.parent} is not a directory") from None
-    except OSError as e:
-        raise InvalidRequest(f"destination directory {path.parent}: {e.strerror}") from None
+    except OSError:
+        return None  # missing here, or not the daemon's to see: the client decides
     try:
-        _check_directory(path, dfd, peer)
-        _check_final(path, dfd, peer)
-    finally:
-        os.close(dfd)
-    return path
+        try:
+            _check_directory(path, dfd, peer)
+        except PermissionRefused:
+            os.close(dfd)
+            return None  # the client meets the same refusal in its own view (no oracle)
+        if _has_acl(f"/proc/self/fd/{dfd}") or _ancestor_has_acl(dfd):
+            os.close(dfd)
+            return None  # an ACL may deny the peer what the mode bits allow
+        st = os.fstat(dfd)
+        sticky = bool(st.st_mode & stat.S_ISVTX) and peer.uid not in (0, st.st_uid)
+        if sticky and os.geteuid() != 0:
+            os.close(dfd)
+            return None  # a copy the daemon cannot give away is no better than its link
+        return _View(dfd, link=not sticky)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(dfd)
+        raise
+
+
+_ACL_XATTR = "system.posix_acl_access"
+
+
+def _has_acl(path: str) -> bool:
+    """Whether ``path`` carries an extended POSIX ACL (more than the mode bits say)."""
+    try:
+        os.getxattr(path, _ACL_XATTR)
+    except OSError:
+        return False  # ENODATA: none; ENOTSUP: the filesystem has no ACLs
+    return True
+
+
+def _ancestor_has_acl(dfd: int) -> bool:
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{dfd}"))
+    except OSError:
+        return True
+    return any(_has_acl(str(a)) for a in real.parents)
+
+
+# -- acting as the peer ------------------------------------------------------------------------
+
+# setgroups(2) as a raw syscall: glibc's wrapper changes every thread's groups, the syscall
+# only the calling thread's (as setfsuid/setfsgid do).
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "ppc64le": 81, "ppc64": 81,
+                  "s390x": 206, "armv7l": 206, "armv6l": 206, "i686": 206, "i386": 206}
+_SYS_OPENAT2 = 437  # the same number on every architecture (Linux >= 5.6)
+_RESOLVE_IN_ROOT = 0x10
+
+
+def _acts_as(peer: Peer) -> bool:
+    """Whether the daemon can check in the peer's own view with the peer's own rights."""
+    if peer.pid <= 0 or _libc is None:
+        return False
+    if peer.uid == os.geteuid() and peer.uid != 0:
+        return True  # its own user: the same rights, only the view may differ
+    return os.geteuid() == 0 and platform.machine() in _SYS_SETGROUPS
+
+
+def _in_peer_view(peer: Peer, fn: Callable[[], int]) -> int:
+    """Run ``fn`` on a new thread whose filesystem uid, gid and groups are the peer's.
+
+    The thread ends afterwards, so no pooled thread ever keeps the peer's credentials; the
+    daemon's other threads are untouched (these ids are per thread in Linux).
+    """
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            if os.geteuid() == 0:
+                _become(peer)
+            outcome.append(fn())
+        except BaseException as e:  # handed to the caller
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name="fetchd-peer-view", daemon=True)
+    thread.start()
+    thread.join()
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        raise result
+    assert isinstance(result, int)
+    return result
+
+
+def _become(peer: Peer) -> None:
+    assert _libc is not None
+    groups = sorted(peer.groups)
+    array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    if _libc.syscall(_SYS_SETGROUPS[platform.machine()], len(groups), array) != 0:
+        raise StoreError(f"cannot take uid {peer.uid}'s groups to check its rights: "
+                         f"{os.strerror(ctypes.get_errno())}")
+    _libc.setfsgid(peer.gid)
+    _libc.setfsuid(peer.uid)
+    if _libc.setfsuid(-1) != peer.uid:  # an invalid id only reports the current
+        raise StoreError(f"cannot take uid {peer.uid}'s identity to check its rights")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat_in_root(root: int, directory: str) -> int:
+    """Open ``directory`` (absolute) inside the tree whose root is ``root``, as a process
+    chrooted there would: absolute symlinks and ``..`` stay inside (openat2 RESOLVE_IN_ROOT)."""
+    assert _libc is not None
+    how = _OpenHow(os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT)
+    rel = directory.lstrip("/") or "."
+    fd = _libc.syscall(_SYS_OPENAT2, root, os.fsencode(rel), ctypes.byref(how),
+                       ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err not in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):
+        raise OSError(err, os.strerror(err), directory)
+    # An older kernel: through the magic link (absolute symlinks resolve in the daemon's root).
+    return os.open(rel, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+
+
+_AT_EACCESS = 0x200
+
+
+def _faccessat(dfd: int, name: str, mode: int) -> int:
+    """faccessat(2) with the effective (here: filesystem) ids; 0 or the errno."""
+    assert _libc is not None
+    if _libc.faccessat(dfd, os.fsencode(name), mode, _AT_EACCESS) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def _open_dir(directory: Path) -> int:
@@ -239,38 +458,38 @@ def _refusal(path: Path, st: os.stat_result, dst: os.stat_result, peer: Peer) ->
     return None
 
 
-def deliver(source: Path, dest: object, peer: Peer) -> Delivery:
+def deliver(source: Path, dest: object, peer: Peer, *, link: bool = True,
+            copy_mode: int = 0o644) -> Delivery:
     """Place the store file ``source`` at ``dest`` for ``peer``. Blocking: run it in a thread.
 
-    Tries a hard link, then (on EXDEV or EPERM) a reflink, then a copy. Returns
-    ``client-copy`` without writing anything when the daemon may not write the directory.
-    Every check and every write is relative to one opened directory, and the final rename
-    neither follows nor replaces anything but the entry that was checked.
+    Tries a hard link (unless ``link`` is False or the directory is sticky and not the
+    peer's), then (on EXDEV or EPERM) a reflink, then a copy (``copy_mode``, the peer's own
+    file). Returns ``client-copy`` without writing anything when the daemon may not write the
+    directory or cannot decide for the peer. Every check and every write is relative to one
+    opened directory, and the final rename neither follows nor replaces anything but the
+    entry that was checked.
     """
     path = check_path(dest)
+    view = _open_view(path, peer)
+    if view is None:
+        return Delivery(path, CLIENT_COPY, source)
     try:
-        dfd = _open_dir(path.parent)
-    except NotADirectoryError:
-        raise InvalidRequest(f"destination {path}: {path.parent} is not a directory") from None
-    except OSError as e:
-        if e.errno in _NO_WRITE or e.errno == errno.ENOENT:
-            return Delivery(path, CLIENT_COPY, source)
-        raise StoreError(f"cannot open destination directory {path.parent}: {e.strerror}") from e
-    try:
-        _check_directory(path, dfd, peer)
-        existing = _check_final(path, dfd, peer)
+        link = link and view.link
+        existing = _check_final(path, view.dfd, peer)
         src_st = os.stat(source)
-        if existing is not None and (existing.st_dev, existing.st_ino) == (src_st.st_dev, src_st.st_ino):
+        if link and existing is not None and \
+                (existing.st_dev, existing.st_ino) == (src_st.st_dev, src_st.st_ino):
             return Delivery(path, HARDLINK, source)
-        return _place(source, path, dfd, peer, existing)
+        return _place(source, path, view.dfd, peer, existing, link, copy_mode)
     finally:
-        os.close(dfd)
+        os.close(view.dfd)
 
 
-def _place(source: Path, path: Path, dfd: int, peer: Peer, existing: os.stat_result | None) -> Delivery:
+def _place(source: Path, path: Path, dfd: int, peer: Peer, existing: os.stat_result | None,
+           link: bool, copy_mode: int) -> Delivery:
     tmp = f".{path.name}.{secrets.token_hex(6)}.fetchd-tmp"
     try:
-        mode = _stage(source, path, tmp, dfd, peer)
+        mode = _stage(source, path, tmp, dfd, peer, link, copy_mode)
         if mode == CLIENT_COPY:
             return Delivery(path, CLIENT_COPY, source)
         def may_replace(st: os.stat_result) -> bool:
@@ -286,19 +505,23 @@ def _place(source: Path, path: Path, dfd: int, peer: Peer, existing: os.stat_res
         _unlink_quiet(tmp, dfd)
 
 
-def _stage(source: Path, path: Path, tmp: str, dfd: int, peer: Peer) -> str:
+def _stage(source: Path, path: Path, tmp: str, dfd: int, peer: Peer, link: bool = True,
+           copy_mode: int = 0o644) -> str:
     """Make ``tmp`` in the directory: a hard link, else a reflink or copy (or ``client-copy``)."""
+    if link:
+        try:
+            os.link(source, tmp, dst_dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.EACCES or e.errno == errno.EROFS:
+                return CLIENT_COPY
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise StoreError(f"cannot link {source} into {path.parent}: {e.strerror}") from e
+        else:
+            return HARDLINK
+    if peer.uid != os.geteuid() and os.geteuid() != 0:
+        return CLIENT_COPY  # the copy would be the daemon's file, not the peer's
     try:
-        os.link(source, tmp, dst_dir_fd=dfd)
-    except OSError as e:
-        if e.errno == errno.EACCES or e.errno == errno.EROFS:
-            return CLIENT_COPY
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise StoreError(f"cannot link {source} into {path.parent}: {e.strerror}") from e
-    else:
-        return HARDLINK
-    try:
-        return _clone_or_copy(source, tmp, dfd, peer)
+        return _clone_or_copy(source, tmp, dfd, peer, copy_mode)
     except OSError as e:
         if e.errno in _NO_WRITE:
             return CLIENT_COPY
@@ -402,9 +625,9 @@ def _unlink_quiet(name: str, dfd: int) -> None:
         pass
 
 
-def _clone_or_copy(source: Path, tmp: str, dfd: int, peer: Peer) -> str:
+def _clone_or_copy(source: Path, tmp: str, dfd: int, peer: Peer, copy_mode: int = 0o644) -> str:
     with open(source, "rb") as src:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             mode = REFLINK
             try:
@@ -416,6 +639,7 @@ def _clone_or_copy(source: Path, tmp: str, dfd: int, peer: Peer) -> str:
             if os.geteuid() == 0 and peer.uid != 0:
                 # A copy is the build's own file, as if it had made it itself.
                 os.fchown(fd, peer.uid, peer.gid)
+            os.fchmod(fd, copy_mode)  # after the chown, which may clear set-id bits
         finally:
             os.close(fd)
     return mode

@@ -214,7 +214,7 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
     dest, peer = None, None
     if "dest" in body:
         peer = peer_of(request)
-        dest = check_destination(body["dest"], peer)
+        dest = await asyncio.to_thread(check_destination, body["dest"], peer)
     job = services.puller.submit(fetch_request)
     log.info("fetch %s %s level %d%s", reference, fetch_request.platform, fetch_request.level,
              f" for pid {peer.pid} uid {peer.uid}" if peer else "")

@@ -9,11 +9,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv locales)
+APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv locales acl)
 # tool -> the package that ships it
 declare -A TOOLS=(
     [docker-registry]=docker-registry [skopeo]=skopeo [podman]=podman [zstd]=zstd
-    [pzstd]=zstd [systemctl]=systemd [newuidmap]=uidmap [locale-gen]=locales
+    [pzstd]=zstd [systemctl]=systemd [newuidmap]=uidmap [locale-gen]=locales [setfacl]=acl
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

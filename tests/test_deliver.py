@@ -31,8 +31,26 @@ from fetchd.errors import InvalidRequest, PermissionRefused
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = pwd.getpwnam("nobody")
 ME = Peer.current()
-AS_NOBODY = Peer(1, NOBODY.pw_uid, NOBODY.pw_gid, frozenset({NOBODY.pw_gid}))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+
+
+@pytest.fixture(scope="module")
+def nobody_pid() -> Iterator[int]:
+    """A live process of nobody's: the daemon checks a destination in its peer's own view
+    (/proc/<pid>/root), so a peer needs a real process."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    proc = subprocess.Popen(["sleep", "infinity"], user=NOBODY.pw_uid, group=NOBODY.pw_gid,
+                            extra_groups=[])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def as_nobody(pid: int, *groups: int) -> Peer:
+    return Peer(pid, NOBODY.pw_uid, NOBODY.pw_gid, frozenset({NOBODY.pw_gid, *groups}))
 
 
 @pytest.fixture
@@ -133,10 +151,10 @@ def test_malformed_destinations_are_refused(dest: str, words: str) -> None:
         check_path(dest)
 
 
-def test_directory_the_daemon_cannot_see_is_left_to_the_client(store_file: Path, tmp_path: Path) -> None:
-    # Under PrivateTmp the daemon does not see the build's /tmp: the client copies itself.
-    result = deliver(store_file, str(tmp_path / "nope" / "image.zst"), ME)
-    assert result.mode == CLIENT_COPY
+def test_a_directory_missing_in_the_peers_view_is_refused(store_file: Path, tmp_path: Path) -> None:
+    # The daemon looks in the peer's own view (/proc/<pid>/root): missing there is missing.
+    with pytest.raises(PermissionRefused, match="does not exist, is not a directory, or uid"):
+        deliver(store_file, str(tmp_path / "nope" / "image.zst"), ME)
     assert not (tmp_path / "nope").exists()
 
 
@@ -147,53 +165,53 @@ def test_directory_at_destination_is_refused(store_file: Path, tmp_path: Path) -
 
 
 @needs_root
-def test_peer_that_may_not_write_is_refused(store_file: Path, tmp_path: Path) -> None:
+def test_peer_that_may_not_write_is_refused(nobody_pid: int, store_file: Path, tmp_path: Path) -> None:
     closed = tmp_path / "root-only"
     closed.mkdir(mode=0o755)
     with pytest.raises(PermissionRefused, match=f"uid {NOBODY.pw_uid} may not write"):
-        deliver(store_file, str(closed / "image.zst"), AS_NOBODY)
+        deliver(store_file, str(closed / "image.zst"), as_nobody(nobody_pid))
     assert list(closed.iterdir()) == []
 
 
 @needs_root
-def test_peer_needs_search_permission_on_ancestors(store_file: Path, open_tmp: Path) -> None:
+def test_peer_needs_search_permission_on_ancestors(nobody_pid: int, store_file: Path, open_tmp: Path) -> None:
     outer = open_tmp / "outer"
     inner = outer / "inner"
     inner.mkdir(parents=True)
     inner.chmod(0o777)
     outer.chmod(0o700)  # nobody cannot get through
-    with pytest.raises(PermissionRefused, match="may not enter"):
-        check_destination(str(inner / "image.zst"), AS_NOBODY)
+    with pytest.raises(PermissionRefused, match="may not write there"):
+        check_destination(str(inner / "image.zst"), as_nobody(nobody_pid))
 
 
 @needs_root
-def test_group_write_permission_counts(store_file: Path, open_tmp: Path) -> None:
+def test_group_write_permission_counts(nobody_pid: int, store_file: Path, open_tmp: Path) -> None:
     shared = open_tmp / "shared"
     shared.mkdir()
     os.chown(shared, 0, 4242)
     shared.chmod(0o770)
-    member = Peer(1, NOBODY.pw_uid, NOBODY.pw_gid, frozenset({NOBODY.pw_gid, 4242}))
+    member = as_nobody(nobody_pid, 4242)
     assert deliver(store_file, str(shared / "image.zst"), member).mode == HARDLINK
     with pytest.raises(PermissionRefused):
-        deliver(store_file, str(shared / "other.zst"), AS_NOBODY)
+        deliver(store_file, str(shared / "other.zst"), as_nobody(nobody_pid))
 
 
 @needs_root
-def test_sticky_directory_protects_other_users_files(store_file: Path, open_tmp: Path) -> None:
+def test_sticky_directory_protects_other_users_files(nobody_pid: int, store_file: Path, open_tmp: Path) -> None:
     sticky = open_tmp / "sticky"
     sticky.mkdir()
     sticky.chmod(0o1777)
     theirs = sticky / "image.zst"
     theirs.write_bytes(b"someone else's")
     with pytest.raises(PermissionRefused, match="sticky"):
-        deliver(store_file, str(theirs), AS_NOBODY)
+        deliver(store_file, str(theirs), as_nobody(nobody_pid))
     assert theirs.read_bytes() == b"someone else's"
 
 
 @needs_root
-def test_copy_belongs_to_the_peer(store_file: Path, shm_dir: Path) -> None:
+def test_copy_belongs_to_the_peer(nobody_pid: int, store_file: Path, shm_dir: Path) -> None:
     shm_dir.chmod(0o777)
-    result = deliver(store_file, str(shm_dir / "image.zst"), AS_NOBODY)
+    result = deliver(store_file, str(shm_dir / "image.zst"), as_nobody(nobody_pid))
     assert result.mode == COPY
     assert os.stat(shm_dir / "image.zst").st_uid == NOBODY.pw_uid
 
@@ -253,7 +271,7 @@ def _race(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> None:
 
 
 @needs_root
-def test_file_created_in_a_sticky_dir_after_the_check_is_not_replaced(
+def test_file_created_in_a_sticky_dir_after_the_check_is_not_replaced(nobody_pid: int,
     store_file: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch, rename_impl: str
 ) -> None:
     sticky = open_tmp / "sticky"
@@ -262,7 +280,7 @@ def test_file_created_in_a_sticky_dir_after_the_check_is_not_replaced(
     dest = sticky / "image.zst"
     _race(monkeypatch, lambda: dest.write_bytes(b"root's own file"))  # owned by root, not nobody
     with pytest.raises(PermissionRefused, match="sticky"):
-        deliver(store_file, str(dest), AS_NOBODY)
+        deliver(store_file, str(dest), as_nobody(nobody_pid))
     assert dest.read_bytes() == b"root's own file"
     assert _leftovers(sticky) == []
 
@@ -297,7 +315,7 @@ def test_own_file_appearing_after_the_check_is_replaced(
     assert _leftovers(tmp_path) == []
 
 
-def test_directory_swapped_for_a_symlink_is_checked_where_it_points(
+def test_directory_swapped_for_a_symlink_is_checked_where_it_points(nobody_pid: int,
     store_file: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The early check saw a writable directory; by delivery time the path leads elsewhere."""
@@ -309,11 +327,11 @@ def test_directory_swapped_for_a_symlink_is_checked_where_it_points(
     closed = open_tmp / "closed"
     closed.mkdir(mode=0o755)  # nobody may not write here
     dest = mine / "image.zst"
-    check_destination(str(dest), AS_NOBODY)  # what the server does before the job
+    check_destination(str(dest), as_nobody(nobody_pid))  # what the server does before the job
     mine.rmdir()
     mine.symlink_to(closed)
     with pytest.raises(PermissionRefused, match="may not write"):
-        deliver(store_file, str(dest), AS_NOBODY)
+        deliver(store_file, str(dest), as_nobody(nobody_pid))
     assert list(closed.iterdir()) == []
 
 
@@ -325,3 +343,134 @@ def test_peer_groups_come_from_the_kernel_not_from_a_reused_pid(monkeypatch: pyt
     with a, b:
         peer = Peer.of_socket(a)
     assert peer.groups == frozenset({os.getgid(), *os.getgroups()})
+
+
+# -- issue 13: checks in the peer's own view, with its own rights ------------------------------
+
+needs_acl = pytest.mark.skipif(shutil.which("setfacl") is None,
+                               reason="setfacl (Debian's acl package; scripts/setup.sh installs it)")
+
+
+def _as_nobody_run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+                          capture_output=True, text=True)
+
+
+@needs_acl
+def test_an_acl_that_denies_the_peer_is_honored(nobody_pid: int, store_file: Path,
+                                                open_tmp: Path) -> None:
+    """The finding: mode 0777 plus an ACL entry denying nobody; the daemon linked there anyway."""
+    denied = open_tmp / "denied"
+    denied.mkdir()
+    denied.chmod(0o777)
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY.pw_name}:---", str(denied)], check=True)
+    assert _as_nobody_run("touch", str(denied / "probe")).returncode != 0  # the kernel agrees
+    with pytest.raises(PermissionRefused, match="may not write there"):
+        check_destination(str(denied / "image.zst"), as_nobody(nobody_pid))
+    with pytest.raises(PermissionRefused, match="may not write there"):
+        deliver(store_file, str(denied / "image.zst"), as_nobody(nobody_pid))
+    assert list(denied.iterdir()) == []
+
+
+@needs_acl
+def test_an_acl_that_grants_the_peer_is_honored_too(nobody_pid: int, store_file: Path,
+                                                    open_tmp: Path) -> None:
+    granted = open_tmp / "granted"
+    granted.mkdir(mode=0o755)  # the mode bits alone say no
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY.pw_name}:rwx", str(granted)], check=True)
+    result = deliver(store_file, str(granted / "image.zst"), as_nobody(nobody_pid))
+    assert result.mode == HARDLINK
+
+
+@needs_acl
+def test_without_the_peers_view_an_acl_means_client_copy(
+        nobody_pid: int, store_file: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that cannot act as the peer (not root, /proc hidden) does not trust mode bits
+    where an ACL may say otherwise: it writes nothing and lets the client copy."""
+    monkeypatch.setattr(deliver_module, "_acts_as", lambda peer: False)
+    denied = open_tmp / "denied"
+    denied.mkdir()
+    denied.chmod(0o777)
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY.pw_name}:---", str(denied)], check=True)
+    assert deliver(store_file, str(denied / "image.zst"), as_nobody(nobody_pid)).mode == CLIENT_COPY
+    assert list(denied.iterdir()) == []
+
+
+def test_no_hard_link_in_a_sticky_directory_the_peer_can_then_delete_its_file(
+        nobody_pid: int, store_file: Path, open_tmp: Path) -> None:
+    """The finding: in /tmp-like directories the delivered link was the daemon's file, which
+    the user could not delete. Now the peer gets its own copy there."""
+    sticky = open_tmp / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    dest = sticky / "image.zst"
+    result = deliver(store_file, str(dest), as_nobody(nobody_pid))
+    assert result.mode in (COPY, REFLINK)
+    st = os.stat(dest)
+    assert st.st_ino != os.stat(store_file).st_ino and st.st_uid == NOBODY.pw_uid
+    assert dest.read_bytes() == store_file.read_bytes()
+    assert _as_nobody_run("rm", "-f", str(dest)).returncode == 0
+    assert not dest.exists()
+
+
+def test_missing_and_not_yours_get_the_same_answer(nobody_pid: int, store_file: Path,
+                                                   open_tmp: Path) -> None:
+    """The finding: answers to nobody told whether a file or directory exists inside /root."""
+    private = open_tmp / "private"
+    (private / "exists").mkdir(parents=True)
+    (private / "afile").write_bytes(b"")
+    private.chmod(0o700)
+    answers = set()
+    for sub in ("exists", "missing", "afile"):
+        dest = private / sub / "image.zst"
+        for call in (lambda d: check_destination(str(d), as_nobody(nobody_pid)),
+                     lambda d: deliver(store_file, str(d), as_nobody(nobody_pid))):
+            with pytest.raises(PermissionRefused) as info:
+                call(dest)
+            answers.add(info.value.message.replace(sub, "X"))
+    assert len(answers) == 1, answers
+    assert sorted(p.name for p in (private / "exists").iterdir()) == []
+
+
+@pytest.fixture
+def read_only_view(open_tmp: Path) -> Iterator[tuple[Path, int]]:
+    """A directory every user may write, read-only in a process of nobody's in its own mount
+    namespace (a sandbox's read-only bind mount); the daemon's view stays writable."""
+    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs unshare and setpriv (util-linux)")
+    shared = open_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    script = (f"mount --bind {shared} {shared} && mount -o remount,bind,ro {shared} && "
+              f"exec setpriv --reuid={NOBODY.pw_uid} --regid={NOBODY.pw_gid} --clear-groups "
+              "sh -c 'echo ready; exec sleep infinity'")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout.readline().strip() != "ready":  # printed once it runs as nobody
+            proc.wait()
+            pytest.skip(f"cannot make a private read-only mount here: {proc.stderr.read()}")
+        yield shared, proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_read_only_view_gets_nothing_replaced(nobody_pid: int, store_file: Path,
+                                                read_only_view: tuple[Path, int]) -> None:
+    """The finding: a caller with a read-only view of the path (a sandbox's bind mount) got
+    an existing file replaced, because the daemon checked and wrote in its own view."""
+    shared, pid = read_only_view
+    old = shared / "image.zst"
+    old.write_bytes(b"the sandbox's file")
+    os.chown(old, NOBODY.pw_uid, NOBODY.pw_gid)
+    peer = as_nobody(pid)
+    with pytest.raises(PermissionRefused, match="read-only"):
+        check_destination(str(old), peer)
+    with pytest.raises(PermissionRefused, match="read-only"):
+        deliver(store_file, str(old), peer)
+    assert old.read_bytes() == b"the sandbox's file"
+    assert _leftovers(shared) == []
+    # the same directory, for a process in the daemon's own view: writable
+    assert deliver(store_file, str(old), as_nobody(nobody_pid)).mode == HARDLINK

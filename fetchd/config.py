@@ -68,6 +68,10 @@ class ServerConfig:
     # Members of this group (besides root and the daemon's own user) may run store-wide
     # operations: gc below the watermark policy, verify. None: nobody else.
     admin_group: str | None = None
+    # A job (one client request) that makes no progress at all for this many seconds (no
+    # byte downloaded, no layer compressed, no step done) fails, naming the registry it
+    # waited on; a job waiting for a job slot is not stalled. 0: no deadline.
+    job_stall_timeout: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class NetworkConfig:
     near_latency: float = 0.010
     connect_timeout: float = 30.0
     read_timeout: float = 60.0           # between two reads of a body, not for the whole body
+    # Progress deadline of every registry request: its response headers must come within
+    # stall_timeout seconds, then its body must bring stall_bytes in every stall_timeout
+    # seconds (a tarpit sending a byte now and then is cut off), else it counts as a failed
+    # try (retried, then the error names the registry). 0: no deadline.
+    stall_timeout: float = 60.0
+    stall_bytes: int = 64 * 1024
     retries: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
@@ -299,7 +309,7 @@ def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
             )
 
 
-_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size"}
+_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes"}
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -355,6 +365,8 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
     for name in ("max_connections", "range_parts"):
         if getattr(net, name) < 1:
             raise ConfigError(f"{where} [network] {name}: must be at least 1")
+    if server.job_stall_timeout < 0:
+        raise ConfigError(f"{where} [server] job_stall_timeout: must not be negative")
     if net.mirror_timeout <= 0:
         raise ConfigError(f"{where} [network] mirror_timeout: must be positive")
     for name in ("retries", "corrupt_retries"):
@@ -363,7 +375,7 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
     if server.shutdown_grace < 0:
         raise ConfigError(f"{where} [server] shutdown_grace: must not be negative")
     for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_cap", "retry_after_cap",
-                 "tag_cache_ttl", "mirror_cooldown", "near_latency"):
+                 "tag_cache_ttl", "mirror_cooldown", "near_latency", "stall_timeout"):
         if getattr(net, name) < 0:
             raise ConfigError(f"{where} [network] {name}: must not be negative")
 

@@ -135,6 +135,13 @@ class RegistryError(FetchdError):
     http_status = 502
 
 
+class RegistryStalled(RegistryError):
+    """A registry (or a job waiting on one) made no progress within its deadline."""
+
+    code = "registry-stalled"
+    http_status = 504
+
+
 class InsecureRegistry(FetchdError):
     code = "insecure-registry"
     http_status = 502

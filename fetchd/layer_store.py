@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -47,6 +48,7 @@ from .store_gc import GcReport, VerifyReport, collect, verify_all
 from .store_index import ImageRow, StoreIndex
 
 _T = TypeVar("_T")
+log = logging.getLogger("fetchd.store")
 _TOUCH_FLUSH_COUNT = 256
 _TOUCH_FLUSH_SECONDS = 5.0
 
@@ -73,6 +75,9 @@ class StoreSettings:
     tag_cache_max_age: float = 30 * 24 * 3600.0
     fsync: bool = True
     max_open_ingests: int = 32
+    # A waiter of another source cancels a flight that held no new byte for this long
+    # (``ensure_blob``); the daemon sets it from network.stall_timeout. 0: never.
+    flight_stall_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, config: object) -> StoreSettings:
@@ -201,28 +206,89 @@ class LayerStore:
     # -- ingest ------------------------------------------------------------------------
 
     async def ensure_blob(
-        self, digest: Digest | str, size: int, fetch: Fetch, media_type: str | None = None
+        self, digest: Digest | str, size: int, fetch: Fetch, media_type: str | None = None,
+        source: str | None = None,
     ) -> Path:
         """Return the path of the complete, verified blob, fetching it if needed.
 
-        Single-flight: concurrent callers in this process share one fetch and its error;
-        other processes wait on the digest's flock and then find the blob. A partial left
-        by an earlier failure or crash is resumed: ``fetch`` sees ``sink.offset > 0``.
+        Single-flight: concurrent callers in this process share one fetch; other processes
+        wait on the digest's flock and then find the blob. A partial left by an earlier
+        failure or crash is resumed: ``fetch`` sees ``sink.offset > 0``.
+
+        ``source`` names where ``fetch`` gets the bytes (e.g. registry/repository). A caller
+        shares the error of a flight from its own source (or when either is unnamed); the
+        flight of another source cannot make it fail: when that flight fails, or makes no
+        progress for ``flight_stall_timeout`` seconds (then it is cancelled, and its own
+        callers fall back in turn), the caller fetches from its own source. Whoever named a
+        digest, the bytes are checked against it: a flight's source only decides whose
+        failure it is.
         """
         d = _digest(digest)
         path = self.blob_path(d)
         if path.is_file():
             self._touch(d)
             return path
-        flight = self._flights.get(d)
-        if flight is None:
-            flight = Flight()
-            task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type))
-            flight.task = task
-            self._flights[d] = flight
-            task.add_done_callback(lambda t: self._flight_done(d, flight, t))
+        fallbacks = 0
+        while True:
+            flight = self._flights.get(d)
+            if flight is None:
+                flight = self._start_flight(d, size, fetch, media_type, source)
+            assert flight.task is not None
+            # Another source's flight cannot make us fail, within a bound (the same flight
+            # cannot fail twice, but new ones could keep starting): then we share its fate.
+            foreign = (source is not None and flight.source is not None
+                       and flight.source != source and fallbacks < 3)
+            try:
+                if foreign and await self._wait_foreign(flight):
+                    fallbacks += 1
+                    log.warning("the download of %s from %s stalled; fetching it from %s",
+                                d, flight.source, source)
+                    # Ours at once, before its other waiters resume (it waits for the lock).
+                    self._start_flight(d, size, fetch, media_type, source)
+                    continue
+                return await asyncio.shield(flight.task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not flight.preempted or (current is not None and current.cancelling()):
+                    raise
+                error: BaseException = StoreError(f"the download of {d} stalled and was preempted")
+            except Exception as e:
+                error = e
+            if not (foreign or flight.preempted) or fallbacks >= 3:
+                raise error
+            fallbacks += 1
+            if path.is_file():
+                self._touch(d)
+                return path
+            log.info("the download of %s from %s failed (%s); fetching it from %s",
+                     d, flight.source, getattr(error, "code", type(error).__name__), source)
+
+    def _start_flight(self, d: Digest, size: int, fetch: Fetch, media_type: str | None,
+                      source: str | None) -> Flight:
+        flight = Flight()
+        flight.source = source
+        task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type))
+        flight.task = task
+        self._flights[d] = flight
+        task.add_done_callback(lambda t: self._flight_done(d, flight, t))
+        return flight
+
+    async def _wait_foreign(self, flight: Flight) -> bool:
+        """Wait for a flight of another source to end; True when it stalled (no new byte in
+        ``flight_stall_timeout`` seconds) and was cancelled for that (see ensure_blob)."""
+        window = self.settings.flight_stall_timeout
         assert flight.task is not None
-        return await asyncio.shield(flight.task)
+        seen = -1
+        while not flight.task.done():
+            ing = flight.ingest
+            held = ing.offset + sum(b - a for a, b in ing.held_ranges()) if ing else 0
+            if held == seen and window:
+                flight.preempted = True
+                flight.task.cancel()
+                return True
+            seen = held
+            await asyncio.wait([flight.task], timeout=window or None)
+        return False
 
     def _flight_done(self, d: Digest, flight: Flight, task: asyncio.Task[Path]) -> None:
         if self._flights.get(d) is flight:

@@ -43,6 +43,7 @@ from .errors import (
     NetworkDisabled,
     RateLimited,
     RegistryError,
+    RegistryStalled,
     ShuttingDown,
     SizeMismatch,
 )
@@ -154,6 +155,7 @@ class Job:
         self.request = request
         self.key = request.key
         self.started = time.time()
+        self.progressed = time.monotonic()  # when the last event came (the stall deadline)
         self.state = "queued"
         self._events: list[dict[str, Any]] = []
         self._base = 0  # the absolute index of _events[0]: events dropped so far
@@ -169,6 +171,7 @@ class Job:
         self.seq = 0  # submission order (Puller.submit): earlier jobs' downloads go first
 
     def push(self, event: dict[str, Any]) -> None:
+        self.progressed = time.monotonic()
         self._events.append(event)
         self._remember(event)
         if len(self._events) > self._max_events:
@@ -376,7 +379,7 @@ class Puller:
         try:
             job.state = "running"
             try:
-                result = await self._fetch(job)
+                result = await self._watched(job)
             finally:
                 if job.slot:
                     job.slot = False
@@ -407,6 +410,34 @@ class Puller:
         # a failed job's exception counts as retrieved even when every client went away
         if job._future.done() and not job._future.cancelled():
             job._future.exception()
+
+    async def _watched(self, job: Job) -> FetchResult:
+        """``_fetch(job)``, failed with RegistryStalled once the job made no progress (no
+        event: no bytes, no compression, no step) for ``server.job_stall_timeout`` seconds.
+        Time spent waiting for a network job slot does not count."""
+        limit = self.config.server.job_stall_timeout
+        task = asyncio.ensure_future(self._fetch(job))
+        try:
+            while True:
+                idle = time.monotonic() - job.progressed
+                if job.state == "queued" or not limit:
+                    job.progressed, idle = time.monotonic(), 0.0
+                if idle >= limit:
+                    break
+                done, _ = await asyncio.wait([task], timeout=(limit or 60.0) - idle)
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if not task.cancelled():
+            return task.result()  # it ended (or failed) on its own just then
+        ref = job.request.reference
+        raise RegistryStalled(
+            f"{ref}: no progress for {limit:g} s (nothing downloaded, compressed or done; "
+            f"[server] job_stall_timeout) while waiting on {ref.registry}; the registry (or a "
+            "mirror) is stalling: retry later")
 
     def _forget(self, job: Job) -> None:
         if self._jobs.get(job.key) is job:
@@ -714,7 +745,8 @@ class Puller:
                                                               whole=whole))
 
             try:
-                await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type)
+                await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type,
+                                             source=f"{ref.registry}/{ref.repository}")
                 break
             except (DigestMismatch, SizeMismatch) as e:
                 bad = self.registry.blame(ref, layer, tuple(sources)) - exclude

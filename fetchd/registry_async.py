@@ -39,6 +39,7 @@ from .errors import (
     InvalidReference,
     ManifestInvalid,
     RegistryError,
+    RegistryStalled,
     SizeMismatch,
 )
 from .manifest import (
@@ -52,8 +53,7 @@ from .manifest import (
 )
 from .ranges import content_range_matches, range_header, split
 from .reference import Reference
-from .registry_errors import read_capped
-from .registry_http import TRANSIENT, Endpoint, Host, Transport, foreign_endpoint
+from .registry_http import TRANSIENT, Endpoint, Host, ProgressWatch, Transport, foreign_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,10 @@ class RegistryClient:
     async def close(self) -> None:
         await self._t.close()
 
+    def _watch(self) -> ProgressWatch:
+        """The progress deadline of one response body (``network.stall_timeout``)."""
+        return ProgressWatch(self.net.stall_timeout, self.net.stall_bytes)
+
     async def __aenter__(self) -> RegistryClient:
         return self
 
@@ -263,6 +267,7 @@ class RegistryClient:
     async def _read_manifest(self, ep: Endpoint, ref: Reference, where: str) -> tuple[str, str | None, bytes]:
         """(content type, Docker-Content-Digest, body); a body cut mid-way is fetched again."""
         failures = 0
+        watch = self._watch()
         while True:
             try:
                 async with self._t.open(ep, ref, "GET", ep.path(ref, "manifests", ref.target),
@@ -273,12 +278,17 @@ class RegistryClient:
                         raise ManifestInvalid(
                             f"{where}: manifest of {resp.content_length} bytes exceeds the "
                             f"{MAX_MANIFEST_SIZE} byte limit ({ep.label})")
-                    body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1)
+                    watch = self._watch()
+                    async with watch:
+                        body = await _read_watched(resp.content, MAX_MANIFEST_SIZE + 1, watch)
             except TRANSIENT as e:
                 failures += 1
                 if failures > (0 if ep.mirror is not None else self.policy.retries):
-                    raise RegistryError(f"{ep.label}: manifest of {where} kept breaking off "
-                                        f"({type(e).__name__}); check the network and retry") from e
+                    stalled = isinstance(e, asyncio.TimeoutError)
+                    reason = watch.describe() if watch.expired() else type(e).__name__
+                    raise (RegistryStalled if stalled else RegistryError)(
+                        f"{ep.label}: manifest of {where} kept breaking off ({reason}); check "
+                        "the network and retry") from e
                 self._t.host(ep.key).bump("retries")
                 await self._t.sleep(self.policy.delay(failures - 1))
                 continue
@@ -507,11 +517,14 @@ class RegistryClient:
                 pos, reason = cut.pos, cut.reason
             if pos >= end:
                 return
-            failures = 1 if pos > begin else failures + 1  # progress resets the count
+            # Progress resets the count, unless the try ended on its progress deadline: a
+            # trickle would otherwise be retried for ever, a few bytes each time.
+            stalled = reason.startswith("stalled")
+            failures = 1 if pos > begin and not stalled else failures + 1
             # A mirror is not retried: the next source resumes from ``pos``.
             if failures > (0 if ep.mirror is not None else self.policy.retries):
                 host.bump("errors")
-                raise RegistryError(
+                raise (RegistryStalled if stalled else RegistryError)(
                     f"{ep.label}: blob {desc.digest} of {ref.name}: transfer stopped at byte {pos} "
                     f"of {size} {failures} times ({reason}); check the network and retry")
             host.bump("retries")
@@ -538,20 +551,23 @@ class RegistryClient:
                 counter.add(held)
                 held = 0
 
+        watch = self._watch()
         try:
-            while True:
-                chunk = await resp.content.readany()
-                if not chunk:
-                    break
-                if pos + held + len(chunk) > end:
-                    raise SizeMismatch(
-                        f"blob {desc.digest}: the server sent more than the expected "
-                        f"{desc.size} bytes; nothing past that was kept")
-                host.bump("bytes", len(chunk))
-                pending.append(chunk)
-                held += len(chunk)
-                if held >= FLUSH_SIZE:
-                    await flush()
+            async with watch:
+                while True:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    if pos + held + len(chunk) > end:
+                        raise SizeMismatch(
+                            f"blob {desc.digest}: the server sent more than the expected "
+                            f"{desc.size} bytes; nothing past that was kept")
+                    host.bump("bytes", len(chunk))
+                    watch.fed(len(chunk))
+                    pending.append(chunk)
+                    held += len(chunk)
+                    if held >= FLUSH_SIZE:
+                        await flush()
         except (*TRANSIENT, asyncio.CancelledError) as e:
             if writing:  # interrupted inside a write: the sink's own state is what counts
                 raise
@@ -568,7 +584,7 @@ class RegistryClient:
             await flush()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise _Cut(pos, type(e).__name__) from e
+            raise _Cut(pos, watch.describe() if watch.expired() else type(e).__name__) from e
         await flush()
         return pos
 
@@ -591,6 +607,20 @@ class _MemorySink:
 
     def held_ranges(self) -> list[tuple[int, int]]:
         return []
+
+
+async def _read_watched(content: Any, cap: int, watch: ProgressWatch) -> bytes:
+    """Read a body until EOF or ``cap`` bytes, feeding ``watch`` (its deadline applies)."""
+    parts: list[bytes] = []
+    held = 0
+    while held < cap:
+        chunk = await content.read(cap - held)
+        if not chunk:
+            break
+        watch.fed(len(chunk))
+        parts.append(chunk)
+        held += len(chunk)
+    return b"".join(parts)
 
 
 def _salvage(content: Any) -> list[bytes]:

@@ -50,6 +50,7 @@ from .errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    RegistryStalled,
     SizeMismatch,
     Unauthorized,
 )
@@ -107,6 +108,43 @@ class Endpoint:
 
 
 # The per-host stats that only grow (``Host.bump``); the others are levels.
+class ProgressWatch:
+    """A progress deadline for a block: at least ``min_bytes`` must be ``fed`` in every
+    ``window`` seconds, else the block is cancelled and ends in ``TimeoutError``
+    (``expired()`` then tells it was this watch). ``window`` 0 or None: no deadline."""
+
+    def __init__(self, window: float | None, min_bytes: int = 1) -> None:
+        self.window = window or None
+        self.min_bytes = max(1, min_bytes)
+        self._got = 0
+        self._cm: asyncio.Timeout | None = None
+
+    def _deadline(self) -> float | None:
+        return None if self.window is None else asyncio.get_running_loop().time() + self.window
+
+    async def __aenter__(self) -> ProgressWatch:
+        self._cm = asyncio.timeout_at(self._deadline())
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._cm is not None
+        await self._cm.__aexit__(*exc)  # raises TimeoutError when the deadline passed
+
+    def fed(self, n: int) -> None:
+        self._got += n
+        if self._got >= self.min_bytes and self._cm is not None and self.window is not None:
+            self._got = 0
+            self._cm.reschedule(self._deadline())
+
+    def expired(self) -> bool:
+        return self._cm is not None and self._cm.expired()
+
+    def describe(self) -> str:
+        return (f"stalled: fewer than {self.min_bytes} bytes in {self.window:g} s "
+                "([network] stall_timeout, stall_bytes)")
+
+
 COUNTERS = ("requests", "bytes", "retries", "errors", "fallbacks", "corrupt", "timeouts")
 
 
@@ -407,7 +445,9 @@ class Transport:
                 sock_read=ep.timeout)
         for _ in range(MAX_REDIRECTS + 1):
             host.bump("requests")
-            async with asyncio.timeout(ep.timeout):  # None: no limit
+            # A mirror's own timeout, else the progress deadline for the response headers.
+            async with asyncio.timeout(ep.timeout if ep.timeout is not None
+                                       else self.net.stall_timeout or None):
                 resp = await self.session().request(
                     method, target, headers=hdrs, allow_redirects=False,
                     ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE, **extra)
@@ -485,6 +525,7 @@ class Transport:
                             else type(e).__name__
                         if isinstance(e, asyncio.TimeoutError):
                             host.bump("timeouts")
+                            failure = "no response in time (stalled)"
                         if ep.mirror is not None:
                             self.mark_down(ep, failure)
                     except aiohttp.ClientError as e:  # a malformed answer: maybe a bad proxy
@@ -535,7 +576,8 @@ class Transport:
 
             if attempt >= retries:
                 host.bump("errors")
-                raise RegistryError(
+                kind = RegistryStalled if "stalled" in failure else RegistryError
+                raise kind(
                     f"{ep.label}: {what} of {ref.name} failed after {attempt + 1} tries ({failure}); "
                     "check the network or the registry's status and try again")
             host.bump("retries")

@@ -720,7 +720,8 @@ def store_settings(config: Config) -> Any:
     from .layer_store import StoreSettings
 
     return dataclasses.replace(StoreSettings.from_config(config.store),
-                               tag_cache_ttl=config.network.tag_cache_ttl)
+                               tag_cache_ttl=config.network.tag_cache_ttl,
+                               flight_stall_timeout=config.network.stall_timeout)
 
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:

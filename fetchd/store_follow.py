@@ -42,6 +42,8 @@ class Flight:
     def __init__(self) -> None:
         self.task: asyncio.Task[Path] | None = None
         self.ingest: Ingest | None = None
+        self.source: str | None = None  # where its fetch gets the bytes (LayerStore.ensure_blob)
+        self.preempted = False  # cancelled by a waiter with another source: it stalled
         self.outcome: Path | BaseException | None = None
         self.cond = threading.Condition()
         self._changed = asyncio.Event()

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fake_registry import FakeRegistry
-from support.images import PlatformImage, make_image, make_layer, text_bytes
+from support.images import Catalog, PlatformImage, make_image, make_layer, text_bytes
 
 from fetchd.config import Config
 from fetchd.layer_store import LayerStore
@@ -26,6 +26,7 @@ from fetchd.platform import Platform
 from fetchd.pull import FetchRequest, Job, Puller
 from fetchd.reference import Reference
 from fetchd.registry_async import RegistryClient
+from fetchd.server import store_settings
 
 AMD64 = Platform.parse("linux/amd64")
 ATTACKER, VICTIM = 6666, 1001  # peer uids as the server would pass them
@@ -130,7 +131,7 @@ class Daemon:
         sections.setdefault("network", {}).setdefault("retries", 1)
         sections["network"].setdefault("backoff_base", 0.001)
         self.config = Config.from_dict(sections, env={"FETCHD_STORE": str(tmp_path / "store")})
-        self.store = LayerStore(tmp_path / "store", self.config.store)
+        self.store = LayerStore(tmp_path / "store", store_settings(self.config))
         self.registry = RegistryClient(self.config)
         self.puller = Puller(self.store, self.registry, self.config)
 
@@ -250,3 +251,149 @@ async def _until_done(job: Job) -> AsyncIterator[dict[str, Any]]:
     job._finish()
     async for event in events:
         yield event
+
+
+# -- deadlines ------------------------------------------------------------------------------
+
+
+class TrickleBlobs(FakeRegistry):
+    """Serves manifests and configs normally; every blob answer sends its headers and a few
+    bytes, then nothing more (a connection held open forever)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop = asyncio.Event()
+        self.trickled = 0
+
+    async def _send_blob(self, request: web.Request, digest: str, fault: Any) -> web.StreamResponse:
+        data = self.blobs.get(digest, b"")
+        if len(data) < 4096:  # the config: served
+            return await super()._send_blob(request, digest, fault)
+        resp = web.StreamResponse()
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[:10])
+        self.trickled += 1
+        await self.stop.wait()
+        return resp
+
+
+async def test_a_trickling_manifest_fails_on_its_progress_deadline_naming_the_registry(
+        tmp_path: Path, tarpit: Tarpit) -> None:
+    """Finding: nothing bounded how long a download may make no progress. Now each request
+    must bring stall_bytes in every stall_timeout seconds; it is retried, then fails."""
+    d = Daemon(tmp_path, network={"stall_timeout": 0.2, "stall_bytes": 1024, "retries": 1})
+    try:
+        from fetchd.errors import RegistryStalled
+
+        with pytest.raises(RegistryStalled) as err:
+            await d.submit(f"{tarpit.host}/evil/img:1").wait()
+        assert err.value.code == "registry-stalled"
+        assert tarpit.host in err.value.message and "stall" in err.value.message
+    finally:
+        await d.close()
+
+
+async def test_a_trickling_blob_is_retried_then_fails_naming_the_registry(tmp_path: Path) -> None:
+    evil = await TrickleBlobs().start()
+    d = Daemon(tmp_path, network={"stall_timeout": 0.2, "stall_bytes": 1024, "retries": 2})
+    try:
+        from fetchd.errors import RegistryStalled
+
+        image = make_image("linux/amd64", [make_layer(text_bytes("trickle", 256 << 10), "gzip")])
+        reference = serve_image(evil, "slow/img", "1", image)
+        with pytest.raises(RegistryStalled) as err:
+            await d.submit(reference).wait()
+        assert evil.host in err.value.message and "stall_timeout" in err.value.message
+        assert evil.trickled == 3  # the first try and two retries, each cut by the deadline
+    finally:
+        evil.stop.set()
+        await d.close()
+        await evil.close()
+
+
+async def test_a_job_without_any_progress_fails_on_the_job_deadline(
+        tmp_path: Path, tarpit: Tarpit) -> None:
+    """The per-request deadline off (0), the job's own deadline still ends a job that waits
+    on a registry that never answers."""
+    d = Daemon(tmp_path, network={"stall_timeout": 0}, server={"job_stall_timeout": 0.3})
+    try:
+        from fetchd.errors import RegistryStalled
+
+        job = d.submit(f"{tarpit.host}/evil/img:2")
+        with pytest.raises(RegistryStalled) as err:
+            await job.wait()
+        assert "job_stall_timeout" in err.value.message and tarpit.host in err.value.message
+        assert job.state == "failed"
+    finally:
+        await d.close()
+
+
+# -- single-flight hijack -------------------------------------------------------------------
+
+
+class HoldingLayers(FakeRegistry):
+    """The attacker's registry: serves its manifest and config, and for the layers it names
+    (a public image's digests) holds each request until ``release``, then answers 500, or,
+    with ``stall``, holds it for ever."""
+
+    def __init__(self, layers: set[str], stall: bool = False) -> None:
+        super().__init__()
+        self.layers, self.stall = layers, stall
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def _send_blob(self, request: web.Request, digest: str, fault: Any) -> web.StreamResponse:
+        if digest not in self.layers:
+            return await super()._send_blob(request, digest, fault)
+        self.holding.set()
+        await self.release.wait()
+        if self.stall:
+            await asyncio.Event().wait()
+        return web.json_response({"errors": [{"code": "UNKNOWN", "message": "evil says no"}]},
+                                 status=500)
+
+
+async def _joined(job: Job, digests: set[str]) -> None:
+    """Return once ``job`` asked the store for each of ``digests`` (it then waits on them)."""
+    waiting = set(digests)
+    async for event in job.events():
+        if event.get("event") == "layer" and event.get("state") == "downloading":
+            waiting.discard(event["digest"])
+        if not waiting:
+            return
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("stall", [False, True], ids=["attacker-fails", "attacker-stalls"])
+async def test_a_victim_joining_an_attackers_flight_falls_back_to_its_own_registry(
+        tmp_path: Path, images: Catalog, stall: bool) -> None:
+    """Finding: an attacker's image on the attacker's registry names a public layer's
+    digest; the daemon fetches it from the attacker, and a victim pulling the real image
+    joined that flight and then failed with the attacker's error (or hung). Now a waiter
+    whose own source differs fetches from its own source when that flight fails or stalls."""
+    real = images["single-oci"]
+    layers = {str(layer.digest) for layer in real.only.layers}
+    evil = await HoldingLayers(layers, stall=stall).start()
+    d = Daemon(tmp_path, network={"retries": 0, "stall_timeout": 0.5 if stall else 0})
+    try:
+        trap = serve_image(evil, "evil/img", "1", real.only)
+        attacker = d.submit(trap, uid=ATTACKER)
+        await evil.holding.wait()  # the attacker's flight holds the public layers
+        victim = d.submit(real.reference, uid=VICTIM)
+        await _joined(victim, layers)
+        evil.release.set()
+        result = await victim.wait()
+        assert result.manifest_digest == str(real.only.manifest_digest)
+        assert result.blobs_downloaded == len(layers)
+        from fetchd.errors import FetchdError
+
+        if not stall:
+            with pytest.raises(FetchdError):
+                await attacker.wait()  # its own source's failure stays its own
+        else:  # it gave up its stalled source; it may share the victim's verified blobs
+            await asyncio.gather(attacker.wait(), return_exceptions=True)
+    finally:
+        evil.release.set()
+        await d.close()
+        await evil.close()

@@ -280,9 +280,9 @@ class LayerStore:
         assert flight.task is not None
         seen = -1
         while not flight.task.done():
-            ing = flight.ingest
-            held = ing.offset + sum(b - a for a, b in ing.held_ranges()) if ing else 0
-            if held == seen and window:
+            ing = flight.ingest  # None while it waits for its turn (max_open_ingests)
+            held = ing.offset + sum(b - a for a, b in ing.held_ranges()) if ing else -1
+            if held == seen and held >= 0 and window:
                 flight.preempted = True
                 flight.task.cancel()
                 return True

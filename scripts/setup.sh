@@ -9,11 +9,23 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv locales acl)
+# The Debian package (scripts/build-deb.sh, tests/test_deb.py) needs the debhelper toolchain,
+# Debian's python3.11 with venv and the pip/setuptools/wheel wheels, lintian and man (man-db).
+APT_PACKAGES=(docker-registry skopeo podman zstd systemd uidmap python3-venv locales acl
+    debhelper dpkg-dev fakeroot lintian man-db python3.11-venv python3-pip-whl
+    python3-setuptools-whl python3-wheel-whl)
 # tool -> the package that ships it
 declare -A TOOLS=(
     [docker-registry]=docker-registry [skopeo]=skopeo [podman]=podman [zstd]=zstd
     [pzstd]=zstd [systemctl]=systemd [newuidmap]=uidmap [locale-gen]=locales [setfacl]=acl
+    [dh]=debhelper [dpkg-buildpackage]=dpkg-dev [fakeroot]=fakeroot [lintian]=lintian [man]=man-db
+)
+# files -> the package that ships them (packages without a command of their own)
+declare -A FILES=(
+    [/usr/lib/python3.11/venv/__init__.py]=python3.11-venv
+    [/usr/share/python-wheels/pip-*.whl]=python3-pip-whl
+    [/usr/share/python-wheels/setuptools-*.whl]=python3-setuptools-whl
+    [/usr/share/python-wheels/wheel-*.whl]=python3-wheel-whl
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -34,6 +46,9 @@ pick_python() {
 missing=()
 for tool in "${!TOOLS[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+for pattern in "${!FILES[@]}"; do
+    compgen -G "$pattern" >/dev/null || missing+=("${FILES[$pattern]}")
 done
 PY=$(pick_python || true)
 if [ -z "$PY" ] || ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -23,6 +23,8 @@ for the first ``times`` matching requests, or always when ``times`` is None):
 - ``per_transfer(match, [("cut", 1 << 20), ("corrupt", 100)])``: the k-th transfer of each
   matching path (a request that reached the registry, not one answered by a status fault)
   gets the k-th fault of the list: a cut after that many body bytes, or that body byte flipped.
+- ``hold(match)``: keep matching requests unanswered until ``rule.release()``; ``rule.reached``
+  is set when the first one arrives (a pull held in flight while a test acts, e.g. an upgrade).
 - ``set_link(rate=30e6, latency=0.04)``: every connection capped at ``rate`` bytes/s, and
   ``latency`` seconds added before each response's first byte (benchmarks).
 """
@@ -30,6 +32,7 @@ for the first ``times`` matching requests, or always when ``times`` is None):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -45,7 +48,7 @@ _HEAD_LIMIT = 1 << 20
 
 @dataclass
 class Rule:
-    """One fault. ``kind`` is cut | corrupt | status | stall | ignore_range.
+    """One fault. ``kind`` is cut | corrupt | status | stall | ignore_range | hold.
 
     ``after_bytes`` is the body offset where a cut happens or the byte a corrupt flips.
     """
@@ -61,10 +64,18 @@ class Rule:
     every: int | None = None                         # kind "status": every n-th request
     sequence: tuple[tuple[str, int], ...] = ()      # kind "sequence": faults by transfer
     fired: int = 0
+    reached: threading.Event = field(default_factory=threading.Event, repr=False)
     _rx: re.Pattern[str] = field(init=False, repr=False)
+    _released: concurrent.futures.Future[None] = field(
+        default_factory=concurrent.futures.Future, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._rx = re.compile(self.match)
+
+    def release(self) -> None:
+        """A ``hold`` rule: let the requests it keeps, and every later one, through."""
+        if not self._released.done():
+            self._released.set_result(None)
 
     def applies(self, method: str, path: str) -> bool:
         if self.times is not None and self.fired >= self.times:
@@ -217,6 +228,9 @@ class RegistryProxy:
 
     def stall(self, match: str, seconds: float, times: int | None = 1, method: str | None = None) -> Rule:
         return self.add_rule(Rule("stall", match, method, times, seconds=seconds))
+
+    def hold(self, match: str, times: int | None = None, method: str | None = "GET") -> Rule:
+        return self.add_rule(Rule("hold", match, method, times))
 
     def ignore_range(self, match: str = "/blobs/", times: int | None = None) -> Rule:
         return self.add_rule(Rule("ignore_range", match, None, times))
@@ -375,6 +389,10 @@ class RegistryProxy:
         method, target, _ = first.split(" ", 2)
         path = target.split("?", 1)[0]
         rules = self._take_rules(method, path)
+        for rule in rules:
+            if rule.kind == "hold":
+                rule.reached.set()
+                await asyncio.wrap_future(rule._released)
         with self._lock:
             rate, latency = self._rate, self._latency
         tx = _Tx(self, method, path, _get(headers, "Range"), tuple(r.kind for r in rules))

@@ -127,6 +127,9 @@ class Ingest:
         self.digest = digest
         self.size = size
         self._fsync = fsync
+        # The committed blob's mode: 0444, or 0400 for a private registry's blob (the store
+        # sets it before the commit; see LayerStore.restrict).
+        self.mode = 0o444
         self._fd = -1
         self._hash = digest.hasher()
         # Contiguous bytes held (written and hashed): where a resumed fetch starts.
@@ -296,7 +299,7 @@ class Ingest:
     def _commit_sync(self, dest: Path) -> None:
         if self._fsync:
             os.fsync(self._fd)
-        os.fchmod(self._fd, 0o444)  # read-only before it becomes visible
+        os.fchmod(self._fd, self.mode)  # read-only before it becomes visible
         os.replace(self.part, dest)
         if self._fsync:
             fsync_dir(dest.parent)

@@ -173,6 +173,8 @@ class LayerStore:
                 "writable and on a local filesystem"
             ) from e
         self._flights: dict[Digest, Flight] = {}
+        self._private: set[str] = set()
+        self._private_leases: set[str] = set()
         # FIFO: downloads get their turn in the order asked (pull asks in pack's order)
         self._ingest_slots = asyncio.Semaphore(max(1, self.settings.max_open_ingests))
         self._touches: dict[str, float] = {}
@@ -325,6 +327,7 @@ class LayerStore:
                 path.parent.mkdir(exist_ok=True)
             ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync)
             ing.on_change = flight.notify
+            ing.mode = self._mode(d)
             flight.ingest = ing
             flight.notify()
             try:
@@ -349,6 +352,33 @@ class LayerStore:
             lock.release(unlink=True)
         self._committed(d, size, media_type)
         return path
+
+    # -- private blobs: 0400 instead of 0444 (config: registries.<host>.private) ----------
+
+    def restrict(self, digests: Iterable[Digest | str] = (), lease: str | None = None) -> None:
+        """Keep these blobs (and what is committed under ``lease``) out of world-readable files.
+
+        Blobs committed from now on get mode 0400 (only the daemon's user reads them); those
+        already in the store are chmodded now. In memory for this store object: the puller
+        names them again on every pull of a private image, before anything is committed.
+        """
+        keys = {str(d) for d in digests}
+        self._private.update(keys)
+        if lease is not None:
+            self._private_leases.add(lease)
+        for key in keys:
+            with contextlib.suppress(OSError):
+                path = self.blob_path(_digest(key))
+                if os.stat(path).st_mode & 0o044:
+                    os.chmod(path, 0o400)
+
+    def end_restriction(self, lease: str) -> None:
+        """``lease`` has ended: forget it (its blobs keep their mode)."""
+        self._private_leases.discard(lease)
+
+    def _mode(self, d: Digest, lease: str | None = None) -> int:
+        private = str(d) in self._private or (lease is not None and lease in self._private_leases)
+        return 0o400 if private else 0o444
 
     def _committed(self, d: Digest, size: int, media_type: str | None,
                    alias: tuple[str, str] | None = None,
@@ -452,7 +482,7 @@ class LayerStore:
                 self._index(lambda: self.index.add_lease(lease, "commit", [str(d)], time.time()))
             dest = self.blob_path(d)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o444)
+            os.chmod(tmp, self._mode(d, lease))
             if dest.is_file():
                 tmp.unlink()  # same content already there: "already exists" is success
             else:

@@ -104,9 +104,12 @@ class FetchResult:
     blobs_downloaded: int = 0
     frames_compressed: int = 0
     frames_reused: int = 0
+    # From a registry configured private: the store keeps its files 0400 and the archive is
+    # handed back only as the caller's own copy (docs/SECURITY.md).
+    private: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        return {**({"private": True} if self.private else {}),
             "reference": self.reference,
             "platform": self.platform,
             "index_digest": self.index_digest,
@@ -450,6 +453,9 @@ class Puller:
         ref = req.reference
         where = str(ref)
         resolved = await self.resolve_digest(ref, offline=req.offline, job=job)
+        private = self.config.registry(ref.registry).private
+        restrict = self._restrict if private else _no_restriction
+        await restrict([resolved.top_digest])
         top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline, job)
         top = parse_manifest(top_body, resolved.media_type, where, self.max_layers)
         index_digest: Digest | None = None
@@ -460,12 +466,14 @@ class Puller:
             entry = select_platform(top, req.platform, where)
             chosen = entry.platform
             manifest_digest = entry.digest
+            await restrict([entry.digest])
             body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
             image = parse_manifest(body, entry.media_type, where, self.max_layers)
             if isinstance(image, ImageIndex):  # nested index: one more level
                 entry = select_platform(image, req.platform, where)
                 chosen = entry.platform
                 manifest_digest = entry.digest
+                await restrict([entry.digest])
                 body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
                 image = parse_manifest(body, entry.media_type, where, self.max_layers)
             if not isinstance(image, ImageManifest):
@@ -478,6 +486,7 @@ class Puller:
                         "manifest_digest": str(manifest_digest),
                         "platform": str(chosen or req.platform), "layers": len(image.layers)})
 
+        await restrict([image.config.digest, *(layer.digest for layer in image.layers)])
         config_raw = await self._config_bytes(ref, image, req.offline, job)
         config = parse_config(config_raw, where, self.max_layers)
         if chosen is None:
@@ -505,13 +514,18 @@ class Puller:
             frames = [f.digest for f in found.values()]
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
                                    *frames], f"pull {where}") as lease:
-                needed = await self._needed_layers(job, ref, image, config.diff_ids, req)
-                downloaded = len(needed)
-                packed = await self._download_and_pack(job, ref, image, needed, config_raw,
-                                                       repo_tag, manifest_digest, lease)
+                await restrict([], lease)  # the archive committed under it
+                try:
+                    needed = await self._needed_layers(job, ref, image, config.diff_ids, req)
+                    downloaded = len(needed)
+                    packed = await self._download_and_pack(job, ref, image, needed, config_raw,
+                                                           repo_tag, manifest_digest, lease)
+                finally:
+                    self.store.end_restriction(lease)
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
+        await restrict([archive])  # also one packed before the registry was configured private
         path = self.store.blob_path(archive)
         self.store.record_image(str(ref), str(chosen or req.platform), manifest_digest, archive, req.level)
         return FetchResult(
@@ -527,7 +541,11 @@ class Puller:
             blobs_downloaded=downloaded,
             frames_compressed=pack_stats[0],
             frames_reused=pack_stats[1],
+            private=private,
         )
+
+    async def _restrict(self, digests: list[Digest], lease: str | None = None) -> None:
+        await asyncio.to_thread(self.store.restrict, digests, lease)
 
     async def resolve(self, reference: Reference, offline: bool = False,
                       max_age: float | None = None) -> dict[str, Any]:
@@ -826,6 +844,10 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+async def _no_restriction(digests: list[Digest], lease: str | None = None) -> None:
+    pass
 
 
 def _s(digest: Digest | None) -> str | None:

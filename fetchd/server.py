@@ -37,7 +37,7 @@ from aiohttp import web
 
 from . import __version__, sdnotify
 from .config import Config, permission_warnings
-from .deliver import Peer, check_destination, check_path, deliver
+from .deliver import CLIENT_COPY, Peer, check_destination, check_path, deliver
 from .digest import Digest
 from .errors import (
     BlobUnknown,
@@ -211,6 +211,10 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         uid=peer_uid(request),
     )
     _ = fetch_request.key  # normalizes repo_tag: a malformed one is a 400 before any work
+    if "dest" not in body and services.config.registry(reference.registry).private:
+        raise InvalidRequest(
+            f"{reference.registry} is configured private: its images are handed back only as "
+            "your own copy, so give a destination ('dest'; fetchd pull -o FILE)")
     dest, peer = None, None
     if "dest" in body:
         peer = peer_of(request)
@@ -254,17 +258,30 @@ async def _hand_back(
     if dest is None or peer is None:
         out.update(path=str(result.archive_path), delivery="store")
         return out
-    delivery = await _deliver(services, Digest.parse(result.archive_digest), result.archive_path, dest, peer)
+    delivery = await _deliver(services, Digest.parse(result.archive_digest), result.archive_path, dest,
+                              peer, private=result.private)
     out.update(delivery)
     return out
 
 
 async def _deliver(
-    services: Services, digest: Digest, source: Path, dest: Path | str, peer: Peer
+    services: Services, digest: Digest, source: Path, dest: Path | str, peer: Peer,
+    private: bool = False,
 ) -> dict[str, str]:
+    """Hand ``source`` back; a private archive only as the peer's own 0600 copy, made by the
+    daemon (never a shared hard link, never a store path for the client to read)."""
     # The lease keeps gc away from the archive between the check and the link.
     with services.store.lease([digest], f"deliver {dest}"):
-        delivery = await asyncio.to_thread(deliver, source, str(dest), peer)
+        if private:
+            delivery = await asyncio.to_thread(deliver, source, str(dest), peer, link=False,
+                                               copy_mode=0o600)
+        else:
+            delivery = await asyncio.to_thread(deliver, source, str(dest), peer)
+    if private and delivery.mode == CLIENT_COPY:
+        raise PermissionRefused(
+            f"refusing to hand back {dest}: the image is private (its registry is configured "
+            "private), so the daemon must write your copy itself, and it cannot write there "
+            "for you; give a destination in a directory you own")
     log.info("delivered %s to %s (%s) for uid %d", digest, delivery.path, delivery.mode, peer.uid)
     return delivery.to_json()
 
@@ -340,8 +357,10 @@ async def handle_deliver(request: web.Request) -> web.Response:
     if not services.store.has(digest):
         raise BlobUnknown(f"archive {digest} is not in the store (collected?): fetch the image again")
     source = services.store.blob_path(digest)
-    out = {"archive_digest": str(digest), "size": source.stat().st_size}
-    out.update(await _deliver(services, digest, source, dest, peer))
+    st = source.stat()
+    out = {"archive_digest": str(digest), "size": st.st_size}
+    # A file others may not read is a private registry's (LayerStore.restrict).
+    out.update(await _deliver(services, digest, source, dest, peer, private=not st.st_mode & 0o004))
     return web.json_response(out)
 
 

@@ -51,8 +51,10 @@ class Daemon:
         return await asyncio.to_thread(request_as, self.socket, method, url, body, groups=groups)
 
 
-async def _start(open_tmp: Path, store_cfg: dict[str, Any]) -> AsyncIterator[Daemon]:
-    config = with_overrides(Config.from_dict({"store": store_cfg}, env={}),
+async def _start(open_tmp: Path, store_cfg: dict[str, Any],
+                 registries: dict[str, Any] | None = None) -> AsyncIterator[Daemon]:
+    config = with_overrides(Config.from_dict({"store": store_cfg,
+                                              "registries": registries or {}}, env={}),
                             socket_path=str(open_tmp / "fetchd.sock"),
                             store=str(open_tmp / "store"))
     store = LayerStore(Path(config.store.path), store_settings(config))
@@ -145,6 +147,81 @@ async def test_verify_is_admin_only(daemon: Daemon) -> None:
 async def test_ordinary_requests_still_work_for_nobody(daemon: Daemon) -> None:
     got, answer = await daemon.request("GET", "/v1/status")
     assert got == 200 and "jobs" in answer
+
+
+# -- private registries ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def private_setup(open_tmp: Path) -> AsyncIterator[tuple[Daemon, str, str, Any]]:
+    """A daemon whose config marks one fake registry private and another not; the same image
+    (by content) is on both."""
+    from fake_registry import FakeRegistry
+    from support.images import make_image, make_layer, text_bytes
+
+    image = make_image("linux/amd64", [make_layer(text_bytes("private-image", 8192), "gzip")])
+    secret, public = await FakeRegistry().start(), await FakeRegistry().start()
+    try:
+        for reg in (secret, public):
+            for blob in (image.config_bytes, *(layer.read() for layer in image.layers)):
+                reg.add_blob(blob)
+            reg.add_manifest("team/app", "1", image.manifest_bytes, image.manifest_media_type)
+        async for d in _start(open_tmp, {}, {secret.host: {"private": True}}):
+            yield d, f"{secret.host}/team/app:1", f"{public.host}/team/app:1", image
+    finally:
+        await secret.close()
+        await public.close()
+
+
+def _nobodys_dir(open_tmp: Path) -> Path:
+    out = open_tmp / "out"
+    out.mkdir()
+    os.chown(out, NOBODY.pw_uid, NOBODY.pw_gid)
+    return out
+
+
+async def test_a_private_registrys_image_stays_out_of_world_readable_files(
+        private_setup: tuple[Daemon, str, str, Any], open_tmp: Path) -> None:
+    """The finding: group members pull private images with the daemon's credentials and the
+    result landed world-readable in the store (and as a shared 0444 hard link)."""
+    daemon, private_ref, _, image = private_setup
+    out = _nobodys_dir(open_tmp)
+    got, answer = await daemon.request("POST", "/v1/fetch",
+                                       {"reference": private_ref, "dest": str(out / "app.zst")})
+    assert got == 200 and "result" in answer, answer
+    result = answer["result"]
+    assert result["private"] is True and result["delivery"] in ("copy", "reflink")
+    st = os.stat(out / "app.zst")
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)  # the caller's own copy
+    store = daemon.store
+    archive = Digest.parse(result["archive_digest"])
+    assert st.st_ino != os.stat(store.blob_path(archive)).st_ino
+    for digest in (archive, Digest.parse(result["manifest_digest"]), image.config_digest,
+                   *(layer.digest for layer in image.layers)):
+        assert os.stat(store.blob_path(digest)).st_mode & 0o777 == 0o400, digest
+    # handed back by digest: again a copy of the caller's own
+    got, answer = await daemon.request("POST", "/v1/deliver", {
+        "archive_digest": str(archive), "dest": str(out / "again.zst")})
+    assert got == 200 and answer["delivery"] in ("copy", "reflink"), answer
+    assert os.stat(out / "again.zst").st_mode & 0o777 == 0o600
+
+
+async def test_a_private_image_needs_a_destination(
+        private_setup: tuple[Daemon, str, str, Any]) -> None:
+    daemon, private_ref, _, _ = private_setup
+    got, answer = await daemon.request("POST", "/v1/fetch", {"reference": private_ref})
+    assert got == 400 and "configured private" in answer["message"], answer
+
+
+async def test_a_public_registry_keeps_the_shared_hard_link(
+        private_setup: tuple[Daemon, str, str, Any], open_tmp: Path) -> None:
+    daemon, _, public_ref, _ = private_setup
+    out = _nobodys_dir(open_tmp)
+    got, answer = await daemon.request("POST", "/v1/fetch",
+                                       {"reference": public_ref, "dest": str(out / "app.zst")})
+    assert got == 200 and answer["result"]["delivery"] == "hardlink", answer
+    assert "private" not in answer["result"]
+    assert os.stat(out / "app.zst").st_mode & 0o777 == 0o444
 
 
 # -- the config file's protection -----------------------------------------------------------------

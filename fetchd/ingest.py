@@ -225,9 +225,15 @@ class Ingest:
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, root: Path, part: Path, digest: Digest, size: int, fsync: bool) -> Ingest:
-        """Open (or resume) the partial; the hashed prefix is re-hashed from disk."""
+    async def open(cls, root: Path, part: Path, digest: Digest, size: int, fsync: bool,
+                   mode: int = 0o444) -> Ingest:
+        """Open (or resume) the partial; the hashed prefix is re-hashed from disk.
+
+        ``mode`` is the committed blob's; a partial is readable by others only when the
+        blob will be (0400: the partial is 0600 from its creation, also when resumed).
+        """
         ing = cls(root, part, digest, size, fsync)
+        ing.mode = mode
         opening = asyncio.ensure_future(asyncio.to_thread(ing._open_sync))
         try:
             await asyncio.shield(opening)
@@ -244,7 +250,10 @@ class Ingest:
         return ing
 
     def _open_sync(self) -> None:
-        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                           0o644 if self.mode & 0o044 else 0o600)
+        if not self.mode & 0o044:
+            os.fchmod(self._fd, 0o600)  # a partial of a blob now private, made before
         on_disk = min(os.fstat(self._fd).st_size, self.size)
         held, extents = 0, []
         try:

@@ -325,9 +325,9 @@ class LayerStore:
                 return path
             if d.algorithm != "sha256":
                 path.parent.mkdir(exist_ok=True)
-            ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync)
+            ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync,
+                                    self._mode(d))
             ing.on_change = flight.notify
-            ing.mode = self._mode(d)
             flight.ingest = ing
             flight.notify()
             try:

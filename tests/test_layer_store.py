@@ -802,3 +802,33 @@ async def test_thread_follower_errors_restart_and_stop(store: LayerStore) -> Non
         await failing
     stopped.close()
     failed.close()
+
+
+async def test_restricted_blobs_are_never_readable_by_others(store: LayerStore) -> None:
+    """A private registry's blobs (LayerStore.restrict): 0600 while downloading, 0400 once
+    committed, also one that was in the store before it was restricted."""
+    data, d = blob(1 * MiB + 3)
+    seen: list[int] = []
+
+    async def fetch(sink: BlobSink) -> None:
+        await sink.write_at(0, data[:1000])
+        seen.extend(p.stat().st_mode & 0o777 for p in ingest_files(store) if p.suffix == ".part")
+        await sink.write_at(1000, data[1000:])
+
+    store.restrict([d])
+    path = await store.ensure_blob(d, len(data), fetch)
+    assert seen == [0o600]
+    assert path.stat().st_mode & 0o777 == 0o400
+    older = store.commit_bytes(b"committed before the restriction")
+    assert store.blob_path(older).stat().st_mode & 0o777 == 0o444
+    store.restrict([older])
+    assert store.blob_path(older).stat().st_mode & 0o777 == 0o400
+    with store.lease([], "private pack") as lease:
+        store.restrict([], lease)
+        archive = store.commit_bytes(b"an archive made under the lease")
+        assert store.blob_path(archive).stat().st_mode & 0o777 == 0o444  # not under the lease
+        tmp = store.temp_path()
+        tmp.write_bytes(b"an archive committed under the lease")
+        made = store.commit_file(tmp, lease=lease)
+        assert store.blob_path(made).stat().st_mode & 0o777 == 0o400
+        store.end_restriction(lease)

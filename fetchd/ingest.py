@@ -70,10 +70,25 @@ class FileLock:
             os.close(fd)  # unlinked by gc between open and flock: lock the new file
 
     async def acquire(self) -> None:
+        """Wait for the lock. Each try (open with O_CREAT, flock, two stats: file system
+        work, slow on a busy disk) runs in a worker thread, off the event loop; a try that
+        won just as the wait was cancelled gives the lock back."""
         delay = 0.002
-        while not self.try_acquire():
+        while True:
+            attempt = asyncio.ensure_future(asyncio.to_thread(self.try_acquire))
+            try:
+                got = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(self._undo)
+                raise
+            if got:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _undo(self, attempt: asyncio.Future[bool]) -> None:
+        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+            self.release()
 
     def release(self, unlink: bool = False) -> None:
         if self._fd is None:

@@ -305,3 +305,40 @@ async def test_a_many_layer_pull_holds_few_files_and_leaves_the_index_to_threads
     # the per-layer index work ran in worker threads; what is left on the loop does not
     # grow with the layer count (a lookup of the archive alias, the lease's own rows)
     assert len(on_loop) <= 5, on_loop
+
+
+async def test_lock_tries_run_off_the_loop_and_a_cancelled_wait_holds_nothing(
+        tmp_path: Path) -> None:
+    from fetchd.ingest import FileLock
+
+    path = tmp_path / "x.lock"
+    holder = FileLock(path)
+    assert holder.try_acquire()
+    threads: list[threading.Thread] = []
+    try_acquire = FileLock.try_acquire
+    loop = asyncio.get_running_loop()
+    tried_twice = asyncio.Event()
+
+    def recording(self: FileLock) -> bool:
+        threads.append(threading.current_thread())
+        if len(threads) >= 2:
+            loop.call_soon_threadsafe(tried_twice.set)
+        return try_acquire(self)
+
+    FileLock.try_acquire = recording  # type: ignore[method-assign]
+    try:
+        waiter = FileLock(path)
+        task = asyncio.ensure_future(waiter.acquire())
+        await tried_twice.wait()  # it tried at least twice (and waits between tries)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert threads and all(t is not threading.current_thread() for t in threads)
+        holder.release()
+        fresh = FileLock(path)
+        await fresh.acquire()  # the cancelled wait holds nothing
+        fresh.release()
+        assert waiter._fd is None
+    finally:
+        FileLock.try_acquire = try_acquire  # type: ignore[method-assign]
+        holder.release()

@@ -3,7 +3,21 @@ fill, evict, poison or trick it for the others), each reproduced against its own
 registry on loopback and shown fixed.
 
 The evil registries here are small aiohttp apps: ``Tarpit`` holds requests open (sending a
-byte now and then, or nothing), the rest of a finding's fault is scripted in its test.
+byte now and then, or nothing), ``FakeRegistry`` (tests/fake_registry.py) answers what a
+finding's test scripts (redirects anywhere, error bodies with escape sequences, manifests
+that name other images' digests).
+
+Two kinds of test:
+
+- in-process (``Daemon``: a Puller with its store), for findings about scheduling and limits;
+- against a real ``fetchd serve`` process (``Served``: root daemon, socket open to every user,
+  requests made as ``nobody`` through the socket, so SO_PEERCRED, /proc and the kernel's
+  permission checks are the real ones), for findings about authority, hand-back and input.
+
+Sections: job slots, layer count and events (limits); authority, hand-back, private images,
+config file, metadata and input (auth). limits and pack: add each of your findings here as a
+test named after the finding (fds and connections, deadlines, single-flight hijack, partials,
+compression slots, decompression bombs), in-process or against ``Served``.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from fake_registry import FakeRegistry
 from support.images import Catalog, PlatformImage, make_image, make_layer, text_bytes
 
 from fetchd.config import Config
+from fetchd.digest import Digest
 from fetchd.layer_store import LayerStore
 from fetchd.platform import Platform
 from fetchd.pull import FetchRequest, Job, Puller
@@ -397,3 +412,275 @@ async def test_a_victim_joining_an_attackers_flight_falls_back_to_its_own_regist
         evil.release.set()
         await d.close()
         await evil.close()
+
+
+# == against a real `fetchd serve` (auth: authority, hand-back, private images, input) =======
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Served:
+    """``fetchd serve`` as root in a child process: socket 0666 in ``base`` (every user may
+    connect), its own store, config and log. Readiness comes from its sd_notify READY=1."""
+
+    def __init__(self, base: Path, config: str) -> None:
+        self.base = base
+        self.socket = str(base / "fetchd.sock")
+        self.store = base / "store"
+        self.log = base / "daemon.log"
+        self.config = base / "config.toml"
+        self.config.write_text("[server]\nsocket_mode = 0o666\n" + config)
+        self.config.chmod(0o600)
+        self.proc: Any = None
+        self.private: FakeRegistry | None = None  # a registry configured private
+
+    async def start(self) -> Served:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(self.base / "notify.sock"))
+        notify.setblocking(False)
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.base / "notify.sock"),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
+        env.pop("FETCHD_SOCKET", None)
+        def spawn() -> Any:
+            with open(self.log, "wb") as log:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket,
+                     "--store", str(self.store), "--config", str(self.config)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        self.proc = await asyncio.to_thread(spawn)
+        loop = asyncio.get_running_loop()
+        try:
+            while b"READY=1" not in await loop.sock_recv(notify, 4096):
+                pass
+        finally:
+            notify.close()
+        return self
+
+    def stop(self) -> str:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        return self.log.read_text(errors="replace")
+
+    async def as_user(self, method: str, url: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """One request as ``nobody`` (default) or the uid/gid/groups given."""
+        from support.as_user import request_as
+
+        return await asyncio.to_thread(request_as, self.socket, method, url, body, **kw)
+
+    def daemon_log(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _needs_root_and_python() -> None:
+    from support.as_user import can_act_as_others
+
+    if not can_act_as_others():
+        pytest.skip("needs root and /usr/bin/python3 to act as nobody")
+
+
+@pytest.fixture
+async def served(open_tmp: Path, fake: FakeRegistry) -> AsyncIterator[Served]:
+    """A served daemon; ``fake`` is an ordinary registry, ``private`` one configured private."""
+    _needs_root_and_python()
+    secret = await FakeRegistry().start()
+    daemon = Served(open_tmp, f'[registries."{secret.host}"]\nprivate = true\n')
+    daemon.private = secret
+    try:
+        await daemon.start()
+        yield daemon
+    finally:
+        log = daemon.stop()
+        await secret.close()
+        assert "Traceback" not in log, log  # no finding may end as an unexpected error
+
+
+def _fetch(reference: str, dest: Path | None = None, **extra: Any) -> dict[str, Any]:
+    return {"reference": reference, **({"dest": str(dest)} if dest else {}), **extra}
+
+
+def _nobodys(directory: Path) -> Path:
+    import os
+
+    from support.as_user import NOBODY
+
+    directory.mkdir()
+    os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+    return directory
+
+
+async def test_served_nobody_cannot_evict_the_store_or_verify(served: Served, fake: FakeRegistry,
+                                                               open_tmp: Path) -> None:
+    """Finding: any socket user's `gc {"max_size": 0}` evicted another user's whole store
+    (their --offline pull then failed), and any user could run verify."""
+    reference = serve_image(fake, "app/img", "1", small_image("evict"))
+    out = _nobodys(open_tmp / "out")
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, out / "a.zst"))
+    assert got == 200 and "result" in answer, answer
+    got, answer = await served.as_user("POST", "/v1/gc", {"max_size": 0})
+    assert got == 403 and answer["code"] == "permission-refused", answer
+    got, answer = await served.as_user("POST", "/v1/verify", {})
+    assert got == 403 and answer["code"] == "permission-refused", answer
+    # another user's offline pull still works: nothing was evicted
+    got, answer = await served.as_user("POST", "/v1/fetch",
+                                       _fetch(reference, out / "b.zst", offline=True))
+    assert got == 200 and "result" in answer, answer
+
+
+async def test_served_hand_back_follows_the_callers_rights(served: Served, fake: FakeRegistry,
+                                                           open_tmp: Path) -> None:
+    """Findings: an ACL denying the caller was ignored; answers told nobody whether a path
+    exists inside a private directory; in sticky directories the delivered link was the
+    daemon's and the user could not delete it."""
+    import os
+    import shutil
+    import subprocess
+
+    from support.as_user import NOBODY
+
+    reference = serve_image(fake, "app/img", "1", small_image("hand-back"))
+    if shutil.which("setfacl"):
+        denied = open_tmp / "denied"
+        denied.mkdir()
+        denied.chmod(0o777)
+        await asyncio.to_thread(subprocess.run, ["setfacl", "-m", f"u:{NOBODY.pw_name}:---",
+                                                 str(denied)], check=True)
+        got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, denied / "x.zst"))
+        assert got == 403 and answer["code"] == "permission-refused", answer
+        assert list(denied.iterdir()) == []
+    private = open_tmp / "private"
+    (private / "exists").mkdir(parents=True)
+    private.chmod(0o700)
+    answers = set()
+    for sub in ("exists", "missing"):
+        got, answer = await served.as_user("POST", "/v1/fetch",
+                                           _fetch(reference, private / sub / "x.zst"))
+        assert got == 403, answer
+        answers.add(answer["message"].replace(sub, "X"))
+    assert len(answers) == 1, answers
+    sticky = open_tmp / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, sticky / "x.zst"))
+    assert got == 200 and answer["result"]["delivery"] in ("copy", "reflink"), answer
+    assert os.stat(sticky / "x.zst").st_uid == NOBODY.pw_uid
+    removed = await asyncio.to_thread(subprocess.run, ["rm", str(sticky / "x.zst")],
+                                      user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+                                      capture_output=True)
+    assert removed.returncode == 0 and not (sticky / "x.zst").exists()
+
+
+async def test_served_private_registry_images_are_the_callers_own_copies(
+        served: Served, open_tmp: Path) -> None:
+    """Finding: group members pull private images with the daemon's credentials and the
+    result landed world-readable (store files 0444, a shared 0444 hard link)."""
+    import os
+
+    from support.as_user import NOBODY
+
+    secret = served.private
+    assert secret is not None
+    reference = serve_image(secret, "team/secret", "1", small_image("private"))
+    out = _nobodys(open_tmp / "out")
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, out / "s.zst"))
+    assert got == 200 and answer["result"]["private"] is True, answer
+    st = os.stat(out / "s.zst")
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)
+    archive = answer["result"]["archive_digest"].split(":")[1]
+    assert os.stat(served.store / "blobs" / "sha256" / archive).st_mode & 0o777 == 0o400
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference))
+    assert got == 400 and "private" in answer["message"], answer
+
+
+async def test_served_config_with_secrets_readable_by_others_is_warned_about(
+        open_tmp: Path, fake: FakeRegistry) -> None:
+    """Finding: config.toml holds mirror credentials and headers; nothing warned when others
+    could read it."""
+    _needs_root_and_python()
+    daemon = Served(open_tmp, f'[registries."{fake.host}"]\nmirrors = [{{url = "http://127.0.0.1:9", '
+                              'headers = {"X-Token" = "s3cret-value"}}]\n')
+    daemon.config.chmod(0o644)
+    await daemon.start()
+    log = daemon.stop()
+    assert f"the config file {daemon.config} holds mirror credentials or headers" in log, log
+    assert "s3cret-value" not in log
+
+
+async def test_served_other_images_cannot_poison_a_pinned_manifest(
+        served: Served, fake: FakeRegistry, open_tmp: Path) -> None:
+    """Finding: an image listing another image's manifest digest as an index-typed layer
+    rewrote its stored media type; everyone's pinned pulls of a manifest without mediaType
+    then failed, --offline included."""
+    image = small_image("pinned", layers=1)
+    manifest = json.loads(image.manifest_bytes)
+    manifest.pop("mediaType", None)
+    body = json.dumps(manifest).encode()
+    fake.add_blob(image.config_bytes)
+    fake.add_blob(image.layers[0].read())
+    fake.add_blob(body)
+    victim = fake.add_manifest("victim/img", None, body)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [str(image.layers[0].diff_id)]}}).encode()
+    fake.add_blob(config)
+    evil = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": str(Digest.of(config)), "size": len(config)},
+                       "layers": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                                   "digest": str(victim), "size": len(body)}]}).encode()
+    fake.add_manifest("evil/img", "1", evil)
+    out = _nobodys(open_tmp / "out")
+    pinned = f"{fake.host}/victim/img@{victim}"
+    got, first = await served.as_user("POST", "/v1/fetch", _fetch(pinned, out / "v1.zst"))
+    assert got == 200 and "result" in first, first
+    await served.as_user("POST", "/v1/fetch", _fetch(f"{fake.host}/evil/img:1", out / "e.zst"))
+    got, again = await served.as_user("POST", "/v1/fetch", _fetch(pinned, out / "v2.zst", offline=True))
+    assert got == 200 and "result" in again, again
+    assert again["result"]["archive_digest"] == first["result"]["archive_digest"]
+
+
+HOSTILE_INPUT = [
+    ("deeply nested body", b'{"reference": ' + b"[" * 60_000, 400, "nested too deeply"),
+    ("port 99999", b'{"reference": "localhost:99999/app"}', 400, "not in 1..65535"),
+    ("host [1:2:3]", b'{"reference": "[1:2:3]/app"}', 400, "not an IPv6 address"),
+]
+
+
+@pytest.mark.parametrize("body, status, words", [h[1:] for h in HOSTILE_INPUT],
+                         ids=[h[0] for h in HOSTILE_INPUT])
+async def test_served_hostile_input_is_a_clear_4xx(served: Served, body: bytes, status: int,
+                                                   words: str) -> None:
+    """Finding: these were 500 'internal' errors with a traceback in the log."""
+    from support.as_user import request_raw_as
+
+    got, answer = await asyncio.to_thread(request_raw_as, served.socket, "POST", "/v1/fetch", body)
+    assert got == status and words in answer["message"], answer
+
+
+async def test_served_hostile_registry_answers_are_clear_and_escaped(
+        served: Served, fake: FakeRegistry, open_tmp: Path) -> None:
+    """Findings: a redirect to file:// ended as an 'internal' error with a traceback; a
+    registry's error text reached terminals and the log with ESC/OSC sequences intact."""
+    from fake_registry import Fault
+
+    reference = serve_image(fake, "app/img", "1", small_image("hostile", layers=1))
+    out = _nobodys(open_tmp / "out")
+    fake.fault("blob", Fault(redirect="file://"))
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, out / "a.zst"))
+    assert got == 200 and answer["error"]["code"] == "registry-error", answer
+    assert "redirected to a file: URL" in answer["error"]["message"]
+    said = "no\x1b]0;owned\x07 \x1b[2Jway\nFAKE LOG LINE"
+    fake.fault("blob", Fault(status=403, body=json.dumps(
+        {"errors": [{"code": "DENIED", "message": said}]}).encode()))
+    got, answer = await served.as_user("POST", "/v1/fetch", _fetch(reference, out / "b.zst"))
+    message = answer["error"]["message"]
+    assert "\\x1b]0;owned\\x07" in message and "\x1b" not in message and "\n" not in message
+    assert "\x1b" not in served.daemon_log() and "\nFAKE LOG LINE" not in served.daemon_log()

@@ -47,7 +47,10 @@ def request_as(socket_path: str, method: str, url: str, body: Any = None, *,
                uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_gid,
                groups: Sequence[int] = (), cwd: str = "/") -> tuple[int, Any]:
     """``(HTTP status, the last JSON line of the answer)`` for one request made as ``uid``."""
-    text = "" if body is None else json.dumps(body)
+    if isinstance(body, _Raw):
+        text = body.body.decode()
+    else:
+        text = "" if body is None else json.dumps(body)
     proc = subprocess.run(
         [SYSTEM_PYTHON, "-I", "-c", _SCRIPT, socket_path, method, url, text],
         capture_output=True, text=True, user=uid, group=gid, extra_groups=list(groups),
@@ -55,3 +58,14 @@ def request_as(socket_path: str, method: str, url: str, body: Any = None, *,
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     return out["status"], out["answer"]
+
+
+def request_raw_as(socket_path: str, method: str, url: str, body: bytes, *,
+                   uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_gid) -> tuple[int, Any]:
+    """``request_as`` with a body sent byte for byte (malformed JSON included)."""
+    return request_as(socket_path, method, url, _Raw(body), uid=uid, gid=gid)
+
+
+class _Raw:
+    def __init__(self, body: bytes) -> None:
+        self.body = body

@@ -179,12 +179,46 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """The fleet's shared cache of layer frames: a repository in an OCI registry (off: None).
+
+    ``frame_cache`` is ``http(s)://host[:port]/<repository>``; credentials come from the usual
+    auth files for that host (or ``auth_file``). The cache is never trusted: every frame is
+    verified in full before use (see ``frame_check``).
+    """
+
+    frame_cache: str | None = None
+    push: bool = False                    # push the frames this host makes (needs push rights)
+    insecure: bool = False                # allow plain HTTP and skip certificate checks
+    auth_file: str | None = None
+    timeout: float = 2.0                  # seconds for a lookup, and for each read of a frame
+    cooldown: float = 30.0                # after a timeout or no connection: not asked for this long
+    push_concurrency: int = 2             # frames uploaded at once
+    push_bandwidth: int = 32 * MiB        # bytes/s for all uploads together; 0: no limit
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.frame_cache or "").netloc
+
+    @property
+    def base(self) -> str:
+        """``scheme://host[:port]`` that ``/v2/...`` is appended to."""
+        parts = urlsplit(self.frame_cache or "")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def repository(self) -> str:
+        return urlsplit(self.frame_cache or "").path.strip("/")
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = StoreConfig()
     server: ServerConfig = ServerConfig()
     network: NetworkConfig = NetworkConfig()
     registries: tuple[RegistryConfig, ...] = ()
     source: str | None = None             # the file it was read from, for messages
+    fleet: FleetConfig = FleetConfig()
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -213,7 +247,7 @@ class Config:
     ) -> Config:
         env = os.environ if env is None else env
         where = source or "config"
-        _check_keys(data, {"store", "server", "network", "registries"}, where)
+        _check_keys(data, {"store", "server", "network", "registries", "fleet"}, where)
         store_data = dict(_table(data, "store", where))
         store_data.setdefault("path", env.get("FETCHD_STORE") or DEFAULT_STORE_PATH)
         server_data = dict(_table(data, "server", where))
@@ -225,7 +259,8 @@ class Config:
         registries = tuple(
             _registry(host, value, where) for host, value in _table(data, "registries", where).items()
         )
-        return cls(store, server, network, registries, source)
+        fleet = _fleet(_table(data, "fleet", where), f"{where} [fleet]")
+        return cls(store, server, network, registries, source, fleet)
 
     def registry(self, host: str) -> RegistryConfig:
         """Settings for ``host`` (``host[:port]`` as in the image reference); defaults if absent."""
@@ -309,7 +344,7 @@ def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
             )
 
 
-_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes"}
+_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes", "push_bandwidth"}
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -453,3 +488,32 @@ def _mirror(value: object, what: str) -> MirrorConfig:
         timeout=None if timeout is None else float(timeout),
         ranges=_typed(value.get("ranges", False), bool, f"{what} ranges"),
     )
+
+
+# A repository name as the distribution spec allows it: lowercase path components.
+_REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+
+
+def _fleet(data: Mapping[str, Any], where: str) -> FleetConfig:
+    fleet: FleetConfig = _build(FleetConfig, data, where)
+    url = fleet.frame_cache
+    if url is None:
+        return fleet
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{where} frame_cache {url!r}: expected http(s)://host[:port]/<repository>, "
+                          "e.g. \"https://cache.ci.example.com/fetchd-frames\"")
+    if parts.username or parts.password:
+        raise ConfigError(f"{where} frame_cache: no credentials in the URL; they come from the "
+                          "auth files for that host (podman/docker login) or auth_file")
+    repository = parts.path.strip("/")
+    if not repository or not _REPOSITORY.match(repository) or len(repository) > 255:
+        raise ConfigError(f"{where} frame_cache {url!r}: the path must name a repository "
+                          "(lowercase, e.g. /fetchd-frames or /ci/fetchd-frames)")
+    if fleet.timeout <= 0:
+        raise ConfigError(f"{where} timeout: must be positive")
+    if fleet.cooldown < 0:
+        raise ConfigError(f"{where} cooldown: must not be negative")
+    if fleet.push_concurrency < 1:
+        raise ConfigError(f"{where} push_concurrency: must be at least 1")
+    return fleet

@@ -24,8 +24,10 @@ from the store alone; a miss says exactly what is missing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +49,16 @@ from .errors import (
     ShuttingDown,
     SizeMismatch,
 )
+from .fleet_cache import FetchFailed, FrameCache, FrameKey
+from .frame_check import (
+    FRAME_FORMAT,
+    HEADER_PREFIX,
+    ZSTD_VERSION,
+    FrameRejected,
+    check_frame,
+    max_frame_size,
+    member_size,
+)
 from .layer_store import LayerStore
 from .manifest import (
     ImageIndex,
@@ -55,7 +67,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import PackResult, archive_key, frame_key, pack_image
+from .pack import FRAME_MEDIA_TYPE, PackResult, archive_key, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient
@@ -107,6 +119,7 @@ class FetchResult:
     # From a registry configured private: the store keeps its files 0400 and the archive is
     # handed back only as the caller's own copy (docs/SECURITY.md).
     private: bool = False
+    frames_fleet: int = 0  # of frames_reused: verified frames from the fleet's frame cache
 
     def to_json(self) -> dict[str, Any]:
         return {**({"private": True} if self.private else {}),
@@ -122,6 +135,7 @@ class FetchResult:
             "blobs_downloaded": self.blobs_downloaded,
             "frames_compressed": self.frames_compressed,
             "frames_reused": self.frames_reused,
+            "frames_fleet": self.frames_fleet,
         }
 
 
@@ -327,7 +341,8 @@ class Puller:
     """
 
     def __init__(self, store: LayerStore, registry: RegistryClient, config: Config,
-                 budget: CompressionBudget | None = None) -> None:
+                 budget: CompressionBudget | None = None,
+                 fleet: FrameCache | None = None) -> None:
         self.store = store
         self.registry = registry
         self.config = config
@@ -340,6 +355,11 @@ class Puller:
         self.max_layers = config.server.max_layers
         self.completed = 0
         self.failed = 0
+        # The fleet's frame cache ([fleet] frame_cache): frames other hosts made, verified
+        # in full before use; frames made here are pushed to it in the background.
+        if fleet is None and config.fleet.frame_cache is not None:
+            fleet = FrameCache(config, zstd=ZSTD_VERSION, format=FRAME_FORMAT)
+        self.fleet = fleet
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -368,6 +388,12 @@ class Puller:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.fleet is not None:
+            await self.fleet.close()
+
+    def fleet_stats(self) -> dict[str, Any] | None:
+        """The frame cache's counters (``FrameCache.stats``); None when none is configured."""
+        return self.fleet.stats() if self.fleet is not None else None
 
     async def _online(self, job: Job | None) -> None:
         """Take a network job slot for ``job`` before its first registry request (once)."""
@@ -503,6 +529,8 @@ class Puller:
         size = _size(self.store.blob_path(archive)) if archive is not None else None
         downloaded = 0
         pack_stats = (0, len(image.layers))
+        from_fleet = 0
+        push: list[FrameKey] = []
         if archive is None or size is None:
             # One lease from the first look at the store to the committed archive: a gc
             # (automatic after any commit, or `fetchd gc` in another process) must not take
@@ -516,6 +544,10 @@ class Puller:
                                    *frames], f"pull {where}") as lease:
                 await restrict([], lease)  # the archive committed under it
                 try:
+                    # never for a private registry: its layers must not leave this host
+                    if self.fleet is not None and not req.offline and not private:
+                        from_fleet, push = await self._from_fleet(job, image, config.diff_ids,
+                                                                  req.level, lease)
                     needed = await self._needed_layers(job, ref, image, config.diff_ids, req)
                     downloaded = len(needed)
                     packed = await self._download_and_pack(job, ref, image, needed, config_raw,
@@ -525,6 +557,7 @@ class Puller:
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
+            self._push_frames(push)
         await restrict([archive])  # also one packed before the registry was configured private
         path = self.store.blob_path(archive)
         self.store.record_image(str(ref), str(chosen or req.platform), manifest_digest, archive, req.level)
@@ -542,6 +575,7 @@ class Puller:
             frames_compressed=pack_stats[0],
             frames_reused=pack_stats[1],
             private=private,
+            frames_fleet=from_fleet,
         )
 
     async def _restrict(self, digests: list[Digest], lease: str | None = None) -> None:
@@ -691,6 +725,84 @@ class Puller:
                 if not task.cancelled():
                     task.exception()
             raise
+
+    # -- the fleet's frame cache ---------------------------------------------------------------
+
+    async def _from_fleet(self, job: Job, image: ImageManifest, diff_ids: tuple[Digest, ...],
+                          level: int, lease: str) -> tuple[int, list[FrameKey]]:
+        """Frames of this image's layers from the fleet's frame cache, before any layer
+        download: each found entry is fetched, verified in full (``check_frame``) and its
+        digest checked at the store's commit; only then is it a cached frame (the pack reuses
+        it, the layer is not downloaded). Returns (frames taken, keys to push once the pack
+        made them: misses and rejected entries). Never raises for the cache's sake."""
+        assert self.fleet is not None
+        fleet = self.fleet
+        local = await asyncio.to_thread(self.store.get_frames,
+                                        [frame_key(d, level) for d in diff_ids])
+        todo: dict[Digest, tuple[FrameKey, Digest]] = {}
+        for layer, diff_id in zip(image.layers, diff_ids, strict=False):
+            if diff_id in todo or diff_id.algorithm != "sha256":
+                continue
+            if frame_key(diff_id, level) not in local:
+                todo[diff_id] = (fleet.key(diff_id, level), layer.digest)
+        if not todo or not fleet.available():
+            return 0, []
+        results = await asyncio.gather(*(self._fleet_frame(job, key, blob, lease)
+                                         for key, blob in todo.values()))
+        return sum(results), [key for (key, _), ok in zip(todo.values(), results, strict=True)
+                              if not ok]
+
+    async def _fleet_frame(self, job: Job, key: FrameKey, blob: Digest, lease: str) -> bool:
+        """One layer's frame from the cache into the store; False on a miss or a bad entry."""
+        assert self.fleet is not None
+        fleet = self.fleet
+        entry = await fleet.lookup(key)
+        if entry is None:
+            return False
+        if entry.size > max_frame_size(entry.layer_size):
+            fleet.reject(key, f"a frame of {entry.size} bytes for a layer of {entry.layer_size}")
+            return False
+        tmp = self.store.temp_path(".fleet.zst")
+        try:
+            await fleet.fetch(entry, tmp)
+            await asyncio.to_thread(check_frame, tmp, key.diff_id, key.level, entry.layer_size)
+            await asyncio.to_thread(self.store.commit_file, tmp, entry.digest,
+                                    ("frame", frame_key(key.diff_id, key.level)),
+                                    FRAME_MEDIA_TYPE, (), lease)
+        except (FetchFailed, FrameRejected, DigestMismatch) as e:
+            fleet.reject(key, getattr(e, "reason", None) or getattr(e, "message", None) or str(e))
+            return False
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
+        fleet.hit(key, entry.size)
+        job.push({"event": "layer", "digest": str(blob), "diff_id": str(key.diff_id),
+                  "size": entry.size, "state": "frame-fleet"})
+        return True
+
+    def _push_frames(self, keys: list[FrameKey]) -> None:
+        """Hand the frames this pull made for ``keys`` to the cache's background pushes."""
+        fleet = self.fleet
+        if fleet is None or not fleet.push:
+            return
+        for key in keys:
+            fleet.push_later(key, functools.partial(self._open_frame, key))
+
+    def _open_frame(self, key: FrameKey) -> tuple[BinaryIO, int, int, int] | None:
+        """In a worker thread: a frame of the store, opened, with its layer's size."""
+        span = self.store.get_frame(frame_key(key.diff_id, key.level))
+        if span is None:
+            return None
+        try:
+            f = open(self.store.blob_path(span.digest), "rb")  # noqa: SIM115 -- the pusher closes it
+        except FileNotFoundError:
+            return None
+        try:
+            layer_size = member_size(os.pread(f.fileno(), min(HEADER_PREFIX, span.length), span.offset),
+                                     key.diff_id)
+        except (ValueError, OSError):
+            f.close()
+            return None
+        return f, span.offset, span.length, layer_size
 
     async def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
                              diff_ids: tuple[Digest, ...], req: FetchRequest) -> list[Any]:

@@ -421,7 +421,8 @@ class Transport:
         return f"Bearer {token.value}"
 
     async def _send(
-        self, ep: Endpoint, method: str, url: str, headers: dict[str, str], auth: str | None
+        self, ep: Endpoint, method: str, url: str, headers: dict[str, str], auth: str | None,
+        data: Any = None,
     ) -> tuple[aiohttp.ClientResponse, bool]:
         """One request, following redirects by hand; returns (response, left the origin)."""
         # identity: aiohttp would otherwise offer gzip, and a CDN that takes it up would hand
@@ -449,7 +450,7 @@ class Transport:
             async with asyncio.timeout(ep.timeout if ep.timeout is not None
                                        else self.net.stall_timeout or None):
                 resp = await self.session().request(
-                    method, target, headers=hdrs, allow_redirects=False,
+                    method, target, headers=hdrs, allow_redirects=False, data=data,
                     ssl=True if ep.verify_tls else False, read_bufsize=READ_BUFSIZE, **extra)
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
@@ -481,8 +482,13 @@ class Transport:
         headers: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
         retries: int | None = None,
+        data: Any = None,
+        push: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A response with a status in ``ok``, after auth, redirects and retries.
+
+        ``data`` is the request body (an uploader passes ``retries=0`` when it can be read
+        only once); ``push`` asks for a token with push rights on the repository.
 
         The host's connection slot is held until the caller's block ends, so a body
         being read counts against the budget. Failures the caller meets while reading
@@ -495,7 +501,7 @@ class Transport:
             retries = 0
         else:
             retries = self.policy.retries if retries is None else min(retries, self.policy.retries)
-        scope = pull_scope(ep.repository(ref))
+        scope = pull_scope(ep.repository(ref)) + (",push" if push else "")
         attempt, refreshed = 0, False
         while True:
             failure, retry_after = "", None
@@ -511,7 +517,8 @@ class Transport:
                     await host.pace(self.sleep)
                     sent = time.monotonic()
                     try:
-                        resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth)
+                        resp, foreign = await self._send(ep, method, ep.base + path, headers or {}, auth,
+                                                         data)
                     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
                         if ep.allow_http and ep.mirror is None and not host.plain_http:
                             log.info("%s: TLS failed, using plain HTTP (insecure registry)", ep.label)

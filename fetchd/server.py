@@ -47,6 +47,7 @@ from .errors import (
     InvalidRequest,
     PermissionRefused,
 )
+from .fleet_cache import COUNTERS as FLEET_COUNTER_KEYS
 from .loop_lag import LoopLag
 from .platform import Platform
 from .pull import FetchRequest, FetchResult, Job
@@ -378,6 +379,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "store": store_usage(await _call(services.store.usage)),
         "registries": jsonable(services.registry.stats()),
         "loop_lag": services.loop_lag.snapshot().to_json(),
+        "fleet": _fleet_stats(services),
     })
 
 
@@ -458,6 +460,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 REGISTRY_COUNTERS = frozenset(COUNTERS)  # registry stats that only grow: Prometheus counters
+FLEET_COUNTERS = frozenset(FLEET_COUNTER_KEYS)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -503,11 +506,26 @@ async def handle_metrics(request: web.Request) -> web.Response:
             metric(f"fetchd_registry_{key}_total", "counter", f"registry {key} so far", samples)
         else:
             metric(f"fetchd_registry_{key}", "gauge", f"registry {key.replace('_', ' ')}", samples)
+    fleet = _fleet_stats(services)
+    if fleet is not None:
+        for key, value in _numbers({k: v for k, v in fleet.items() if k != "push"}):
+            if key in FLEET_COUNTERS:
+                metric(f"fetchd_fleet_{key}_total", "counter", f"frame cache {key} so far",
+                       [("", value)])
+            else:
+                metric(f"fetchd_fleet_{key}", "gauge", f"frame cache {key.replace('_', ' ')}",
+                       [("", value)])
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _fleet_stats(services: Services) -> dict[str, Any] | None:
+    """The fleet frame cache's counters (``FrameCache.stats``), None when none is configured."""
+    stats = getattr(services.puller, "fleet_stats", None)
+    return jsonable(stats()) if callable(stats) else None
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -18,11 +18,12 @@ LAYERS: dict[str, int] = {
     "errors": 0, "retry": 0, "ranges": 0, "digest": 1, "config": 1, "reference": 2, "platform": 2,
     "manifest": 3, "registry_errors": 3, "archive_format": 4,
     # I/O, one concern each: registry side
-    "auth": 4, "registry_http": 5, "registry_async": 6,
+    "auth": 4, "registry_http": 5, "registry_async": 6, "fleet_cache": 6,
     # store side
     "store_index": 4, "ingest": 4, "store_follow": 5, "store_gc": 5, "layer_store": 6,
     # pack side
     "decompress": 4, "compress_budget": 4, "archive_writer": 4, "layer_frame": 5, "pack": 6,
+    "frame_check": 6,
     # hand-back and service plumbing
     "deliver": 4, "sdnotify": 4, "loop_lag": 4,
     # the meeting point
@@ -46,6 +47,10 @@ IO_NEIGHBOURS_FORBIDDEN = {
     "layer_frame": {"registry_async", "auth", "pull", "aiohttp", "server", "layer_store",
                     "pack", "store_index"},
     "deliver": {"registry_async", "pack", "pull", "layer_store"},
+    "fleet_cache": {"layer_store", "pack", "pull", "deliver", "zstandard", "frame_check",
+                    "layer_frame", "registry_async", "store_index"},
+    "frame_check": {"registry_async", "registry_http", "auth", "pull", "aiohttp", "server",
+                    "layer_store", "pack", "fleet_cache", "store_index"},
 }
 
 

@@ -1,0 +1,502 @@
+"""The fleet's frame cache: layer frames kept as OCI artifacts in a registry the fleet runs.
+
+Every host of a fleet that meets a layer would gunzip, hash and zstd-compress it again; the
+frames are deterministic, so one host's work serves all. ``FrameCache`` keeps them in one
+repository of an ordinary registry (distribution, Harbor, zot), configured in ``[fleet]``:
+
+- key: ``FrameKey`` (diff_id, level, zstd library version, fetchd frame format version), as the
+  tag ``<diff_id hex>.l<level>.z<zstd>.f<format>`` (it fits ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``);
+- value: an OCI image manifest in the OCI 1.1 artifact form (``artifactType``, the empty
+  config ``{}``, which distribution 2.8 needs pushed as a blob) with the frame as its one
+  layer and the key plus the layer's uncompressed size in its annotations.
+
+This module only moves bytes and checks the entry's form; it knows nothing of zstd. Nothing it
+returns is trusted: the caller verifies a frame in full (``frame_check``) before any use, and
+reports the outcome (``hit`` / ``reject``).
+
+Invariants:
+- a lookup is one HEAD of the tag plus one GET of the manifest, within ``[fleet] timeout``; a
+  fetch reads at most the entry's size, each read within ``timeout``; any failure is a miss
+  for the caller (counted, logged), never an error of the pull. A timeout or a connection
+  failure takes the cache out of use for ``cooldown`` seconds;
+- pushes run in background tasks, at most ``push_concurrency`` at once and ``push_bandwidth``
+  bytes/s together; they never raise into a pull, and are cancelled by ``close``;
+- credentials come from the auth files for the cache's host and never appear in a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .auth import Credentials, is_loopback
+from .config import Config, FleetConfig
+from .digest import Digest
+from .errors import FetchdError, InvalidReference
+from .reference import Reference
+from .registry_errors import read_capped
+from .registry_http import TRANSIENT, Endpoint, Transport
+
+log = logging.getLogger(__name__)
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.fetchd.frame.v1"
+FRAME_LAYER_TYPE = "application/vnd.fetchd.tar-member+zstd"  # == pack.FRAME_MEDIA_TYPE
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY = b"{}"
+EMPTY_DIGEST = Digest("sha256", hashlib.sha256(EMPTY).hexdigest())
+ANNOTATION = "dev.fetchd.frame."
+MAX_MANIFEST = 64 * 1024
+MIN_RATE = 1024 * 1024  # bytes/s a frame download may not fall below (on top of ``timeout``)
+MAX_PENDING = 256       # pushes queued at once; beyond, they are dropped (counted)
+_CHUNK = 1 << 20
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+COUNTERS = ("lookups", "found", "hits", "misses", "rejected", "errors", "timeouts", "bytes",
+            "pushes", "push_bytes", "push_skipped", "push_errors", "push_dropped")
+"""``stats()`` keys that only grow (Prometheus counters); the others are levels."""
+
+
+@dataclass(frozen=True)
+class FrameKey:
+    """What a frame depends on: the layer, the level, libzstd's version, fetchd's format."""
+
+    diff_id: Digest
+    level: int
+    zstd: str
+    format: int
+
+    @property
+    def tag(self) -> str:
+        """The registry tag; ValueError for keys that cannot be one (a non-sha256 diff_id)."""
+        tag = f"{self.diff_id.hex}.l{self.level}.z{self.zstd}.f{self.format}"
+        if self.diff_id.algorithm != "sha256" or not _TAG.match(tag):
+            raise ValueError(f"no frame cache tag for {self.diff_id} (level {self.level}, "
+                             f"zstd {self.zstd}, format {self.format})")
+        return tag
+
+    def annotations(self) -> dict[str, str]:
+        return {ANNOTATION + "diff_id": str(self.diff_id), ANNOTATION + "level": str(self.level),
+                ANNOTATION + "zstd": self.zstd, ANNOTATION + "format": str(self.format)}
+
+
+@dataclass(frozen=True)
+class FrameEntry:
+    """What the cache claims for a key (unverified): the frame blob and the layer's size."""
+
+    key: FrameKey
+    digest: Digest      # of the frame blob
+    size: int           # the frame's bytes
+    layer_size: int     # the layer's uncompressed bytes (the tar member's content)
+
+
+FrameSource = Callable[[], tuple[BinaryIO, int, int, int] | None]
+"""Called in a worker thread when a push starts: ``(open file, offset, length, layer size)``
+of a frame this host made, or None when it is gone; the pusher closes the file."""
+
+
+class EntryInvalid(Exception):
+    """The cache's entry for a key is malformed or names another key."""
+
+
+class FrameCache:
+    """The client of one frame cache repository (see the module docstring)."""
+
+    def __init__(self, config: Config, *, zstd: str, format: int,
+                 credentials: Credentials | None = None,
+                 session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        fleet = config.fleet
+        if fleet.frame_cache is None:
+            raise ValueError("no [fleet] frame_cache configured")
+        self.fleet: FleetConfig = fleet
+        self.zstd, self.format = zstd, format
+        self.clock = clock
+        self._t = Transport(config, session, credentials=credentials, clock=clock)
+        parts = urlsplit(fleet.frame_cache)
+        loopback = is_loopback(parts.netloc)
+        self.usable = parts.scheme == "https" or fleet.insecure or loopback
+        if not self.usable:
+            log.warning("frame cache %s is plain HTTP: set [fleet] insecure = true to use it",
+                        parts.netloc)
+        self._ep = Endpoint(parts.netloc, fleet.base, parts.netloc, fleet.insecure or loopback,
+                            verify_tls=not fleet.insecure, auth_file=fleet.auth_file,
+                            timeout=fleet.timeout)
+        self._ref = Reference(parts.netloc, fleet.repository)
+        self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._down_until = 0.0
+        self._push_slots = asyncio.Semaphore(fleet.push_concurrency)
+        self._pushes: set[asyncio.Task[None]] = set()
+        self._bucket = _Bucket(fleet.push_bandwidth, clock)
+        self._empty_pushed = False
+
+    @property
+    def push(self) -> bool:
+        return self.fleet.push
+
+    def key(self, diff_id: Digest, level: int) -> FrameKey:
+        return FrameKey(diff_id, level, self.zstd, self.format)
+
+    def available(self) -> bool:
+        """Whether to ask the cache now (configured usable, not in its cooldown)."""
+        return self.usable and self._down_until <= self.clock()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (``COUNTERS``) and levels: ``pushes_pending``, ``down``, ``down_seconds``,
+        ``push`` (pushes enabled), ``url`` (no credentials: they are never in it)."""
+        down = max(0.0, self._down_until - self.clock())
+        return {**self.counts, "pushes_pending": len(self._pushes), "down": down > 0,
+                "down_seconds": round(down, 1), "push": self.fleet.push,
+                "url": self.fleet.frame_cache}
+
+    async def close(self) -> None:
+        """Cancel pending pushes (a half-sent upload is abandoned; the registry drops it)."""
+        tasks = list(self._pushes)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._t.close()
+
+    # ------------------------------------------------------------------ outcomes
+
+    def hit(self, key: FrameKey, nbytes: int) -> None:
+        """The caller verified the entry's frame and used it."""
+        self.counts["hits"] += 1
+        log.info("frame cache: layer %s at level %d from %s (%d bytes)", key.diff_id, key.level,
+                 self._ep.key, nbytes)
+
+    def reject(self, key: FrameKey, reason: str) -> None:
+        """The entry for ``key`` is bad (malformed, another layer's, corrupt, truncated): count
+        it and warn; the caller takes the normal path (and may push a good frame over it)."""
+        self.counts["rejected"] += 1
+        log.warning("frame cache %s: entry %s for layer %s at level %d rejected (%s); "
+                    "compressing the layer here instead", self._ep.key, _safe(key), key.diff_id,
+                    key.level, reason)
+
+    def _failed(self, what: str, key: FrameKey | None, e: BaseException) -> None:
+        timeout = isinstance(e, TimeoutError | asyncio.TimeoutError)
+        self.counts["timeouts" if timeout else "errors"] += 1
+        reason = "timed out" if timeout else (e.message if isinstance(e, FetchdError) else
+                                              type(e).__name__)
+        cooldown = self.fleet.cooldown
+        if timeout or isinstance(e, TRANSIENT) or isinstance(e, FetchdError):
+            if self._down_until <= self.clock():
+                log.warning("frame cache %s: %s%s failed (%s); not asking it for %.0f s",
+                            self._ep.key, what, f" of {key.diff_id}" if key else "", reason,
+                            cooldown)
+            self._down_until = self.clock() + cooldown
+
+    # ------------------------------------------------------------------ lookups
+
+    async def lookup(self, key: FrameKey) -> FrameEntry | None:
+        """The cache's entry for ``key``, or None (a miss, a failure, a malformed entry: each
+        counted). One HEAD of the tag, then the manifest by its digest, within ``timeout``."""
+        if not self.available():
+            return None
+        try:
+            tag = key.tag
+        except ValueError:
+            return None
+        self.counts["lookups"] += 1
+        try:
+            async with asyncio.timeout(self.fleet.timeout):
+                body = await self._manifest(tag)
+        except EntryInvalid as e:
+            self.counts["found"] += 1
+            self.reject(key, str(e))
+            return None
+        except (TimeoutError, FetchdError, *TRANSIENT) as e:
+            self._failed("lookup", key, e)
+            return None
+        if body is None:
+            self.counts["misses"] += 1
+            return None
+        self.counts["found"] += 1
+        try:
+            return _entry(key, body)
+        except EntryInvalid as e:
+            self.reject(key, str(e))
+            return None
+
+    async def _manifest(self, tag: str) -> bytes | None:
+        path = f"/v2/{self._ref.repository}/manifests/{tag}"
+        async with self._t.open(self._ep, self._ref, "HEAD", path, what="frame lookup",
+                                headers={"Accept": MANIFEST_TYPE}, ok=(200, 404),
+                                retries=0) as resp:
+            if resp.status == 404:
+                return None
+            digest = _digest(resp.headers.get("Docker-Content-Digest"))
+        target = str(digest) if digest is not None else tag
+        async with self._t.open(self._ep, self._ref, "GET",
+                                f"/v2/{self._ref.repository}/manifests/{target}",
+                                what="frame manifest", headers={"Accept": MANIFEST_TYPE},
+                                ok=(200, 404), retries=0) as resp:
+            if resp.status == 404:
+                return None  # deleted between the two requests
+            body = await read_capped(resp.content, MAX_MANIFEST + 1)
+        if len(body) > MAX_MANIFEST:
+            raise EntryInvalid(f"manifest of more than {MAX_MANIFEST} bytes")
+        if digest is not None and Digest("sha256", hashlib.sha256(body).hexdigest()) != digest:
+            raise EntryInvalid("manifest does not hash to its Docker-Content-Digest")
+        return body
+
+    async def fetch(self, entry: FrameEntry, dest: Path) -> None:
+        """Write the entry's frame blob to ``dest`` (exactly ``entry.size`` bytes, or raise).
+
+        Each read within ``timeout``, the whole within ``timeout + size / MIN_RATE``. The
+        bytes are unverified: the caller checks them (``frame_check``) and their digest (at
+        the store's commit). On failure ``dest`` may hold a part: the caller removes it.
+        """
+        path = f"/v2/{self._ref.repository}/blobs/{entry.digest}"
+        got = 0
+        try:
+            async with asyncio.timeout(self.fleet.timeout + entry.size / MIN_RATE):
+                async with self._t.open(self._ep, self._ref, "GET", path, what="frame",
+                                        retries=0) as resp:
+                    f = await asyncio.to_thread(open, dest, "wb")
+                    try:
+                        async for chunk in _chunks(resp):
+                            got += len(chunk)
+                            if got > entry.size:
+                                raise FetchFailed(f"more than the {entry.size} bytes announced")
+                            await asyncio.to_thread(f.write, chunk)
+                    finally:
+                        await asyncio.to_thread(f.close)
+        except FetchFailed:
+            raise
+        except (TimeoutError, FetchdError, *TRANSIENT) as e:
+            self._failed("frame download", entry.key, e)
+            raise FetchFailed(f"download failed after {got} bytes ({type(e).__name__})") from e
+        finally:
+            self.counts["bytes"] += got
+        if got != entry.size:
+            raise FetchFailed(f"truncated: {got} of {entry.size} bytes")
+
+    # ------------------------------------------------------------------ pushes
+
+    def push_later(self, key: FrameKey, source: FrameSource) -> None:
+        """Push the frame ``source`` opens under ``key``, in the background (best effort)."""
+        if not (self.fleet.push and self.available()):
+            return
+        if len(self._pushes) >= MAX_PENDING:
+            self.counts["push_dropped"] += 1
+            return
+        task = asyncio.create_task(self._push(key, source), name=f"frame push {key.diff_id}")
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def wait_pushes(self) -> None:
+        """Until every push started so far has ended (tests, benchmarks)."""
+        while self._pushes:
+            await asyncio.wait(list(self._pushes))
+
+    async def _push(self, key: FrameKey, source: FrameSource) -> None:
+        try:
+            async with self._push_slots:
+                if not self.available():
+                    return
+                opened = await asyncio.to_thread(source)
+                if opened is None:
+                    self.counts["push_skipped"] += 1
+                    return
+                f, offset, length, layer_size = opened
+                try:
+                    digest = await asyncio.to_thread(_hash_span, f, offset, length)
+                    await self._ensure_empty()
+                    if await self._blob_exists(digest):
+                        self.counts["push_skipped"] += 1
+                    else:
+                        await self._upload(f, offset, length, digest)
+                        self.counts["push_bytes"] += length
+                finally:
+                    f.close()
+                manifest = _manifest(key, digest, length, layer_size)
+                async with self._t.open(
+                        self._ep, self._ref, "PUT",
+                        f"/v2/{self._ref.repository}/manifests/{key.tag}", what="frame push",
+                        headers={"Content-Type": MANIFEST_TYPE}, ok=(200, 201), retries=0,
+                        data=manifest, push=True):
+                    pass
+                self.counts["pushes"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a push never fails anything; counted, logged
+            self.counts["push_errors"] += 1
+            reason = e.message if isinstance(e, FetchdError) else f"{type(e).__name__}: {e}"
+            log.warning("frame cache %s: push of layer %s at level %d failed (%s)", self._ep.key,
+                        key.diff_id, key.level, reason)
+
+    async def _ensure_empty(self) -> None:
+        """The empty config blob (OCI 1.1 artifacts name it; distribution 2.8 wants it)."""
+        if self._empty_pushed:
+            return
+        if not await self._blob_exists(EMPTY_DIGEST):
+            await self._upload(None, 0, len(EMPTY), EMPTY_DIGEST, data=EMPTY)
+        self._empty_pushed = True
+
+    async def _blob_exists(self, digest: Digest) -> bool:
+        async with self._t.open(self._ep, self._ref, "HEAD",
+                                f"/v2/{self._ref.repository}/blobs/{digest}", what="frame blob",
+                                ok=(200, 404), retries=0, push=True) as resp:
+            return resp.status == 200
+
+    async def _upload(self, f: BinaryIO | None, offset: int, length: int, digest: Digest,
+                      data: bytes | None = None) -> None:
+        """One monolithic upload: POST for a session, PUT the bytes with ``?digest=``."""
+        repo = self._ref.repository
+        async with self._t.open(self._ep, self._ref, "POST", f"/v2/{repo}/blobs/uploads/",
+                                what="frame upload", ok=(202,), retries=0, push=True,
+                                headers={"Content-Length": "0"}) as resp:
+            location = resp.headers.get("Location", "")
+        path = self._upload_path(location)
+        body: Any = data if data is not None else self._paced(f, offset, length)
+        sep = "&" if "?" in path else "?"
+        async with self._t.open(self._ep, self._ref, "PUT", f"{path}{sep}digest={digest}",
+                                what="frame upload", ok=(201, 204), retries=0, push=True,
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Length": str(length)}, data=body):
+            pass
+
+    def _upload_path(self, location: str) -> str:
+        """The upload URL's path and query; the cache must not send us to another origin."""
+        if not location:
+            raise FetchFailed("the registry named no upload location")
+        parts = urlsplit(location)
+        if parts.netloc and parts.netloc != self._ep.key:
+            raise FetchFailed(f"upload location on another host ({parts.netloc})")
+        if not parts.path.startswith("/v2/"):
+            raise FetchFailed("upload location outside /v2/")
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+
+    async def _paced(self, f: BinaryIO | None, offset: int, length: int) -> AsyncIterator[bytes]:
+        assert f is not None
+        sent = 0
+        while sent < length:
+            n = min(_CHUNK, length - sent)
+            await self._bucket.take(n)
+            chunk = await asyncio.to_thread(os.pread, f.fileno(), n, offset + sent)
+            if not chunk:
+                raise FetchFailed("the frame file ended early")
+            sent += len(chunk)
+            yield chunk
+
+
+class FetchFailed(Exception):
+    """A frame could not be read from (or written to) the cache as announced."""
+
+
+class _Bucket:
+    """``rate`` bytes/s for all pushes together (0: no limit); bursts of one chunk."""
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens = float(_CHUNK)
+        self.stamp = clock()
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = self.clock()
+        self.tokens = min(float(_CHUNK), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
+async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    while chunk := await resp.content.readany():
+        yield chunk
+
+
+def _hash_span(f: BinaryIO, offset: int, length: int) -> Digest:
+    h = hashlib.sha256()
+    done = 0
+    while done < length:
+        chunk = os.pread(f.fileno(), min(_CHUNK, length - done), offset + done)
+        if not chunk:
+            raise FetchFailed("the frame file ended early")
+        h.update(chunk)
+        done += len(chunk)
+    return Digest("sha256", h.hexdigest())
+
+
+def _manifest(key: FrameKey, digest: Digest, size: int, layer_size: int) -> bytes:
+    """The entry's manifest: deterministic bytes (no timestamps), so two hosts pushing the
+    same frame push the same manifest."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": EMPTY_TYPE, "digest": str(EMPTY_DIGEST), "size": len(EMPTY),
+                   "data": "e30="},
+        "layers": [{"mediaType": FRAME_LAYER_TYPE, "digest": str(digest), "size": size}],
+        "annotations": {**key.annotations(), ANNOTATION + "size": str(layer_size)},
+    }
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _entry(key: FrameKey, body: bytes) -> FrameEntry:
+    """Parse and check an entry's manifest against ``key`` (EntryInvalid when it does not
+    fit). Accepts the plain image-manifest form too (any config): only the one layer and the
+    annotations count."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise EntryInvalid("manifest is not JSON") from e
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        raise EntryInvalid("not an OCI manifest (schemaVersion 2)")
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
+        raise EntryInvalid("the manifest must have exactly one layer")
+    layer = layers[0]
+    if layer.get("mediaType") != FRAME_LAYER_TYPE:
+        raise EntryInvalid(f"layer media type {str(layer.get('mediaType'))[:80]!r}")
+    size = layer.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise EntryInvalid("layer size is not a positive integer")
+    try:
+        digest = Digest.parse(str(layer.get("digest")))
+    except InvalidReference as e:
+        raise EntryInvalid("layer digest is not a digest") from e
+    if digest.algorithm != "sha256":
+        raise EntryInvalid("layer digest is not sha256")
+    notes = doc.get("annotations")
+    if not isinstance(notes, dict):
+        raise EntryInvalid("no annotations")
+    for name, want in key.annotations().items():
+        if notes.get(name) != want:
+            raise EntryInvalid(f"annotation {name} is {str(notes.get(name))[:80]!r}, not {want!r}")
+    layer_size = notes.get(ANNOTATION + "size")
+    if not isinstance(layer_size, str) or not layer_size.isdigit() or len(layer_size) > 20:
+        raise EntryInvalid("annotation size is not a number")
+    return FrameEntry(key, digest, size, int(layer_size))
+
+
+def _digest(text: str | None) -> Digest | None:
+    if not text:
+        return None
+    with contextlib.suppress(InvalidReference):
+        d = Digest.parse(text.strip())
+        return d if d.algorithm == "sha256" else None
+    return None
+
+
+def _safe(key: FrameKey) -> str:
+    with contextlib.suppress(ValueError):
+        return key.tag
+    return "?"

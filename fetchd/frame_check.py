@@ -1,0 +1,172 @@
+"""Is this file exactly a layer frame fetchd writes? The check for frames from elsewhere.
+
+A frame that comes from outside this host (the fleet's frame cache) is verified in full
+before it may enter the store or an archive (``check_frame``):
+
+- it starts with the raw header frame this host writes for (diff_id, size), byte for byte
+  (``layer_frame.raw_zstd_frame`` of the ``<diff_id>.tar`` member header);
+- then exactly one zstd frame whose header is the one ``compress_budget.compressor(level, n)``
+  writes (checksum on, no content size, no dictionary, the level's window); its blocks are
+  walked to the end of the file: no truncation, no trailing bytes, no reserved block types,
+  no block above zstd's 128 KiB limit;
+- it decompresses (checksum verified by zstd) to exactly ``size`` bytes hashing to the
+  diff_id, followed by the member's zero padding; output beyond that is refused at once
+  (no decompression bomb).
+
+What it cannot see: whether another compressor *of the same window* made those bytes. Such a
+frame yields the same archive content but not the same archive bytes as other hosts; the
+trust model in docs/FLEET.md says who may write the cache for that reason.
+
+``FRAME_FORMAT`` versions what ``layer_frame`` writes (header frame + content frame); the
+fleet cache keys frames by it, with the zstd library version and the level. Bump it whenever
+the frame bytes for the same (layer, level, zstd) would change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from .archive_format import layer_member_header, padding
+from .compress_budget import check_level
+from .digest import Digest
+from .layer_frame import raw_zstd_frame
+
+FRAME_FORMAT = 1
+ZSTD_VERSION = ".".join(str(n) for n in zstandard.ZSTD_VERSION)
+"""The libzstd version this host compresses with (it decides the frame bytes)."""
+
+_MAGIC = b"\x28\xb5\x2f\xfd"
+_CHECKSUM_ONLY = 0x04  # frame header descriptor: checksum flag; no content size, no dict id
+_MAX_BLOCK = 128 * 1024
+_CHUNK = 1 << 20
+
+
+HEADER_PREFIX = 10 + 3 * 512
+"""Bytes of a frame's start that hold its raw header frame, also with a PAX size record."""
+
+
+def member_size(prefix: bytes, diff_id: Digest) -> int:
+    """The layer size that a frame of ``diff_id`` starting with ``prefix`` (its first
+    ``HEADER_PREFIX`` bytes, or all of a shorter frame) records in its header frame;
+    ValueError when the header frame is not exactly the one fetchd writes for that size."""
+    data = prefix[10:]
+    pax = data[156:157] == b"x"
+    if pax:  # "<len> size=<decimal>\n" in the PAX member's content
+        text = data[512:1024].split(b"\n", 1)[0].partition(b" size=")[2]
+    else:  # ustar: 11 octal digits
+        text = data[124:136].rstrip(b"\0 ")
+    try:
+        size = int(text, 10 if pax else 8)
+    except ValueError:
+        raise ValueError("no size in the frame's header") from None
+    header = raw_zstd_frame(layer_member_header(diff_id, size))
+    if prefix[:len(header)] != header:
+        raise ValueError("the frame's header is not this layer's member header")
+    return size
+
+
+class FrameRejected(Exception):
+    """The file is not the frame this host would write; ``reason`` says what differs."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def content_frame_header(level: int) -> bytes:
+    """The first bytes of every content frame at ``level``: magic, descriptor, window."""
+    window_log = zstandard.ZstdCompressionParameters.from_level(check_level(level)).window_log
+    return _MAGIC + bytes([_CHECKSUM_ONLY, (window_log - 10) << 3])
+
+
+def max_frame_size(size: int) -> int:
+    """An upper bound of a frame's bytes for a layer of ``size`` uncompressed bytes (a bigger
+    one cannot be ours: zstd never expands a block by more than its 3-byte header)."""
+    content = size + len(padding(size))
+    blocks = content // _MAX_BLOCK + 1
+    return 2048 + content + 3 * blocks + 4
+
+
+def check_frame(path: Path, diff_id: Digest, level: int, size: int) -> None:
+    """Raise FrameRejected unless ``path`` holds exactly a frame of the layer ``diff_id``
+    (``size`` bytes uncompressed) at ``level`` as this host writes it (see the module doc).
+
+    Blocking: decompresses and hashes the whole layer; run it in a thread.
+    """
+    if diff_id.algorithm != "sha256":
+        raise FrameRejected(f"diff_id {diff_id} is not sha256")
+    if size < 0:
+        raise FrameRejected(f"negative layer size {size}")
+    header = raw_zstd_frame(layer_member_header(diff_id, size))
+    total = os.path.getsize(path)
+    if total > max_frame_size(size):
+        raise FrameRejected(f"{total} bytes is more than any frame of a {size}-byte layer")
+    with open(path, "rb") as f:
+        if f.read(len(header)) != header:
+            raise FrameRejected("the header frame is not this layer's tar member header")
+        start = len(header)
+        expect = content_frame_header(level)
+        if f.read(len(expect)) != expect:
+            raise FrameRejected(f"the content frame's header is not zstd level {level}'s "
+                                "(checksum, no content size, window)")
+        _walk_blocks(f.fileno(), start + len(expect), total)
+        f.seek(start)
+        _check_content(f, diff_id, size)
+
+
+def _walk_blocks(fd: int, pos: int, total: int) -> None:
+    """Follow the block headers from ``pos``: the frame must end exactly at ``total``."""
+    while True:
+        head = os.pread(fd, 3, pos)
+        if len(head) < 3:
+            raise FrameRejected("truncated: the content frame ends inside a block header")
+        value = int.from_bytes(head, "little")
+        last, kind, block = value & 1, (value >> 1) & 3, value >> 3
+        if kind == 3:
+            raise FrameRejected(f"reserved block type at byte {pos}")
+        if block > _MAX_BLOCK:
+            raise FrameRejected(f"block of {block} bytes at byte {pos} (zstd's limit: {_MAX_BLOCK})")
+        pos += 3 + (1 if kind == 1 else block)
+        if pos > total:
+            raise FrameRejected("truncated: the content frame ends inside a block")
+        if last:
+            break
+    pos += 4  # the checksum
+    if pos > total:
+        raise FrameRejected("truncated: the content frame's checksum is missing")
+    if pos != total:
+        raise FrameRejected(f"{total - pos} bytes after the content frame")
+
+
+def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
+    pad = len(padding(size))
+    want = size + pad
+    hasher = hashlib.sha256()
+    seen = 0
+    tail = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            f, read_size=_CHUNK, read_across_frames=False)
+        while chunk := reader.read(_CHUNK):
+            if seen + len(chunk) > want:
+                raise FrameRejected(f"decompresses to more than the {want} bytes of the member")
+            content = max(0, min(len(chunk), size - seen))
+            if content:
+                hasher.update(chunk[:content] if content < len(chunk) else chunk)
+            if content < len(chunk):
+                tail += chunk[content:]
+            seen += len(chunk)
+    except zstandard.ZstdError as e:
+        raise FrameRejected(f"does not decompress: {e}") from e
+    if seen != want:
+        raise FrameRejected(f"decompresses to {seen} bytes, the member has {want}")
+    if any(tail):
+        raise FrameRejected("the member's padding is not zeros")
+    actual = Digest("sha256", hasher.hexdigest())
+    if actual != diff_id:
+        raise FrameRejected(f"the content hashes to {actual}, not the diff_id {diff_id}")

@@ -1,0 +1,314 @@
+"""The fleet's frame cache end to end: Debian's docker-registry as the cache, hosts as Pullers.
+
+Each "host" has its own store, registry client and puller; the upstream is the session
+registry behind a counting proxy (tests/support/proxy.py), so "no layer blob from the
+upstream" is what the upstream saw. The cache is a second docker-registry (distribution 2.8)
+on loopback; the hostile caches are small aiohttp servers serving scripted entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from support.images import Catalog, CatalogImage
+from support.proxy import RegistryProxy
+from support.registry import LocalRegistry, free_port
+
+from fetchd.config import Config
+from fetchd.digest import Digest
+from fetchd.fleet_cache import ARTIFACT_TYPE, MANIFEST_TYPE, FrameCache, FrameKey, _manifest
+from fetchd.frame_check import FRAME_FORMAT, ZSTD_VERSION
+from fetchd.layer_store import LayerStore
+from fetchd.pack import frame_key
+from fetchd.platform import Platform
+from fetchd.pull import FetchRequest, FetchResult, Puller
+from fetchd.reference import Reference
+from fetchd.registry_async import RegistryClient
+from fetchd.server import Services, make_app
+
+pytestmark = pytest.mark.registry
+
+ARM64 = Platform.parse("linux/arm64")
+AMD64 = Platform.parse("linux/amd64")
+FAST = {"retries": 1, "backoff_base": 0.001, "backoff_cap": 0.01, "retry_after_cap": 0.01}
+REPO = "fetchd-frames"
+
+
+class Host:
+    """One build host: its own store, registry client and puller (and frame cache client)."""
+
+    def __init__(self, root: Path, config: Config, zstd: str | None = None) -> None:
+        self.store = LayerStore(root / "store")
+        self.client = RegistryClient(config)
+        fleet = None
+        if config.fleet.frame_cache is not None:
+            fleet = FrameCache(config, zstd=zstd or ZSTD_VERSION, format=FRAME_FORMAT)
+        self.puller = Puller(self.store, self.client, config, fleet=fleet)
+        self.config = config
+
+    async def pull(self, reference: str, platform: Platform = ARM64, level: int = 3
+                   ) -> FetchResult:
+        job = self.puller.submit(FetchRequest(Reference.parse(reference), platform, level))
+        return await job.wait()
+
+    @property
+    def fleet(self) -> FrameCache:
+        assert self.puller.fleet is not None
+        return self.puller.fleet
+
+    def store_is_clean(self) -> bool:
+        """Every blob in the store hashes to its name: nothing unverified got in."""
+        for path in (self.store.root / "blobs" / "sha256").iterdir():
+            if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
+                return False
+        return True
+
+    async def close(self) -> None:
+        await self.puller.close()
+        await self.client.close()
+        self.store.close()
+
+
+@pytest.fixture
+async def make_host(tmp_path: Path) -> AsyncIterator[Callable[..., Host]]:
+    hosts: list[Host] = []
+
+    def make(name: str, cache: str | None = None, *, zstd: str | None = None,
+             **fleet: Any) -> Host:
+        data: dict[str, Any] = {"network": FAST}
+        if cache is not None:
+            data["fleet"] = {"frame_cache": cache, "push": True, **fleet}
+        config = Config.from_dict(data, env={"FETCHD_STORE": str(tmp_path / name)})
+        host = Host(tmp_path / name, config, zstd)
+        hosts.append(host)
+        return host
+
+    try:
+        yield make
+    finally:
+        for host in hosts:
+            await host.close()
+
+
+def _archive(result: FetchResult) -> bytes:
+    return Path(result.archive_path).read_bytes()
+
+
+def _layer_gets(upstream: RegistryProxy, image: CatalogImage, platform: Platform) -> int:
+    return sum(upstream.blob_gets(layer.digest) for layer in image.platform(platform).layers)
+
+
+# --------------------------------------------------------------------------- the real cache
+
+
+async def test_second_host_takes_every_frame_from_the_cache(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    registry_factory: Callable[..., LocalRegistry], make_host: Callable[..., Host],
+) -> None:
+    image = images["multi-docker"]
+    part = image.platform(ARM64)
+    layers = {layer.diff_id for layer in part.layers}
+    upstream = proxy_factory()
+    cache = registry_factory()
+    url = f"{cache.url}/{REPO}"
+
+    a = make_host("a", url)
+    first = await a.pull(image.ref(upstream.host))
+    await a.fleet.wait_pushes()
+    assert a.fleet.stats()["misses"] == len(layers) and a.fleet.stats()["hits"] == 0
+    assert a.fleet.stats()["pushes"] == len(layers) and a.fleet.stats()["push_errors"] == 0
+    assert _layer_gets(upstream, image, ARM64) == len(part.layers)
+
+    # what distribution 2.8 stored: the OCI 1.1 artifact form, the key in the annotations
+    key = FrameKey(part.layers[0].diff_id, 3, ZSTD_VERSION, FRAME_FORMAT)
+    req = urllib.request.Request(f"{cache.url}/v2/{REPO}/manifests/{key.tag}",
+                                 headers={"Accept": MANIFEST_TYPE})
+
+    def read() -> Any:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    stored = await asyncio.to_thread(read)
+    assert stored["artifactType"] == ARTIFACT_TYPE
+    assert stored["annotations"]["dev.fetchd.frame.diff_id"] == str(key.diff_id)
+
+    b = make_host("b", url)
+    upstream.reset_stats()
+    second = await b.pull(image.ref(upstream.host))
+    assert _archive(second) == _archive(first)
+    assert second.archive_digest == first.archive_digest
+    assert _layer_gets(upstream, image, ARM64) == 0       # no layer blob from the upstream
+    assert upstream.blob_gets(part.config_digest) == 1   # the config still comes from it
+    assert second.frames_fleet == len(layers) and second.frames_compressed == 0
+    stats = b.fleet.stats()
+    assert stats["hits"] == len(layers) and stats["rejected"] == 0 and stats["misses"] == 0
+    assert not any(b.store.has(layer.digest) for layer in part.layers)
+    assert b.store_is_clean()
+
+    services = Services(b.puller, b.store, b.client, b.config)
+    async with TestClient(TestServer(make_app(services))) as http:
+        status = await (await http.get("/v1/status")).json()
+        metrics = await (await http.get("/metrics")).text()
+    assert status["fleet"]["hits"] == len(layers) and status["fleet"]["url"] == url
+    assert f"fetchd_fleet_hits_total {len(layers)}" in metrics
+    assert "fetchd_fleet_pushes_pending 0" in metrics
+
+
+async def test_other_level_or_zstd_version_is_a_miss(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    registry_factory: Callable[..., LocalRegistry], make_host: Callable[..., Host],
+) -> None:
+    image = images["shared-a"]
+    part = image.platform(AMD64)
+    layers = {layer.diff_id for layer in part.layers}
+    upstream = proxy_factory()
+    cache = registry_factory()
+    url = f"{cache.url}/{REPO}"
+    a = make_host("a", url)
+    await a.pull(image.ref(upstream.host), AMD64)
+    await a.fleet.wait_pushes()
+    assert a.fleet.stats()["pushes"] == len(layers)
+
+    b = make_host("b", url, push=False)
+    at5 = await b.pull(image.ref(upstream.host), AMD64, level=5)
+    assert b.fleet.stats()["misses"] == len(layers) and b.fleet.stats()["hits"] == 0
+    assert at5.frames_fleet == 0 and at5.frames_compressed == len(layers)
+
+    c = make_host("c", url, zstd="0.0.1")  # another libzstd: another key
+    upstream.reset_stats()
+    other = await c.pull(image.ref(upstream.host), AMD64)
+    assert c.fleet.stats()["misses"] == len(layers) and c.fleet.stats()["hits"] == 0
+    assert other.frames_compressed == len(layers)
+    assert _layer_gets(upstream, image, AMD64) == len(part.layers)
+
+
+# --------------------------------------------------------------------------- hostile caches
+
+
+class EvilCache:
+    """A registry-shaped server that answers every frame lookup with one scripted entry.
+
+    ``mode``: ``corrupt`` (one byte of the frame flipped), ``other-layer`` (another layer's
+    frame under this key), ``truncated`` (the frame cut short, manifest consistent with it),
+    ``500`` (every request), ``stall`` (holds every request until the test ends).
+    """
+
+    def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
+        self.frames = frames  # diff_id -> (frame bytes, layer size), real frames
+        self.mode = mode
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[str, bytes] = {}
+        self.requests = 0
+        self.release = asyncio.Event()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/{REPO}"
+
+    def _entry(self, tag: str) -> bytes | None:
+        if tag in self.manifests:  # by digest, after the HEAD
+            return self.manifests[tag]
+        diff_hex = tag.split(".", 1)[0]
+        diff_id = Digest("sha256", diff_hex)
+        if diff_id not in self.frames:
+            return None
+        frame, size = self.frames[diff_id]
+        if self.mode == "corrupt":
+            frame = bytearray(frame)
+            frame[len(frame) // 2] ^= 0x01
+            frame = bytes(frame)
+        elif self.mode == "other-layer":
+            frame, size = next(v for k, v in self.frames.items() if k != diff_id)
+        elif self.mode == "truncated":
+            frame = frame[:len(frame) * 2 // 3]
+        digest = Digest.of(frame)
+        self.blobs[str(digest)] = frame
+        key = FrameKey(diff_id, 3, ZSTD_VERSION, FRAME_FORMAT)
+        body = _manifest(key, digest, len(frame), size)
+        self.manifests[str(Digest.of(body))] = body
+        return body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        if self.mode == "stall":
+            await self.release.wait()
+        if self.mode == "500":
+            return web.Response(status=500, text="boom")
+        parts = request.path.split("/")
+        if "manifests" in parts:
+            body = self._entry(parts[-1])
+            if body is None:
+                return web.Response(status=404)
+            headers = {"Docker-Content-Digest": str(Digest.of(body)),
+                       "Content-Type": MANIFEST_TYPE}
+            return web.Response(body=None if request.method == "HEAD" else body,
+                                headers=headers)
+        if "blobs" in parts and parts[-1] in self.blobs:
+            return web.Response(body=self.blobs[parts[-1]])
+        return web.Response(status=404)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[EvilCache]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        try:
+            yield self
+        finally:
+            self.release.set()
+            await runner.cleanup()
+
+
+def _frames_of(host: Host, image: CatalogImage, platform: Platform) -> dict[Digest, tuple[bytes, int]]:
+    out = {}
+    for layer in image.platform(platform).layers:
+        span = host.store.get_frame(frame_key(layer.diff_id, 3))
+        assert span is not None
+        with open(host.store.blob_path(span.digest), "rb") as f:
+            f.seek(span.offset)
+            out[layer.diff_id] = (f.read(span.length), layer.tar_size)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "500", "stall"])
+async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
+    mode: str, images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    make_host: Callable[..., Host],
+) -> None:
+    image = images["shared-b"]
+    part = image.platform(AMD64)
+    layers = {layer.diff_id for layer in part.layers}
+    upstream = proxy_factory()
+    reference = make_host("ref")                  # no cache: the archive as it must be
+    want = await reference.pull(image.ref(upstream.host), AMD64)
+    evil = EvilCache(_frames_of(reference, image, AMD64), mode)
+    async with evil.running():
+        host = make_host("h", evil.url, timeout=0.5)
+        upstream.reset_stats()
+        got = await host.pull(image.ref(upstream.host), AMD64)
+        await host.fleet.wait_pushes()
+    assert _archive(got) == _archive(want)
+    assert got.frames_fleet == 0 and got.frames_compressed == len(layers)
+    assert _layer_gets(upstream, image, AMD64) == len(part.layers)  # the normal path
+    stats = host.fleet.stats()
+    assert stats["hits"] == 0
+    if mode in ("500", "stall"):
+        # one failure takes the cache out of use for its cooldown: not one per layer
+        assert stats["errors" if mode == "500" else "timeouts"] >= 1 and stats["down"] is True
+    else:
+        assert stats["rejected"] == len(layers) and stats["found"] == len(layers)
+    for diff_id in layers:  # no frame from the cache was kept: the store's own came from the pack
+        assert host.store.get_alias("frame", frame_key(diff_id, 3)) is None
+    assert host.store_is_clean()
+    assert list(host.store.tmp_dir.iterdir()) == []

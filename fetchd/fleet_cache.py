@@ -125,7 +125,10 @@ class FrameCache:
         self.fleet: FleetConfig = fleet
         self.zstd, self.format = zstd, format
         self.clock = clock
+        # Lookups and downloads on one connection budget, pushes on another: a long upload
+        # never holds a connection a lookup is waiting for.
         self._t = Transport(config, session, credentials=credentials, clock=clock)
+        self._push_t = Transport(config, session, credentials=credentials, clock=clock)
         parts = urlsplit(fleet.frame_cache)
         loopback = is_loopback(parts.netloc)
         self.usable = parts.scheme == "https" or fleet.insecure or loopback
@@ -139,6 +142,8 @@ class FrameCache:
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._down_until = 0.0
         self._push_slots = asyncio.Semaphore(fleet.push_concurrency)
+        # a lookup's timeout runs from when it has a connection, not while it queues for one
+        self._lookup_slots = asyncio.Semaphore(self._t.host(parts.netloc).limit)
         self._pushes: set[asyncio.Task[None]] = set()
         self._bucket = _Bucket(fleet.push_bandwidth, clock)
         self._empty_pushed = False
@@ -170,6 +175,7 @@ class FrameCache:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._t.close()
+        await self._push_t.close()
 
     # ------------------------------------------------------------------ outcomes
 
@@ -188,17 +194,16 @@ class FrameCache:
                     key.level, reason)
 
     def _failed(self, what: str, key: FrameKey | None, e: BaseException) -> None:
-        timeout = isinstance(e, TimeoutError | asyncio.TimeoutError)
+        """A request failed or timed out: count it, and rest the cache for ``cooldown``."""
+        timeout = isinstance(e, TimeoutError)
         self.counts["timeouts" if timeout else "errors"] += 1
         reason = "timed out" if timeout else (e.message if isinstance(e, FetchdError) else
                                               type(e).__name__)
-        cooldown = self.fleet.cooldown
-        if timeout or isinstance(e, TRANSIENT) or isinstance(e, FetchdError):
-            if self._down_until <= self.clock():
-                log.warning("frame cache %s: %s%s failed (%s); not asking it for %.0f s",
-                            self._ep.key, what, f" of {key.diff_id}" if key else "", reason,
-                            cooldown)
-            self._down_until = self.clock() + cooldown
+        if self._down_until <= self.clock():
+            log.warning("frame cache %s: %s%s failed (%s); not asking it for %.0f s",
+                        self._ep.key, what, f" of {key.diff_id}" if key else "", reason,
+                        self.fleet.cooldown)
+        self._down_until = self.clock() + self.fleet.cooldown
 
     # ------------------------------------------------------------------ lookups
 
@@ -211,10 +216,13 @@ class FrameCache:
             tag = key.tag
         except ValueError:
             return None
-        self.counts["lookups"] += 1
         try:
-            async with asyncio.timeout(self.fleet.timeout):
-                body = await self._manifest(tag)
+            async with self._lookup_slots:
+                if not self.available():
+                    return None
+                self.counts["lookups"] += 1
+                async with asyncio.timeout(self.fleet.timeout):
+                    body = await self._manifest(tag)
         except EntryInvalid as e:
             self.counts["found"] += 1
             self.reject(key, str(e))
@@ -325,7 +333,7 @@ class FrameCache:
                 finally:
                     f.close()
                 manifest = _manifest(key, digest, length, layer_size)
-                async with self._t.open(
+                async with self._push_t.open(
                         self._ep, self._ref, "PUT",
                         f"/v2/{self._ref.repository}/manifests/{key.tag}", what="frame push",
                         headers={"Content-Type": MANIFEST_TYPE}, ok=(200, 201), retries=0,
@@ -349,7 +357,7 @@ class FrameCache:
         self._empty_pushed = True
 
     async def _blob_exists(self, digest: Digest) -> bool:
-        async with self._t.open(self._ep, self._ref, "HEAD",
+        async with self._push_t.open(self._ep, self._ref, "HEAD",
                                 f"/v2/{self._ref.repository}/blobs/{digest}", what="frame blob",
                                 ok=(200, 404), retries=0, push=True) as resp:
             return resp.status == 200
@@ -358,14 +366,14 @@ class FrameCache:
                       data: bytes | None = None) -> None:
         """One monolithic upload: POST for a session, PUT the bytes with ``?digest=``."""
         repo = self._ref.repository
-        async with self._t.open(self._ep, self._ref, "POST", f"/v2/{repo}/blobs/uploads/",
+        async with self._push_t.open(self._ep, self._ref, "POST", f"/v2/{repo}/blobs/uploads/",
                                 what="frame upload", ok=(202,), retries=0, push=True,
                                 headers={"Content-Length": "0"}) as resp:
             location = resp.headers.get("Location", "")
         path = self._upload_path(location)
         body: Any = data if data is not None else self._paced(f, offset, length)
         sep = "&" if "?" in path else "?"
-        async with self._t.open(self._ep, self._ref, "PUT", f"{path}{sep}digest={digest}",
+        async with self._push_t.open(self._ep, self._ref, "PUT", f"{path}{sep}digest={digest}",
                                 what="frame upload", ok=(201, 204), retries=0, push=True,
                                 headers={"Content-Type": "application/octet-stream",
                                          "Content-Length": str(length)}, data=body):

@@ -24,6 +24,7 @@ from the store alone; a miss says exactly what is missing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import itertools
 import logging
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .archive_format import qualified_repo_tag
-from .compress_budget import CompressionBudget, check_level
+from .compress_budget import CompressionBudget, check_level, usable_cpus
 from .config import Config
 from .digest import Digest
 from .errors import (
@@ -360,6 +361,9 @@ class Puller:
         if fleet is None and config.fleet.frame_cache is not None:
             fleet = FrameCache(config, zstd=ZSTD_VERSION, format=FRAME_FORMAT)
         self.fleet = fleet
+        # Frame checks decompress and hash whole layers: threads of their own (not the loop's
+        # default executor, which the store's small I/O needs), one per usable CPU at most.
+        self._checks: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -390,6 +394,8 @@ class Puller:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.fleet is not None:
             await self.fleet.close()
+        if self._checks is not None:
+            self._checks.shutdown(wait=False, cancel_futures=True)
 
     def fleet_stats(self) -> dict[str, Any] | None:
         """The frame cache's counters (``FrameCache.stats``); None when none is configured."""
@@ -765,7 +771,11 @@ class Puller:
         tmp = self.store.temp_path(".fleet.zst")
         try:
             await fleet.fetch(entry, tmp)
-            await asyncio.to_thread(check_frame, tmp, key.diff_id, key.level, entry.layer_size)
+            if self._checks is None:
+                self._checks = concurrent.futures.ThreadPoolExecutor(
+                    usable_cpus(), thread_name_prefix="fetchd-frame-check")
+            await asyncio.get_running_loop().run_in_executor(
+                self._checks, check_frame, tmp, key.diff_id, key.level, entry.layer_size)
             await asyncio.to_thread(self.store.commit_file, tmp, entry.digest,
                                     ("frame", frame_key(key.diff_id, key.level)),
                                     FRAME_MEDIA_TYPE, (), lease)

@@ -61,6 +61,14 @@ class ServerConfig:
     # ... of which one uid may hold at most this many; jobs answered from the store (offline,
     # fully cached) take no slot at all, so they never wait behind network work.
     max_jobs_per_uid: int = 16
+    # Connections open at once (in total, and of one peer uid); the daemon keeps the total
+    # below its file descriptor limit. reserved_connections more are admitted beyond the caps
+    # for status, health and metrics only, so `fetchd status` answers while it is full.
+    max_connections: int = 1024
+    max_connections_per_uid: int = 128
+    reserved_connections: int = 16
+    # Clients streaming one job's progress at once (the rest get 503 and retry).
+    max_waiters_per_job: int = 128
     # Progress events a job keeps for clients that join late (older ones are summarized).
     max_job_events: int = 4096
     # Layers an image may have; a longer layer list is refused before any per-layer work.
@@ -394,12 +402,15 @@ def _validate(store: StoreConfig, server: ServerConfig, net: NetworkConfig, wher
         raise ConfigError(f"{where} [store]: need 0 < low_watermark <= high_watermark <= 1")
     if store.max_open_ingests < 1:
         raise ConfigError(f"{where} [store] max_open_ingests: must be at least 1")
-    for name in ("max_jobs", "max_jobs_per_uid", "max_job_events", "max_layers"):
+    for name in ("max_jobs", "max_jobs_per_uid", "max_job_events", "max_layers", "max_connections",
+                 "max_connections_per_uid", "max_waiters_per_job"):
         if getattr(server, name) < 1:
             raise ConfigError(f"{where} [server] {name}: must be at least 1")
     for name in ("max_connections", "range_parts"):
         if getattr(net, name) < 1:
             raise ConfigError(f"{where} [network] {name}: must be at least 1")
+    if server.reserved_connections < 0:
+        raise ConfigError(f"{where} [server] reserved_connections: must not be negative")
     if server.job_stall_timeout < 0:
         raise ConfigError(f"{where} [server] job_stall_timeout: must not be negative")
     if net.mirror_timeout <= 0:

@@ -142,6 +142,13 @@ class RegistryStalled(RegistryError):
     http_status = 504
 
 
+class Overloaded(FetchdError):
+    """A per-user or daemon-wide limit is reached (connections, clients of one job)."""
+
+    code = "too-many-connections"
+    http_status = 503
+
+
 class InsecureRegistry(FetchdError):
     code = "insecure-registry"
     http_status = 502

@@ -186,6 +186,7 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self.waiters = 0
         self.slot = False  # holds a network slot (Puller._online)
+        self.clients = 0  # connections streaming this job's events (server.max_waiters_per_job)
         self.seq = 0  # submission order (Puller.submit): earlier jobs' downloads go first
 
     def push(self, event: dict[str, Any]) -> None:
@@ -267,7 +268,7 @@ class Job:
             "offline": r.offline,
             "state": self.state,
             "age": round(time.time() - self.started, 3),
-            "waiters": self.waiters,
+            "waiters": max(self.waiters, self.clients),
         }
 
 
@@ -457,7 +458,7 @@ class Puller:
                 idle = time.monotonic() - job.progressed
                 if job.state == "queued" or not limit:
                     job.progressed, idle = time.monotonic(), 0.0
-                if idle >= limit:
+                if limit and idle >= limit:
                     break
                 done, _ = await asyncio.wait([task], timeout=(limit or 60.0) - idle)
                 if done:

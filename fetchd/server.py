@@ -45,9 +45,11 @@ from .errors import (
     FetchdError,
     InvalidPlatform,
     InvalidRequest,
+    Overloaded,
     PermissionRefused,
 )
 from .fleet_cache import COUNTERS as FLEET_COUNTER_KEYS
+from .listener import RESERVE_PATHS, ConnectionCaps, LimitedSite
 from .loop_lag import LoopLag
 from .platform import Platform
 from .pull import FetchRequest, FetchResult, Job
@@ -104,6 +106,7 @@ class Services:
     requests: Counter[tuple[str, int]] = dataclasses.field(default_factory=Counter)
     # the event loop's own lateness; sampling runs while the app runs (make_app)
     loop_lag: LoopLag = dataclasses.field(default_factory=LoopLag)
+    site: LimitedSite | None = None       # the accept loop's connection caps (serve)
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -221,9 +224,21 @@ async def handle_fetch(request: web.Request) -> web.StreamResponse:
         peer = peer_of(request)
         dest = await asyncio.to_thread(check_destination, body["dest"], peer)
     job = services.puller.submit(fetch_request)
+    cap = services.config.server.max_waiters_per_job
+    if job.clients >= cap:
+        raise Overloaded(f"{cap} clients already wait for {reference} (server.max_waiters_per_job); "
+                         "retry when that job is done")
     log.info("fetch %s %s level %d%s", reference, fetch_request.platform, fetch_request.level,
              f" for pid {peer.pid} uid {peer.uid}" if peer else "")
+    job.clients += 1
+    try:
+        return await _stream_job(request, services, job, reference, dest, peer)
+    finally:
+        job.clients -= 1
 
+
+async def _stream_job(request: web.Request, services: Services, job: Job, reference: Reference,
+                      dest: Path | None, peer: Peer | None) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:
@@ -378,6 +393,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "failed": getattr(services.puller, "failed", None),
         "store": store_usage(await _call(services.store.usage)),
         "registries": jsonable(services.registry.stats()),
+        "connections": services.site.stats() if services.site is not None else None,
         "loop_lag": services.loop_lag.snapshot().to_json(),
         "fleet": _fleet_stats(services),
     })
@@ -599,7 +615,15 @@ async def error_middleware(
     services = request.app[SERVICES]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
     try:
+        if services.site is not None and services.site.is_reserve(request.transport) \
+                and request.path not in RESERVE_PATHS:
+            raise Overloaded("fetchd is at its connection limit (server.max_connections, "
+                             "server.max_connections_per_uid): a connection beyond it may only "
+                             f"ask for {', '.join(sorted(RESERVE_PATHS))}; retry shortly")
         response = await handler(request)
+    except Overloaded as e:  # not logged per request: the site logs refusals once per interval
+        response = web.json_response(e.to_json(), status=e.http_status)
+        response.force_close()
     except FetchdError as e:
         if e.http_status >= 500:
             log.warning("%s %s: %s: %s", request.method, request.path, e.code, e.message)
@@ -802,7 +826,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
             loop.add_signal_handler(signum, stop.set)
             stack.callback(loop.remove_signal_handler, signum)
         await runner.setup()
-        await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE).start()
+        services.site = LimitedSite(runner, sock, connection_caps(config))
+        await services.site.start()
         log.info("fetchd %s serving on %s%s, store %s", __version__, socket_path,
                  " (socket activation)" if activated else "", config.store.path)
         sdnotify.notify(f"READY=1\nSTATUS=serving on {socket_path}\nMAINPID={os.getpid()}")
@@ -812,6 +837,12 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         log.info("stopping: no new jobs; running jobs are parked, partial downloads kept")
         sdnotify.notify("STOPPING=1")
     log.info("stopped")
+
+
+def connection_caps(config: Config) -> ConnectionCaps:
+    server = config.server
+    return ConnectionCaps(server.max_connections, server.max_connections_per_uid,
+                          server.reserved_connections)
 
 
 def warn_about_config(config: Config) -> None:

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "decompress": 4, "compress_budget": 4, "archive_writer": 4, "layer_frame": 5, "pack": 6,
     "frame_check": 6,
     # hand-back and service plumbing
-    "deliver": 4, "sdnotify": 4, "loop_lag": 4,
+    "deliver": 4, "sdnotify": 4, "loop_lag": 4, "listener": 4,
     # the meeting point
     "pull": 7,
     # wiring

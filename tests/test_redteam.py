@@ -14,10 +14,11 @@ Two kinds of test:
   requests made as ``nobody`` through the socket, so SO_PEERCRED, /proc and the kernel's
   permission checks are the real ones), for findings about authority, hand-back and input.
 
-Sections: job slots, layer count and events (limits); authority, hand-back, private images,
-config file, metadata and input (auth). limits and pack: add each of your findings here as a
-test named after the finding (fds and connections, deadlines, single-flight hijack, partials,
-compression slots, decompression bombs), in-process or against ``Served``.
+Sections: job slots, layer count and events, deadlines, single-flight hijack (limits);
+authority, hand-back, private images, config file, metadata and input (auth); file
+descriptors and connections, partials (limits). pack: add each of your findings here as a
+test named after the finding (compression slots, decompression bombs), in-process or against
+``Served``.
 """
 
 from __future__ import annotations
@@ -684,3 +685,172 @@ async def test_served_hostile_registry_answers_are_clear_and_escaped(
     message = answer["error"]["message"]
     assert "\\x1b]0;owned\\x07" in message and "\x1b" not in message and "\n" not in message
     assert "\x1b" not in served.daemon_log() and "\nFAKE LOG LINE" not in served.daemon_log()
+
+
+# -- file descriptors and connections -------------------------------------------------------
+
+LOW_FDS = (
+    "import resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+    "import fetchd.cli\n"
+    "sys.exit(fetchd.cli.main(sys.argv[1:]))\n"
+)
+
+
+async def _open_fetch(socket_path: str, reference: str) -> tuple[int, asyncio.StreamWriter, bytes]:
+    """One raw fetch request; (HTTP status, the writer, what came with the status line)."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    body = json.dumps({"reference": reference}).encode()
+    writer.write(b"POST /v1/fetch HTTP/1.1\r\nHost: fetchd\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    line = await reader.readline()
+    status = int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0
+    rest = await reader.read(65536) if status == 503 else b""
+    return status, writer, rest
+
+
+@pytest.mark.skipif(not __import__("support.as_user").as_user.can_act_as_others(),
+                    reason="acts as nobody: needs root")
+async def test_a_connection_flood_on_one_job_leaves_status_and_other_users_served(
+        open_tmp: Path, fake: FakeRegistry, tarpit: Tarpit) -> None:
+    """Finding: ~250 connections joining one never-ending job held every descriptor (limit
+    256); status and pulls timed out, and the accept loop logged a traceback per failed
+    accept. Now connections are capped per uid and in total below the descriptor limit,
+    a reserve keeps status answering, and refusals are logged once per interval."""
+    import sys
+
+    from support.as_user import NOBODY, request_as
+
+    socket_path = str(open_tmp / "run" / "fetchd.sock")
+    config = open_tmp / "config.toml"
+    config.write_text("[server]\nsocket_mode = 0o666\njob_stall_timeout = 0\n"
+                      "[network]\nstall_timeout = 0\n")
+    log_path = open_tmp / "daemon.log"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"}
+    proc = await asyncio.to_thread(_start_daemon, [
+        sys.executable, "-c", LOW_FDS, "serve", "--socket", socket_path,
+        "--store", str(open_tmp / "store"), "--config", str(config)], env, log_path)
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        status, answer = await asyncio.to_thread(_wait_health, proc, socket_path, log_path)
+        flood = [await _open_fetch(socket_path, f"{tarpit.host}/evil/never:1") for _ in range(250)]
+        writers = [w for _, w, _ in flood]
+        statuses = [s for s, _, _ in flood]
+        assert statuses.count(200) <= 128  # server.max_connections_per_uid
+        assert statuses.count(503) >= 250 - 128 - 2
+        assert all(b"too-many-connections" in rest for s, _, rest in flood if s == 503)
+        # another user: status, health and a pull of its own are answered
+        status, answer = await asyncio.to_thread(request_as, socket_path, "GET", "/v1/status")
+        assert status == 200 and answer["connections"]["open"] <= 128 + 1  # the cap, and this one
+        assert answer["jobs"] and answer["jobs"][0]["waiters"] == statuses.count(200), (answer, log_path.read_text()[-3000:])
+        reference = serve_image(fake, "other/img", "1", small_image("flood"))
+        status, answer = await asyncio.to_thread(
+            request_as, socket_path, "POST", "/v1/fetch", {"reference": reference},
+            uid=NOBODY.pw_uid, gid=NOBODY.pw_gid)
+        assert status == 200 and "result" in answer, answer
+    finally:
+        for writer in writers:
+            writer.close()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait)
+    text = log_path.read_text()
+    assert "Traceback" not in text
+    assert len(text) < 64 * 1024
+
+
+def _start_daemon(argv: list[str], env: dict[str, str], log_path: Path) -> Any:
+    import subprocess
+
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def _wait_health(proc: Any, socket_path: str, log_path: Path) -> tuple[int, Any]:
+    import socket as socketlib
+    import time
+
+    from support.as_user import request_as
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # start-up only: the daemon's socket appearing
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited: {log_path.read_text()}")
+        try:
+            with socketlib.socket(socketlib.AF_UNIX) as probe:
+                probe.connect(socket_path)
+            return request_as(socket_path, "GET", "/v1/health")
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"daemon did not answer: {log_path.read_text()}")
+
+
+async def test_connections_over_every_cap_are_refused_and_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the caps (total, per uid, reserve) a connection gets a 503 at once and is
+    closed; the reserve answers status only; running out of descriptors is logged once per
+    interval, not per failed accept."""
+    import errno
+    import logging
+    import socket as socketlib
+
+    from fetchd.listener import ConnectionCaps, LimitedSite
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/other", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = str(tmp_path / "s.sock")
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(path)
+    site = LimitedSite(runner, sock, ConnectionCaps(max_connections=2, max_connections_per_uid=2,
+                                                    reserved=1, log_interval=3600))
+    await site.start()
+    held = []
+    try:
+        for _ in range(2):  # the ordinary connections, idle
+            held.append(await asyncio.open_unix_connection(path))
+        caplog.set_level(logging.WARNING, "fetchd.listener")
+        reader, writer = await asyncio.open_unix_connection(path)  # the reserve
+        held.append((reader, writer))
+        writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        for _ in range(3):  # over every cap: refused at once, logged once
+            r, w = await asyncio.open_unix_connection(path)
+            answer = await r.read()
+            assert answer.startswith(b"HTTP/1.1 503") and b"too-many-connections" in answer
+            w.close()
+        assert site.stats()["refused"] == 3
+        assert len([r for r in caplog.records if "refused a connection" in r.getMessage()]) == 1
+
+        calls = 0
+        real_accept = asyncio.get_running_loop().sock_accept
+
+        async def exhausted(s: socketlib.socket) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls <= 5:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return await real_accept(s)
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "sock_accept", exhausted)
+        monkeypatch.setattr("fetchd.listener.ACCEPT_PAUSE", 0)
+        for _, w in held[:1]:
+            w.close()  # make room, then a connection arrives while fds run out
+        await site.stop()
+        await site.start()
+        r, w = await asyncio.open_unix_connection(path)
+        w.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await r.readline()).startswith(b"HTTP/1.1 ")
+        w.close()
+        assert site.stats()["out_of_fds"] == 5
+        assert len([r for r in caplog.records if "cannot accept" in r.getMessage()]) == 1
+    finally:
+        for _, w in held:
+            w.close()
+        await runner.cleanup()

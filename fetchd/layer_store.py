@@ -136,6 +136,12 @@ class ImageEntry:
     size: int | None = None  # the archive's, None when it is not in the store
     last_used: float | None = None
 
+    def to_json(self) -> dict[str, object]:
+        return {"reference": self.reference, "platform": self.platform, "level": self.level,
+                "manifest_digest": str(self.manifest_digest),
+                "archive_digest": str(self.archive_digest), "created": self.created,
+                "present": self.present, "size": self.size, "last_used": self.last_used}
+
 
 def _digest(value: Digest | str) -> Digest:
     return value if isinstance(value, Digest) else Digest.parse(value)
@@ -641,9 +647,11 @@ class LayerStore:
         """The archives the store has made, with their size and last use: one index query
         (and a stat per archive, the files being the truth about what is present)."""
         out = []
+        blobs = os.fspath(self._blobs)
         for r, size, last_used in self._index(self.index.images_with_blobs):
             archive = Digest.parse(r.archive_digest)
-            present = self.has(archive)
+            # a stat by string: thousands of archives, no Path objects made for them
+            present = os.path.isfile(f"{blobs}/{archive.algorithm}/{archive.hex}")
             out.append(ImageEntry(r.reference, r.platform, r.level,
                                   Digest.parse(r.manifest_digest), archive, r.created,
                                   present, size if present else None,

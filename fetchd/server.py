@@ -403,13 +403,14 @@ async def handle_images(request: web.Request) -> web.Response:
     """The archives in the store with their size and last use, and the store's totals."""
     services = request.app[SERVICES]
 
-    def listing() -> list[dict[str, Any]]:  # index reads: in a thread
+    def listing() -> bytes:  # index reads and the (big) JSON encoding: in a thread
         store = services.store
         store.flush_uses()  # the batched last-use times first, so "last_used" is current
-        return [jsonable(entry) for entry in store.list_images()]
+        images = [entry.to_json() for entry in store.list_images()]  # plain values already
+        return json.dumps({"images": images, "store": store_usage(store.usage())}).encode()
 
-    images = await asyncio.to_thread(listing)
-    return web.json_response({"images": images, "store": store_usage(await _call(services.store.usage))})
+    body = await asyncio.to_thread(listing)
+    return web.Response(body=body, content_type="application/json")
 
 
 def is_admin(services: Services, peer: Peer) -> bool:

@@ -14,6 +14,8 @@ SCENARIO_TITLES = {
     "warm-small": "5b. warm, smaller image (shared-b)",
     "fanin-one": "6a. fan-in baseline: one request",
     "fanin": "6. fan-in: concurrent requests for the same image",
+    "second-host-a": "7a. fleet frame cache, host A: big image cold, pushes its frames",
+    "second-host": "7. fleet frame cache, host B: same request, frames from the cache",
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -138,6 +139,9 @@ class FrameCache:
         self._ep = Endpoint(parts.netloc, fleet.base, parts.netloc, fleet.insecure or loopback,
                             verify_tls=not fleet.insecure, auth_file=fleet.auth_file,
                             timeout=fleet.timeout)
+        # Uploads take as long as their bytes take (paced by push_bandwidth): no per-request
+        # limit, one for the whole push instead (``_push``).
+        self._push_ep = dataclasses.replace(self._ep, timeout=None)
         self._ref = Reference(parts.netloc, fleet.repository)
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._down_until = 0.0
@@ -288,7 +292,8 @@ class FrameCache:
             raise
         except (TimeoutError, FetchdError, *TRANSIENT) as e:
             self._failed("frame download", entry.key, e)
-            raise FetchFailed(f"download failed after {got} bytes ({type(e).__name__})") from e
+            raise FetchFailed(f"download failed after {got} bytes ({type(e).__name__})",
+                              counted=True) from e
         finally:
             self.counts["bytes"] += got
         if got != entry.size:
@@ -322,31 +327,39 @@ class FrameCache:
                     self.counts["push_skipped"] += 1
                     return
                 f, offset, length, layer_size = opened
+                rate = min(MIN_RATE, self.fleet.push_bandwidth or MIN_RATE)
                 try:
-                    digest = await asyncio.to_thread(_hash_span, f, offset, length)
-                    await self._ensure_empty()
-                    if await self._blob_exists(digest):
-                        self.counts["push_skipped"] += 1
-                    else:
-                        await self._upload(f, offset, length, digest)
-                        self.counts["push_bytes"] += length
+                    # a stalled cache must not hold a push slot for ever
+                    async with asyncio.timeout(4 * self.fleet.timeout + length / rate):
+                        await self._push_frame(key, f, offset, length, layer_size)
                 finally:
                     f.close()
-                manifest = _manifest(key, digest, length, layer_size)
-                async with self._push_t.open(
-                        self._ep, self._ref, "PUT",
-                        f"/v2/{self._ref.repository}/manifests/{key.tag}", what="frame push",
-                        headers={"Content-Type": MANIFEST_TYPE}, ok=(200, 201), retries=0,
-                        data=manifest, push=True):
-                    pass
                 self.counts["pushes"] += 1
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 -- a push never fails anything; counted, logged
             self.counts["push_errors"] += 1
-            reason = e.message if isinstance(e, FetchdError) else f"{type(e).__name__}: {e}"
+            reason = e.message if isinstance(e, FetchdError) else (
+                "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
             log.warning("frame cache %s: push of layer %s at level %d failed (%s)", self._ep.key,
                         key.diff_id, key.level, reason)
+
+    async def _push_frame(self, key: FrameKey, f: BinaryIO, offset: int, length: int,
+                          layer_size: int) -> None:
+        """The blob if the cache lacks it, then the manifest under the key's tag."""
+        digest = await asyncio.to_thread(_hash_span, f, offset, length)
+        await self._ensure_empty()
+        if await self._blob_exists(digest):
+            self.counts["push_skipped"] += 1
+        else:
+            await self._upload(f, offset, length, digest)
+            self.counts["push_bytes"] += length
+        async with self._push_t.open(
+                self._push_ep, self._ref, "PUT",
+                f"/v2/{self._ref.repository}/manifests/{key.tag}", what="frame push",
+                headers={"Content-Type": MANIFEST_TYPE}, ok=(200, 201), retries=0,
+                data=_manifest(key, digest, length, layer_size), push=True):
+            pass
 
     async def _ensure_empty(self) -> None:
         """The empty config blob (OCI 1.1 artifacts name it; distribution 2.8 wants it)."""
@@ -357,7 +370,7 @@ class FrameCache:
         self._empty_pushed = True
 
     async def _blob_exists(self, digest: Digest) -> bool:
-        async with self._push_t.open(self._ep, self._ref, "HEAD",
+        async with self._push_t.open(self._push_ep, self._ref, "HEAD",
                                 f"/v2/{self._ref.repository}/blobs/{digest}", what="frame blob",
                                 ok=(200, 404), retries=0, push=True) as resp:
             return resp.status == 200
@@ -366,14 +379,14 @@ class FrameCache:
                       data: bytes | None = None) -> None:
         """One monolithic upload: POST for a session, PUT the bytes with ``?digest=``."""
         repo = self._ref.repository
-        async with self._push_t.open(self._ep, self._ref, "POST", f"/v2/{repo}/blobs/uploads/",
+        async with self._push_t.open(self._push_ep, self._ref, "POST", f"/v2/{repo}/blobs/uploads/",
                                 what="frame upload", ok=(202,), retries=0, push=True,
                                 headers={"Content-Length": "0"}) as resp:
             location = resp.headers.get("Location", "")
         path = self._upload_path(location)
         body: Any = data if data is not None else self._paced(f, offset, length)
         sep = "&" if "?" in path else "?"
-        async with self._push_t.open(self._ep, self._ref, "PUT", f"{path}{sep}digest={digest}",
+        async with self._push_t.open(self._push_ep, self._ref, "PUT", f"{path}{sep}digest={digest}",
                                 what="frame upload", ok=(201, 204), retries=0, push=True,
                                 headers={"Content-Type": "application/octet-stream",
                                          "Content-Length": str(length)}, data=body):
@@ -404,7 +417,12 @@ class FrameCache:
 
 
 class FetchFailed(Exception):
-    """A frame could not be read from (or written to) the cache as announced."""
+    """A frame could not be read from (or written to) the cache as announced. ``counted``:
+    already counted as a failed request (``errors``/``timeouts``), not a bad entry."""
+
+    def __init__(self, reason: str, counted: bool = False) -> None:
+        super().__init__(reason)
+        self.counted = counted
 
 
 class _Bucket:

@@ -781,7 +781,9 @@ class Puller:
                                     ("frame", frame_key(key.diff_id, key.level)),
                                     FRAME_MEDIA_TYPE, (), lease)
         except (FetchFailed, FrameRejected, DigestMismatch) as e:
-            fleet.reject(key, getattr(e, "reason", None) or getattr(e, "message", None) or str(e))
+            if not (isinstance(e, FetchFailed) and e.counted):
+                fleet.reject(key, getattr(e, "reason", None) or getattr(e, "message", None)
+                             or str(e))
             return False
         finally:
             await asyncio.to_thread(tmp.unlink, True)

@@ -52,6 +52,14 @@ def test_no_errors_and_every_scenario_has_both_sides(tiny_results: dict) -> None
             assert isinstance(row["ratio_seed"], float)
         # The seed fetches everything from the registry; the counting proxy must see it.
         assert rows[("cold", net)]["seed"]["registry_bytes"] >= rows[("cold", net)]["expect_registry_bytes"]
+        # the fleet frame cache's second host: same archive, every frame a hit, no layer bytes
+        a, b = rows[("second-host-a", net)], rows[("second-host", net)]
+        assert b["fetchd"]["extra"]["same_archive_as_a"] is True
+        assert b["fetchd"]["extra"]["fleet"]["hits"] >= 1
+        assert b["fetchd"]["extra"]["fleet"]["misses"] == 0
+        assert a["fetchd"]["extra"]["fleet"]["pushes"] == b["fetchd"]["extra"]["fleet"]["hits"]
+        assert b["fetchd"]["registry_bytes"] < a["fetchd"]["registry_bytes"]
+        assert isinstance(b["ratio_host_a"], float) and isinstance(b["cpu_ratio_host_a"], float)
 
 
 def test_both_sides_write_valid_identical_archives(tiny_results: dict) -> None:
@@ -68,7 +76,8 @@ def test_both_sides_write_valid_identical_archives(tiny_results: dict) -> None:
 
 def test_targets_and_floors_are_reported(tiny_results: dict) -> None:
     names = {t["target"] for t in tiny_results["targets"]}
-    assert {"cold, loopback", "cold, WAN-like", "memory"} <= names
+    assert {"cold, loopback", "cold, WAN-like", "memory",
+            "second host (fleet frame cache), loopback"} <= names
     assert all(t["met"] in (True, False) for t in tiny_results["targets"])
     assert tiny_results["floors"]["level"]["level"] == 9
     assert tiny_results["floors"]["cold"]["zst_bytes"] > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from support.images import Catalog, CatalogImage
+from support.images import Catalog, CatalogImage, Entry, make_layer, prng_bytes, push_custom
 from support.proxy import RegistryProxy
 from support.registry import LocalRegistry, free_port
 
@@ -192,6 +193,32 @@ async def test_other_level_or_zstd_version_is_a_miss(
     assert _layer_gets(upstream, image, AMD64) == len(part.layers)
 
 
+async def test_a_push_slower_than_the_lookup_timeout_completes_paced(
+    registry: LocalRegistry, proxy_factory: Callable[..., RegistryProxy],
+    registry_factory: Callable[..., LocalRegistry], make_host: Callable[..., Host],
+) -> None:
+    """Uploads are paced by push_bandwidth and are not bound by the (short) lookup timeout."""
+    layer = make_layer([Entry("data.bin", data=prng_bytes("fleet-push", 3 << 20))])
+    image = await asyncio.to_thread(push_custom, registry, "fetchd-test/fleet-push", "v1", [layer])
+    upstream = proxy_factory()
+    cache = registry_factory()
+    rate = 1 << 20
+    a = make_host("a", f"{cache.url}/{REPO}", timeout=0.2, push_bandwidth=rate)
+    await a.pull(image.ref(upstream.host), AMD64)
+    started = time.monotonic()
+    await a.fleet.wait_pushes()
+    took = time.monotonic() - started
+    stats = a.fleet.stats()
+    assert (stats["pushes"], stats["push_errors"]) == (1, 0)
+    assert stats["push_bytes"] > 3 << 20
+    # the token bucket lets one 1 MiB burst through, then holds the rate
+    assert took >= (stats["push_bytes"] - (1 << 20)) / rate * 0.9
+
+    b = make_host("b", f"{cache.url}/{REPO}", timeout=0.2)
+    got = await b.pull(image.ref(upstream.host), AMD64)
+    assert got.frames_fleet == 1 and not b.store.has(layer.digest)
+
+
 # --------------------------------------------------------------------------- hostile caches
 
 
@@ -200,7 +227,8 @@ class EvilCache:
 
     ``mode``: ``corrupt`` (one byte of the frame flipped), ``other-layer`` (another layer's
     frame under this key), ``truncated`` (the frame cut short, manifest consistent with it),
-    ``500`` (every request), ``stall`` (holds every request until the test ends).
+    ``500`` (every request), ``stall`` (holds every request until the test ends),
+    ``stall-blob`` (answers lookups, holds every frame download).
     """
 
     def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
@@ -238,7 +266,7 @@ class EvilCache:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
-        if self.mode == "stall":
+        if self.mode == "stall" or (self.mode == "stall-blob" and "blobs" in request.path):
             await self.release.wait()
         if self.mode == "500":
             return web.Response(status=500, text="boom")
@@ -281,7 +309,8 @@ def _frames_of(host: Host, image: CatalogImage, platform: Platform) -> dict[Dige
     return out
 
 
-@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "500", "stall"])
+@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "500", "stall",
+                                  "stall-blob"])
 async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     mode: str, images: Catalog, proxy_factory: Callable[..., RegistryProxy],
     make_host: Callable[..., Host],
@@ -303,9 +332,10 @@ async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     assert _layer_gets(upstream, image, AMD64) == len(part.layers)  # the normal path
     stats = host.fleet.stats()
     assert stats["hits"] == 0
-    if mode in ("500", "stall"):
+    if mode in ("500", "stall", "stall-blob"):
         # one failure takes the cache out of use for its cooldown: not one per layer
-        assert stats["errors" if mode == "500" else "timeouts"] >= 1 and stats["down"] is True
+        assert stats["errors"] + stats["timeouts"] >= 1 and stats["down"] is True
+        assert stats["rejected"] == 0
     else:
         assert stats["rejected"] == len(layers) and stats["found"] == len(layers)
     for diff_id in layers:  # no frame from the cache was kept: the store's own came from the pack

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", metavar="DIR", help="the layer store directory (default from the config)")
     serve.add_argument("--config", metavar="FILE", help="config file (default $FETCHD_CONFIG or /etc/fetchd/config.toml)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="after SIGTERM, seconds running jobs get to finish before they are "
+                            "parked (default from the config: server.shutdown_grace, 20); keep it "
+                            "under systemd's TimeoutStopSec")
 
     pull = sub.add_parser("pull", parents=[common],
                           help="fetch one platform of an image as a zstd docker-archive")
@@ -102,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except FetchdClientError as e:
         _fail(_with_hint(e.code, e.message))
-        return EXIT_ERROR
+        # also a daemon that went away mid-request and did not come back in time
+        return EXIT_UNREACHABLE if e.code == "daemon-unreachable" else EXIT_ERROR
     except KeyboardInterrupt:
         _fail("interrupted")
         return EXIT_INTERRUPTED
@@ -175,7 +180,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from .server import serve, with_overrides
 
-        config = with_overrides(Config.load(args.config), socket_path=args.socket, store=args.store)
+        if args.shutdown_grace is not None and not args.shutdown_grace >= 0:
+            _fail(f"--shutdown-grace {args.shutdown_grace}: give seconds >= 0")
+            return EXIT_USAGE
+        config = with_overrides(Config.load(args.config), socket_path=args.socket, store=args.store,
+                                shutdown_grace=args.shutdown_grace)
         asyncio.run(serve(config))
     except FetchdError as e:
         _fail(e.message)
@@ -272,6 +281,8 @@ def _pull(args: argparse.Namespace) -> int:
 def _warnings_only(event: dict[str, Any]) -> None:
     if event.get("event") == "warning":
         _say(f"fetchd: warning: {event.get('message')}", file=sys.stderr)
+    elif event.get("event") == "reconnect":  # the daemon restarted: "daemon restarted, resuming"
+        _say(f"fetchd: {event.get('message')}", file=sys.stderr)
 
 
 class Progress:
@@ -293,6 +304,10 @@ class Progress:
         if kind == "warning":
             self._clear()
             _say(f"fetchd: warning: {event.get('message')}", file=self.stream)
+        elif kind == "reconnect":
+            self._clear()
+            _say(f"fetchd: {event.get('message')}", file=self.stream)
+            self.status = "waiting for the daemon" if event.get("state") == "lost" else "resuming"
         elif kind == "manifest":
             self.status = f"{event.get('platform')}: {event.get('layers')} layers"
         elif kind == "layer":

@@ -742,6 +742,16 @@ class LayerStore:
             raise StoreError(f"store {self.root}: cannot {what}: index.sqlite failed: {e}; "
                              "check that the store is writable") from e
 
+    async def stop_downloads(self) -> None:
+        """Cancel every download in flight and wait until each has ended: its partial is
+        suspended with its state saved (what reached this process written), so the next
+        daemon resumes it. For a daemon that is stopping; ``close`` after it."""
+        tasks = [f.task for f in self._flights.values() if f.task is not None and not f.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
         if self._closed:
             return

@@ -385,14 +385,29 @@ class Puller:
     def jobs(self) -> list[dict[str, Any]]:
         return [job.describe() for job in self._jobs.values() if not job.done()]
 
-    async def close(self) -> None:
-        """Stop taking jobs; cancel running ones (partials stay in ingest/ for a resume)."""
+    def stop_taking(self) -> None:
+        """From now on ``submit`` refuses with ``ShuttingDown`` (503): the daemon is stopping."""
+        self._closing = True
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop taking jobs; give running ones up to ``grace`` seconds to finish, then cancel
+        the rest: their clients get ``shutting-down`` and their partial downloads stay in
+        ingest/ for the next daemon to resume."""
         self._closing = True
         tasks = [job.task for job in self._jobs.values() if job.task and not job.task.done()]
+        if tasks and grace > 0:
+            log.info("waiting up to %.0f s for %d running job(s)", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
+        tasks = [task for task in tasks if not task.done()]
+        if tasks:
+            log.info("parking %d job(s) still running; their partial downloads are kept", len(tasks))
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # The downloads are the store's (shared by jobs, shielded from each one's cancel):
+        # stop them too, so their partials are saved before the registry session closes.
+        await self.store.stop_downloads()
         if self.fleet is not None:
             await self.fleet.close()
         if self._checks is not None:
@@ -486,6 +501,9 @@ class Puller:
         ref = req.reference
         where = str(ref)
         resolved = await self.resolve_digest(ref, offline=req.offline, job=job)
+        # What the tag means for this request from now on: a client that submits the request
+        # again (the daemon restarted) pins this digest, so it gets what it would have got.
+        job.push({"event": "resolved", "digest": str(resolved.top_digest)})
         private = self.config.registry(ref.registry).private
         restrict = self._restrict if private else _no_restriction
         await restrict([resolved.top_digest])

@@ -62,7 +62,8 @@ API = "/v1"
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
 HEARTBEAT = 5.0  # seconds of silence on a fetch stream before a heartbeat line
 HEARTBEAT_EVENT: dict[str, Any] = {"event": "heartbeat"}
-SHUTDOWN_GRACE = 10.0
+# Seconds the handlers get, once the jobs ended or were parked, to send their final lines.
+SHUTDOWN_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0  # seconds to send a (small) request body: a stalled client is cut off
 KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection is kept (aiohttp: an hour)
 LINGERING_TIME = 2.0  # seconds spent draining a body the handler did not read (aiohttp: 10)
@@ -73,7 +74,8 @@ class PullerLike(Protocol):
     async def resolve(self, reference: Reference, offline: bool = False,
                       max_age: float | None = None) -> dict[str, Any]: ...
     def jobs(self) -> list[dict[str, Any]]: ...
-    async def close(self) -> None: ...
+    def stop_taking(self) -> None: ...
+    async def close(self, grace: float = ...) -> None: ...
 
 
 class StoreLike(Protocol):
@@ -118,6 +120,7 @@ Schema = Mapping[str, tuple[type, bool]]
 FETCH_SCHEMA: Schema = {
     "reference": (str, True), "platform": (str, False), "arch": (str, False),
     "level": (int, False), "repo_tag": (str, False), "dest": (str, False), "offline": (bool, False),
+    "digest": (str, False),
 }
 RESOLVE_SCHEMA: Schema = {"reference": (str, True), "offline": (bool, False), "max_age": (int, False)}
 DELIVER_SCHEMA: Schema = {"archive_digest": (str, True), "dest": (str, True)}
@@ -205,7 +208,7 @@ def peer_of(request: web.Request) -> Peer:
 async def handle_fetch(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     body = await read_body(request, FETCH_SCHEMA)
-    reference = Reference.parse(body["reference"])
+    reference = pinned(Reference.parse(body["reference"]), body.get("digest"))
     fetch_request = FetchRequest(
         reference=reference,
         platform=request_platform(body),
@@ -265,6 +268,18 @@ async def _stream_job(request: web.Request, services: Services, job: Job, refere
         # The client went away. The job goes on for the others (the Puller owns it).
         log.info("client of fetch %s disconnected", reference)
     return response
+
+
+def pinned(reference: Reference, digest: str | None) -> Reference:
+    """``reference`` pinned to ``digest`` (the ``resolved`` event of an earlier submission of
+    the same request); its name and tag stay, so the archive's name:tag is the same."""
+    if digest is None:
+        return reference
+    wanted = Digest.parse(digest)
+    if reference.digest is not None and reference.digest != wanted:
+        raise InvalidRequest(f"the reference pins {reference.digest} but 'digest' says {wanted}: "
+                             "give one digest")
+    return reference.with_digest(wanted)
 
 
 async def _hand_back(
@@ -768,9 +783,13 @@ def inherited_socket() -> socket.socket | None:
 # -- the daemon ---------------------------------------------------------------------------------
 
 
-def with_overrides(config: Config, *, socket_path: str | None = None, store: str | None = None) -> Config:
+def with_overrides(config: Config, *, socket_path: str | None = None, store: str | None = None,
+                   shutdown_grace: float | None = None) -> Config:
     if socket_path:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, socket=socket_path))
+    if shutdown_grace is not None:
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, shutdown_grace=shutdown_grace))
     if store:
         config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=store))
     return config
@@ -787,9 +806,12 @@ def store_settings(config: Config) -> Any:
 
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run the daemon until SIGTERM/SIGINT; then stop taking work, park jobs and return.
+    """Run the daemon until SIGTERM/SIGINT; then stop listening and taking jobs, give the
+    running jobs ``server.shutdown_grace`` seconds to finish, park the rest and return.
 
-    Partial downloads stay in the store's ingest area, so the next daemon resumes them.
+    Parked jobs' clients get ``shutting-down`` and submit again to the next daemon
+    (``fetchd_client`` does so itself); partial downloads stay in the store's ingest area,
+    so the next daemon resumes them.
     """
     from .layer_store import LayerStore
     from .pull import Puller
@@ -815,10 +837,10 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         services = Services(puller, store, registry, config, socket_path=socket_path,
                             admin_gid=admin_gid)
         runner = web.AppRunner(make_app(services), handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=KEEPALIVE_TIMEOUT,
                                lingering_time=LINGERING_TIME)
-        # Exit order (reverse): park the jobs first so that waiting handlers answer and end,
-        # then let the runner close the connections.
+        # Exit order (reverse): the jobs end or are parked first so that waiting handlers
+        # answer and end, then the runner closes the connections.
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(puller.close)
         stop = asyncio.Event()
@@ -827,16 +849,28 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
             loop.add_signal_handler(signum, stop.set)
             stack.callback(loop.remove_signal_handler, signum)
         await runner.setup()
-        services.site = LimitedSite(runner, sock, connection_caps(config))
-        await services.site.start()
+        site = services.site = LimitedSite(runner, sock, connection_caps(config))
+        await site.start()
         log.info("fetchd %s serving on %s%s, store %s", __version__, socket_path,
                  " (socket activation)" if activated else "", config.store.path)
         sdnotify.notify(f"READY=1\nSTATUS=serving on {socket_path}\nMAINPID={os.getpid()}")
         if ready is not None:
             ready(socket_path)
         await stop.wait()
-        log.info("stopping: no new jobs; running jobs are parked, partial downloads kept")
+        grace = config.server.shutdown_grace
+        log.info("stopping: no new connections or jobs; running jobs get %.0f s to finish, then "
+                 "are parked with their partial downloads kept", grace)
         sdnotify.notify("STOPPING=1")
+        # Stop listening: new connections wait in the socket's backlog for the next daemon
+        # (socket activation: systemd keeps the socket) or are refused until it binds anew.
+        await site.stop()
+        sock.close()
+        puller.stop_taking()
+        stop.clear()
+        await _first(puller.close(grace), stop.wait())
+        if stop.is_set():
+            log.info("second signal: parking the running jobs now")
+            await puller.close()
     log.info("stopped")
 
 
@@ -862,6 +896,17 @@ def resolve_group(name: str | None, key: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise ConfigError(f"{key}: group {name!r} does not exist: create it or change {key}") from None
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of ``aws`` ends; the others are cancelled (and awaited)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _remove_socket(path: str, inode: int) -> None:

@@ -41,6 +41,9 @@ class FakeDaemon:
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.status = 200
         self.lines: list[dict[str, Any]] = []
+        # Answers in turn, one per request, before falling back to status/lines: (status,
+        # lines); a fetch stream of a scripted answer may end without a result line.
+        self.script: list[tuple[int, list[dict[str, Any]]]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,15 +54,16 @@ class FakeDaemon:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else {}
                 fake.requests.append((self.command, self.path, body))
-                self.send_response(fake.status)
-                ndjson = self.path.endswith("/fetch") and fake.status == 200
+                status, lines = fake.script.pop(0) if fake.script else (fake.status, fake.lines)
+                self.send_response(status)
+                ndjson = self.path.endswith("/fetch") and status == 200
                 self.send_header("Content-Type", "application/x-ndjson" if ndjson else "application/json")
                 self.end_headers()
                 if ndjson:
-                    for line in fake.lines:
+                    for line in lines:
                         self.wfile.write(json.dumps(line).encode() + b"\n")
                 else:
-                    self.wfile.write(json.dumps(fake.lines[0] if fake.lines else {}).encode())
+                    self.wfile.write(json.dumps(lines[0] if lines else {}).encode())
 
             do_GET = do_POST = _answer
 
@@ -156,11 +160,12 @@ def test_error_line_becomes_an_exception(fake: FakeDaemon) -> None:
     assert (err.value.code, err.value.message) == ("platform-not-found", "no s390x")
 
 
-def test_stream_without_result_is_a_protocol_error(fake: FakeDaemon) -> None:
+def test_stream_without_result_without_reconnecting_is_a_disconnect(fake: FakeDaemon) -> None:
     fake.lines = [{"event": "manifest"}]
     with pytest.raises(FetchdClientError) as err:
-        Client(fake.path).fetch("debian")
-    assert err.value.code == "protocol"
+        Client(fake.path, reconnect_timeout=0).fetch("debian")
+    assert err.value.code == "daemon-disconnected"
+    assert len(fake.requests) == 1
 
 
 def test_http_error_carries_code_and_status(fake: FakeDaemon) -> None:

@@ -58,6 +58,19 @@ def test_service_unit_has_notify_and_hardening() -> None:
     assert store and store.group(1) == "/var/cache/" + service["CacheDirectory"][0]
 
 
+def test_the_shutdown_grace_ends_well_before_systemd_kills() -> None:
+    """systemd SIGKILLs a daemon still running TimeoutStopSec after SIGTERM: the grace the
+    unit gives jobs (and the config's default) must end well before, with time to park."""
+    from fetchd.config import ServerConfig
+
+    service = _sections(UNITS / "fetchd.service")["Service"]
+    stop_timeout = float(service["TimeoutStopSec"][0])
+    grace = re.search(r"--shutdown-grace (\S+)", service["ExecStart"][0])
+    assert grace is not None
+    assert float(grace.group(1)) + 30 <= stop_timeout
+    assert ServerConfig().shutdown_grace + 30 <= stop_timeout
+
+
 def test_socket_unit_matches_the_default_socket() -> None:
     sock = _sections(UNITS / "fetchd.socket")["Socket"]
     assert sock["ListenStream"] == ["/run/fetchd/fetchd.sock"]

@@ -6,6 +6,16 @@ scripts can use it as they are. Every failure is a ``FetchdClientError`` with a 
 ``timeout``, ``daemon-disconnected``, ``protocol``, ``store-not-visible``, ``digest-mismatch``,
 ``io-error``, ``invalid-request``; docs/API.md) and a message that says what to do.
 
+A daemon that goes away during a request (a restart, an upgrade, a crash followed by
+systemd's restart) is waited for: a refused or reset connection, a missing socket, a stream
+that ends without its final line, or the daemon's ``shutting-down`` answer make ``fetch``,
+``resolve`` and ``deliver`` connect again with backoff, for up to ``reconnect_timeout``
+seconds (``$FETCHD_RECONNECT_TIMEOUT``, default 120; 0 turns it off), and submit the same
+request again; the new daemon resumes from the store's partial downloads. A fetch that
+already saw the daemon resolve the tag pins that digest (request field ``digest``), so the
+answer is what the first submission would have given. A daemon never reached at all is
+reported at once (``daemon-unreachable``).
+
 Example::
 
     from fetchd_client import Client
@@ -22,6 +32,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +53,18 @@ API = "/v1"
 # heartbeat event every few seconds while a job runs, so this only trips on a hung daemon.
 FETCH_IDLE_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 10.0
+# Seconds to wait for a daemon that went away mid-request (restart, upgrade, crash) before
+# giving up; $FETCHD_RECONNECT_TIMEOUT overrides it, 0 turns reconnecting off.
+RECONNECT_TIMEOUT = 120.0
+RECONNECT_ENV = "FETCHD_RECONNECT_TIMEOUT"
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
+# Times one call follows a daemon that took the request and went away again: a daemon that
+# crashes on every submission fails the call instead of looping.
+MAX_RESUBMITS = 10
 _CHUNK = 1 << 20
+# Answers that mean "this daemon is going away": connect again and submit again.
+_GONE_CODES = frozenset({"daemon-unreachable", "daemon-disconnected", "shutting-down"})
+RESUMED_MESSAGE = "daemon restarted, resuming"
 
 Event = dict[str, Any]
 
@@ -76,6 +98,83 @@ def socket_path_default() -> str:
     return os.environ.get("FETCHD_SOCKET") or DEFAULT_SOCKET
 
 
+def reconnect_timeout_default() -> float:
+    """``$FETCHD_RECONNECT_TIMEOUT`` (seconds, >= 0) or ``RECONNECT_TIMEOUT``."""
+    text = os.environ.get(RECONNECT_ENV, "").strip()
+    if not text:
+        return RECONNECT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise FetchdClientError(
+            "invalid-request", f"{RECONNECT_ENV}={text!r} is not a number of seconds >= 0: fix or unset it"
+        )
+    return value
+
+
+class _Gone(FetchdClientError):
+    """The daemon went away mid-request (or said it is stopping): worth submitting again."""
+
+
+class _Reconnect:
+    """Backoff until a deadline for one call; tells ``on_event`` what happens.
+
+    Invariant: ``again(error)`` returns only while the deadline has not passed and fewer than
+    ``MAX_RESUBMITS`` losses were followed (after sleeping the next backoff step); otherwise it
+    raises ``error``, or a ``daemon-unreachable`` error saying how long it waited. Each loss
+    gets its own window: ``answered`` (a daemon took the request again) starts the next.
+    """
+
+    def __init__(self, client: Client, on_event: Callable[[Event], None] | None) -> None:
+        self.client = client
+        self.on_event = on_event
+        self.timeout = client.reconnect_timeout
+        self.deadline: float | None = None
+        self.delay = _BACKOFF_FIRST
+        self.lost = False
+        self.losses = 0
+
+    def again(self, error: FetchdClientError) -> None:
+        now = time.monotonic()
+        if self.deadline is None:
+            if self.timeout <= 0:
+                raise error
+            if self.losses >= MAX_RESUBMITS:
+                raise FetchdClientError(error.code, f"{error.message} (the daemon went away "
+                                        f"{self.losses + 1} times during this request; see its log)")
+            self.losses += 1
+            self.deadline = now + self.timeout
+            self.lost = True
+            self._tell({"event": "reconnect", "state": "lost", "message": (
+                f"the fetchd daemon went away ({error.message}); reconnecting for up to "
+                f"{self.timeout:.0f} s")})
+        if now >= self.deadline:
+            if error.code == "daemon-unreachable" or error.code not in _GONE_CODES:
+                raise FetchdClientError(
+                    "daemon-unreachable",
+                    f"the fetchd daemon at {self.client.socket_path} went away and did not come back "
+                    f"within {self.timeout:.0f} s (last: {error.message}); check 'systemctl status "
+                    f"fetchd' or its log, then retry",
+                ) from None
+            raise error
+        time.sleep(min(self.delay, max(0.0, self.deadline - now)))
+        self.delay = min(self.delay * 2, _BACKOFF_CAP)
+
+    def answered(self) -> None:
+        """A daemon took the request again after a loss: say so, once per loss."""
+        if self.lost:
+            self.lost = False
+            self.deadline = None
+            self.delay = _BACKOFF_FIRST
+            self._tell({"event": "reconnect", "state": "resumed", "message": RESUMED_MESSAGE})
+
+    def _tell(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -94,11 +193,18 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class Client:
-    """One daemon, one socket path. Each call opens its own connection (thread-safe)."""
+    """One daemon, one socket path. Each call opens its own connection (thread-safe).
 
-    def __init__(self, socket_path: str | None = None, timeout: float | None = 600.0) -> None:
+    ``reconnect_timeout``: seconds to wait for a daemon that went away mid-request (default
+    ``$FETCHD_RECONNECT_TIMEOUT`` or 120; 0: fail at once, as ``daemon-disconnected``).
+    """
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 600.0,
+                 reconnect_timeout: float | None = None) -> None:
         self.socket_path = socket_path or socket_path_default()
         self.timeout = timeout
+        self.reconnect_timeout = (reconnect_timeout_default() if reconnect_timeout is None
+                                  else max(0.0, reconnect_timeout))
 
     # -- the API -------------------------------------------------------------------------
 
@@ -121,6 +227,11 @@ class Client:
         archive_digest, size, level, repo_tag). When the daemon may not write ``dest``
         (delivery ``client-copy``) this copies the store file itself, atomically, checking
         its digest. A relative ``dest`` is taken relative to this process' directory.
+
+        When the daemon goes away before the result, the request is submitted again (see the
+        module docstring); ``on_event`` then gets ``{"event": "reconnect", "state": "lost" |
+        "resumed", "message": ...}`` (``"daemon restarted, resuming"``), and the new stream's
+        events, which start again from the beginning.
         """
         body: Event = {"reference": reference, "level": level, "offline": offline}
         if platform is not None:
@@ -132,19 +243,35 @@ class Client:
         if dest is not None:
             dest = os.path.abspath(dest)
             body["dest"] = dest
-        result: Event | None = None
-        for line in self._stream("POST", API + "/fetch", body):
-            if "result" in line:
-                result = line["result"]
-            elif "error" in line:
-                raise _error_of(line["error"], None)
-            elif on_event is not None:
-                on_event(line)
-        if not isinstance(result, dict):
-            raise FetchdClientError(
-                "protocol", "the daemon closed the stream before sending a result: see its log"
-            )
-        return self._finish_delivery(result, dest)
+        retry = _Reconnect(self, on_event)
+        reached = False
+        while True:
+            try:
+                result: Event | None = None
+                for line in self._stream("POST", API + "/fetch", body):
+                    reached = True
+                    retry.answered()
+                    if "result" in line:
+                        result = line["result"]
+                    elif "error" in line:
+                        error = _error_of(line["error"], None)
+                        raise _Gone(error.code, error.message) if error.code in _GONE_CODES else error
+                    else:
+                        if line.get("event") == "resolved" and isinstance(line.get("digest"), str):
+                            # Pinned from now on: a resubmission gets what this one would have.
+                            body.setdefault("digest", line["digest"])
+                        if on_event is not None:
+                            on_event(line)
+                if not isinstance(result, dict):
+                    raise _Gone("daemon-disconnected",
+                                "the daemon closed the stream before sending a result")
+                return self._finish_delivery(result, dest)
+            except FetchdClientError as e:
+                # Never reached: no daemon there; say so at once. Reached: it went away.
+                if e.code not in _GONE_CODES or (not reached and isinstance(e, DaemonUnreachable)):
+                    raise _plain(e) from None
+                reached = True
+                retry.again(_plain(e))
 
     def resolve(self, reference: str, *, offline: bool = False, max_age: int | None = None) -> Event:
         """Tag -> digest: ``{"digest", "media_type", "cached"}``.
@@ -154,12 +281,12 @@ class Client:
         body: Event = {"reference": reference, "offline": offline}
         if max_age is not None:
             body["max_age"] = max_age
-        return self._json("POST", API + "/resolve", body)
+        return self._again("POST", API + "/resolve", body)
 
     def deliver(self, archive_digest: str, dest: str) -> Event:
         """Place an archive the daemon already has at ``dest`` (hard link when possible)."""
         dest = os.path.abspath(dest)
-        result = self._json("POST", API + "/deliver", {"archive_digest": archive_digest, "dest": dest})
+        result = self._again("POST", API + "/deliver", {"archive_digest": archive_digest, "dest": dest})
         return self._finish_delivery(result, dest)
 
     def status(self) -> Event:
@@ -181,6 +308,22 @@ class Client:
         return self._json("GET", API + "/health")
 
     # -- plumbing ------------------------------------------------------------------------
+
+    def _again(self, method: str, path: str, body: Event) -> Event:
+        """``_json`` for a request that is the same when sent twice, sent again when the daemon
+        went away mid-request (a daemon never reached is reported at once)."""
+        retry = _Reconnect(self, None)
+        reached = False
+        while True:
+            try:
+                answer = self._json(method, path, body)
+            except FetchdClientError as e:
+                if e.code not in _GONE_CODES or (not reached and isinstance(e, DaemonUnreachable)):
+                    raise
+                reached = True
+                retry.again(e)
+                continue
+            return answer
 
     def _finish_delivery(self, result: Event, dest: str | None) -> Event:
         """Make sure ``dest`` holds the archive as this process sees the filesystem.
@@ -283,6 +426,10 @@ class Client:
                     ) from None
                 if not line:
                     return
+                if not line.endswith(b"\n"):  # cut off mid-line: the daemon went away
+                    raise FetchdClientError(
+                        "daemon-disconnected", "the fetchd daemon went away mid-request (stream cut mid-line)"
+                    )
                 line = line.strip()
                 if not line:
                     continue
@@ -294,6 +441,13 @@ class Client:
                     yield obj
         finally:
             conn.close()
+
+
+def _plain(error: FetchdClientError) -> FetchdClientError:
+    """The error a caller sees: never the private ``_Gone``."""
+    if type(error) is _Gone:
+        return FetchdClientError(error.code, error.message, error.status)
+    return error
 
 
 def _placed_here(path: str, result: Event) -> bool:

@@ -439,7 +439,11 @@ class RegistryProxy:
             if _get(rheaders, "Content-Length") is None and "chunked" not in (
                     _get(rheaders, "Transfer-Encoding") or "").lower():
                 until_close = up_close = True
-            complete = await self._relay_body(ureader, cwriter, rheaders, rate, cut, tx)
+            try:
+                complete = await self._relay_body(ureader, cwriter, rheaders, rate, cut, tx)
+            except BaseException:
+                tx.finish(False)  # the client went away mid-body (a daemon stopped): recorded
+                raise
             if not complete:
                 # A cut: drop both sides; the upstream connection is mid-body and unusable.
                 cwriter.transport.abort()
@@ -512,6 +516,8 @@ class RegistryProxy:
                     if w is not None:
                         await w.drain()
                     await asyncio.sleep(ahead)
+            if w is not None and w.transport.is_closing():
+                raise _Closed()  # the peer is gone: these bytes would not reach it
             sent += len(data)
             if tx is not None:
                 at = tx.corrupt_at

@@ -448,6 +448,8 @@ def _report_missing_checksum(ud: FetchData, d: Any, digest: str, strict: str) ->
 def _log_event(event: dict[str, Any]) -> None:
     if event.get("event") == "warning":
         logger.warning("fetchd: %s", event.get("message"))
+    elif event.get("event") == "reconnect":  # the daemon restarted mid-fetch; the client resumes
+        logger.info("fetchd: %s", event.get("message"))
     else:
         logger.debug("fetchd: %s", event)
 

@@ -193,12 +193,24 @@ class Ingest:
                 self._advancing = True  # fast path: write and hash in one thread hop
                 self._floor = offset + n
                 try:
+                    work: asyncio.Future[Any]
                     if n >= _PARALLEL_HASH:
                         # pwrite and sha256 both release the GIL: run them side by side
-                        await asyncio.gather(self._io(self._write_and_hash, offset, data, False),
-                                             self._io(self._hash.update, data))
+                        work = asyncio.ensure_future(asyncio.gather(
+                            self._io(self._write_and_hash, offset, data, False),
+                            self._io(self._hash.update, data)))
                     else:
-                        await self._io(self._write_and_hash, offset, data)
+                        work = asyncio.ensure_future(self._io(self._write_and_hash, offset, data))
+                    try:
+                        await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # The threads write and hash on (they cannot be stopped): let them end
+                        # and count the bytes, so that a partial suspended now (a stopping
+                        # daemon) keeps them instead of fetching them again.
+                        await asyncio.wait([work])
+                        if not work.cancelled() and work.exception() is None:
+                            self.offset += n
+                        raise
                     self.offset += n
                 finally:
                     self._advancing = False

@@ -569,8 +569,15 @@ class RegistryClient:
                     if held >= FLUSH_SIZE:
                         await flush()
         except (*TRANSIENT, asyncio.CancelledError) as e:
-            if writing:  # interrupted inside a write: the sink's own state is what counts
-                raise
+            if writing:
+                # Cancelled inside a write: it counts if the sink's prefix took it (the store's
+                # ingest finishes a write it started); else the sink's own state is what counts.
+                if sink.offset != pos + held:
+                    raise
+                writing = False
+                pos += held
+                counter.add(held)
+                held = 0
             # What arrived intact is kept, including what aiohttp still buffered when the
             # connection dropped, so the resume asks only for bytes never received. Also when
             # the fetch is cancelled (the daemon stops, parking its jobs): the partial that

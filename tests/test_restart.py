@@ -217,6 +217,7 @@ def test_eight_pulls_survive_three_restarts_and_a_crash_byte_identical(
                    and r.status in (200, 206) and r.range != "bytes=0-0"]
         resumes += len(records) - 1
         reached = 0
+        overlaps: list[str] = []
         for n, (_i, r) in enumerate(records):
             start = _start_of(r)
             if n:
@@ -228,12 +229,13 @@ def test_eight_pulls_survive_three_restarts_and_a_crash_byte_identical(
                 killed = any(a <= prev < b and s == signal.SIGKILL for a, b, s in windows)
                 bound = (4 if killed else 1) * MiB
                 assert reached - start <= bound, (digest, n, start, reached, killed)
+                overlaps.append(f"{'KILL' if killed else 'TERM'} {reached - start}")
                 assert start <= reached  # never a gap
             reached = max(reached, start + r.bytes_sent)
         assert reached == size and records[-1][1].complete
         refetched = sum(r.bytes_sent for _, r in records) - size
         assert refetched <= (len(records) - 1) * 4 * MiB, (digest, refetched)
-        print(f"{digest}: {size} bytes, {len(records)} transfers, {refetched} bytes fetched twice")
+        print(f"{digest}: {size} bytes, {len(records)} transfers, {refetched} bytes fetched twice ({', '.join(overlaps)})")
     assert resumes >= len(windows)  # every stop cut a transfer short, and it was resumed
 
 

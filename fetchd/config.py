@@ -39,6 +39,9 @@ class StoreConfig:
     high_watermark: float = 0.9          # gc starts when the store exceeds this share of max_size
     low_watermark: float = 0.7           # ... and removes unused blobs down to this share
     stale_ingest_age: float = 86400.0    # seconds after which an untouched partial download is removed
+    # Bytes of idle partial downloads (failed or interrupted) one uid may leave in ingest/;
+    # beyond it the oldest are removed. Partials count in max_size; gc reaps idle ones first.
+    max_ingest_per_uid: int = 16 * 1024**3
     # Downloads with files open at once (a lock and a .part each); the others wait without
     # any. More than the connections of all registry hosts gains nothing.
     max_open_ingests: int = 32
@@ -352,7 +355,8 @@ def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
             )
 
 
-_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes", "push_bandwidth"}
+_SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes", "push_bandwidth",
+                "max_ingest_per_uid"}
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:

@@ -145,6 +145,7 @@ class Ingest:
         # The committed blob's mode: 0444, or 0400 for a private registry's blob (the store
         # sets it before the commit; see LayerStore.restrict).
         self.mode = 0o444
+        self.owner: int | None = None
         self._fd = -1
         self._hash = digest.hasher()
         # Contiguous bytes held (written and hashed): where a resumed fetch starts.
@@ -253,7 +254,7 @@ class Ingest:
 
     @classmethod
     async def open(cls, root: Path, part: Path, digest: Digest, size: int, fsync: bool,
-                   mode: int = 0o444) -> Ingest:
+                   mode: int = 0o444, owner: int | None = None) -> Ingest:
         """Open (or resume) the partial; the hashed prefix is re-hashed from disk.
 
         ``mode`` is the committed blob's; a partial is readable by others only when the
@@ -261,6 +262,7 @@ class Ingest:
         """
         ing = cls(root, part, digest, size, fsync)
         ing.mode = mode
+        ing.owner = owner  # the uid it is downloaded for, kept in the sidecar (per-uid caps)
         opening = asyncio.ensure_future(asyncio.to_thread(ing._open_sync))
         try:
             await asyncio.shield(opening)
@@ -446,7 +448,7 @@ class Ingest:
             extents = [[max(a, held), b] for a, b in list(self._extents) if b > held]
             tmp = self.state_path.with_suffix(".state.tmp")
             tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size,
-                                       "offset": held, "extents": extents}))
+                                       "offset": held, "extents": extents, "uid": self.owner}))
             os.replace(tmp, self.state_path)
             self._state_at = held + sum(b - a for a, b in extents)
 

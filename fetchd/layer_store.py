@@ -44,7 +44,7 @@ from .digest import BlobSpan, Digest
 from .errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreError, store_error
 from .ingest import FileLock, Ingest, fsync_dir, hash_file
 from .store_follow import CHUNK, Flight, ThreadFollower, follow_flight, follow_other_process
-from .store_gc import GcReport, VerifyReport, collect, verify_all
+from .store_gc import GcReport, VerifyReport, cap_partials, collect, scan_partials, verify_all
 from .store_index import ImageRow, StoreIndex
 
 _T = TypeVar("_T")
@@ -75,6 +75,8 @@ class StoreSettings:
     tag_cache_max_age: float = 30 * 24 * 3600.0
     fsync: bool = True
     max_open_ingests: int = 32
+    # One uid's idle partial downloads are kept within this many bytes (oldest reaped).
+    max_ingest_per_uid: int | None = 16 * 1024**3
     # A waiter of another source cancels a flight that held no new byte for this long
     # (``ensure_blob``); the daemon sets it from network.stall_timeout. 0: never.
     flight_stall_timeout: float = 60.0
@@ -190,6 +192,8 @@ class LayerStore:
         self._gc_task: asyncio.Task[GcReport] | None = None
         self._collecting = threading.Lock()  # held by a gc thread while it uses the index
         self._usage = self._index(lambda: self.index.usage())[0]
+        self._partial_bytes = sum(p.size for p in scan_partials(self))  # ingest/: partials
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # -- paths and presence ------------------------------------------------------------
@@ -215,7 +219,7 @@ class LayerStore:
 
     async def ensure_blob(
         self, digest: Digest | str, size: int, fetch: Fetch, media_type: str | None = None,
-        source: str | None = None,
+        source: str | None = None, owner: int | None = None,
     ) -> Path:
         """Return the path of the complete, verified blob, fetching it if needed.
 
@@ -229,7 +233,8 @@ class LayerStore:
         progress for ``flight_stall_timeout`` seconds (then it is cancelled, and its own
         callers fall back in turn), the caller fetches from its own source. Whoever named a
         digest, the bytes are checked against it: a flight's source only decides whose
-        failure it is.
+        failure it is. ``owner`` (a uid) is whom a partial left behind counts against
+        (``max_ingest_per_uid``).
         """
         d = _digest(digest)
         path = self.blob_path(d)
@@ -240,7 +245,7 @@ class LayerStore:
         while True:
             flight = self._flights.get(d)
             if flight is None:
-                flight = self._start_flight(d, size, fetch, media_type, source)
+                flight = self._start_flight(d, size, fetch, media_type, source, owner)
             assert flight.task is not None
             # Another source's flight cannot make us fail, within a bound (the same flight
             # cannot fail twice, but new ones could keep starting): then we share its fate.
@@ -252,7 +257,7 @@ class LayerStore:
                     log.warning("the download of %s from %s stalled; fetching it from %s",
                                 d, flight.source, source)
                     # Ours at once, before its other waiters resume (it waits for the lock).
-                    self._start_flight(d, size, fetch, media_type, source)
+                    self._start_flight(d, size, fetch, media_type, source, owner)
                     continue
                 return await asyncio.shield(flight.task)
             except asyncio.CancelledError:
@@ -272,10 +277,10 @@ class LayerStore:
                      d, flight.source, getattr(error, "code", type(error).__name__), source)
 
     def _start_flight(self, d: Digest, size: int, fetch: Fetch, media_type: str | None,
-                      source: str | None) -> Flight:
+                      source: str | None, owner: int | None) -> Flight:
         flight = Flight()
         flight.source = source
-        task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type))
+        task = asyncio.ensure_future(self._run_flight(flight, d, size, fetch, media_type, owner))
         flight.task = task
         self._flights[d] = flight
         task.add_done_callback(lambda t: self._flight_done(d, flight, t))
@@ -308,13 +313,50 @@ class LayerStore:
         flight.notify()
 
     async def _run_flight(
-        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
+        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None,
+        owner: int | None = None,
     ) -> Path:
-        async with self._ingest_slots:  # nothing is opened before this flight's turn
-            return await self._ingest(flight, d, size, fetch, media_type)
+        try:
+            async with self._ingest_slots:  # nothing is opened before this flight's turn
+                path = await self._ingest(flight, d, size, fetch, media_type, owner)
+        except asyncio.CancelledError:
+            self._in_background(self._partials_changed(owner))
+            raise
+        except Exception:
+            # Before its callers hear of the failure: what it left behind is within the caps.
+            with contextlib.suppress(Exception):
+                await self._partials_changed(owner)
+            raise
+        self._in_background(self._partials_changed(owner))
+        return path
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    async def _partials_changed(self, owner: int | None) -> None:
+        """After a flight: keep ``owner``'s idle partials within ``max_ingest_per_uid``,
+        re-count the bytes in ingest/ (they are part of the store's size) and gc if needed."""
+        if self._closed:
+            return
+        cap = self.settings.max_ingest_per_uid
+
+        def work() -> int:
+            reaped, freed = cap_partials(self, owner, cap)
+            if reaped:
+                log.warning("uid %s left %d bytes more than store.max_ingest_per_uid (%s) in "
+                            "partial downloads: removed the %d oldest idle ones", owner, freed,
+                            cap, reaped)
+            return sum(p.size for p in scan_partials(self))
+
+        self._partial_bytes = await asyncio.to_thread(work)
+        self._maybe_autogc()
 
     async def _ingest(
-        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None
+        self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None,
+        owner: int | None = None,
     ) -> Path:
         path = self.blob_path(d)
         if path.is_file():  # another process committed it while this flight waited
@@ -332,7 +374,7 @@ class LayerStore:
             if d.algorithm != "sha256":
                 path.parent.mkdir(exist_ok=True)
             ing = await Ingest.open(self.root, self._part(d), d, size, self.settings.fsync,
-                                    self._mode(d))
+                                    self._mode(d), owner)
             ing.on_change = flight.notify
             flight.ingest = ing
             flight.notify()
@@ -659,8 +701,11 @@ class LayerStore:
         return out
 
     def usage(self) -> tuple[int, int]:
-        """(bytes, count) of the blobs the index knows (gc reconciles it with the disk)."""
-        return self._index(self.index.usage)
+        """(bytes, count): the bytes of the blobs the index knows (gc reconciles it with the
+        disk) and of the partial downloads in ingest/ (as of the last flight's end or gc),
+        and the count of blobs."""
+        size, count = self._index(self.index.usage)
+        return size + self._partial_bytes, count
 
     @contextlib.contextmanager
     def lease(self, digests: Iterable[Digest], holder: str = "") -> Iterator[str]:
@@ -700,7 +745,7 @@ class LayerStore:
 
     def _maybe_autogc(self) -> None:
         limit = self.settings.max_size
-        if limit is None or self._usage <= limit * self.settings.high_watermark:
+        if limit is None or self._usage + self._partial_bytes <= limit * self.settings.high_watermark:
             return
         if self._gc_task is not None and not self._gc_task.done():
             return
@@ -719,6 +764,8 @@ class LayerStore:
             report = await self._store_errors("collect garbage", asyncio.to_thread(
                 self._collect, max_size))
             self._usage = report.remaining_bytes
+            self._partial_bytes = await asyncio.to_thread(
+                lambda: sum(p.size for p in scan_partials(self)))
             return report
 
     def _collect(self, max_size: int | None) -> GcReport:
@@ -756,6 +803,8 @@ class LayerStore:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._background):
+            task.cancel()
         for flight in list(self._flights.values()):
             if flight.task is not None:
                 flight.task.cancel()

@@ -907,7 +907,8 @@ class Puller:
 
             try:
                 await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type,
-                                             source=f"{ref.registry}/{ref.repository}")
+                                             source=f"{ref.registry}/{ref.repository}",
+                                             owner=job.request.uid)
                 break
             except (DigestMismatch, SizeMismatch) as e:
                 bad = self.registry.blame(ref, layer, tuple(sources)) - exclude

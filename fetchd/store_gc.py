@@ -8,12 +8,17 @@ gc invariants:
 - Eviction is least-recently-used first; the ``blobs`` table is reconciled with the
   directory first, so files committed by a crashed process are accounted too.
 - Only one gc runs at a time on the host (``locks/gc.lock``).
+- Partial downloads (``ingest/*.part``) count in the store's size. Under pressure (a target
+  size) the idle ones (no flight holds their digest's lock) go first, oldest first, before
+  any complete blob; one uid's idle partials are kept within ``max_ingest_per_uid``
+  (``cap_partials``), oldest reaped first. A partial being written is never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -68,6 +73,71 @@ class GcReport:
     dropped_tags: int
     dropped_aliases: int
     dropped_images: int
+    reaped_partial_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A partial download in ingest/: its file, size on disk, age and the uid it was for."""
+
+    path: Path
+    digest: Digest
+    size: int
+    mtime: float
+    uid: int | None
+
+
+def scan_partials(store: GcStore) -> list[Partial]:
+    """Every ``.part`` file in ingest/ with its owner (from its sidecar), oldest first."""
+    found = []
+    for entry in os.scandir(store.ingest_dir):
+        if not entry.name.endswith(".part"):
+            continue
+        alg, _, hexpart = entry.name[: -len(".part")].partition("-")
+        try:
+            d = Digest.parse(f"{alg}:{hexpart}")
+            st = entry.stat()
+        except (ValueError, OSError):
+            continue
+        uid = None
+        try:
+            state = json.loads(Path(entry.path).with_suffix(".state").read_text())
+            uid = state.get("uid") if isinstance(state.get("uid"), int) else None
+        except (OSError, ValueError, AttributeError):
+            pass
+        found.append(Partial(Path(entry.path), d, st.st_blocks * 512 or st.st_size, st.st_mtime, uid))
+    found.sort(key=lambda p: p.mtime)
+    return found
+
+
+def reap_partials(store: GcStore, partials: list[Partial], need: int) -> tuple[int, int]:
+    """Remove idle ``partials`` in the order given until ``need`` bytes are freed;
+    (count, bytes) removed. A partial whose digest lock is held (being written) is skipped."""
+    count = freed = 0
+    for partial in partials:
+        if freed >= need:
+            break
+        lock = _lock_of(store, partial.digest)
+        if not lock.try_acquire():
+            continue
+        try:
+            for p in (partial.path, partial.path.with_suffix(".state")):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        finally:
+            lock.release(unlink=True)
+        count += 1
+        freed += partial.size
+    return count, freed
+
+
+def cap_partials(store: GcStore, uid: int | None, cap: int | None) -> tuple[int, int]:
+    """Keep ``uid``'s idle partials within ``cap`` bytes (oldest reaped first)."""
+    if cap is None or uid is None:
+        return 0, 0
+    mine = [p for p in scan_partials(store) if p.uid == uid]
+    over = sum(p.size for p in mine) - cap
+    return reap_partials(store, mine, over) if over > 0 else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -131,7 +201,8 @@ def collect(store: GcStore, max_size: int | None) -> GcReport:
                 if key not in keys and not _present(store, key):
                     index.remove_blob_row(c, key)
         rows = index.all_blob_rows()
-        total = sum(st.st_size for st in on_disk.values())
+        partials = scan_partials(store)
+        total = sum(st.st_size for st in on_disk.values()) + sum(p.size for p in partials)
 
         target: int | None = None
         if max_size is not None:
@@ -140,6 +211,11 @@ def collect(store: GcStore, max_size: int | None) -> GcReport:
             target = int(settings.max_size * settings.low_watermark)
 
         removed = freed = skipped = 0
+        pressed_count = pressed_bytes = 0
+        if target is not None and total > target:
+            # Idle partials first: nobody is resuming them, and they are outside every image.
+            pressed_count, pressed_bytes = reap_partials(store, partials, total - target)
+            total -= pressed_bytes
         if target is not None and total > target:
             leased = index.live_leased()
 
@@ -166,7 +242,8 @@ def collect(store: GcStore, max_size: int | None) -> GcReport:
         tags, aliases, images = index.drop_dangling(now - settings.tag_cache_max_age)
         remaining_bytes, remaining_count = index.usage()
         return GcReport(removed, freed, remaining_bytes, remaining_count, skipped,
-                        reaped_ingests, reaped_tmp, tags, aliases, images)
+                        reaped_ingests + pressed_count, reaped_tmp, tags, aliases, images,
+                        pressed_bytes)
     finally:
         gc_lock.release()
 

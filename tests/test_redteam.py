@@ -854,3 +854,67 @@ async def test_connections_over_every_cap_are_refused_and_logged_once(
         for _, w in held:
             w.close()
         await runner.cleanup()
+
+
+# -- partial downloads ----------------------------------------------------------------------
+
+
+def _all_but_last_byte_then_404(d: Daemon, fake: FakeRegistry, seed: str) -> tuple[str, Any]:
+    """An image whose one layer is cut one byte short, then is gone (404) on the resume (its
+    config is in the store already: the layer's are the only blob requests)."""
+    from fake_registry import Fault
+
+    image = make_image("linux/amd64", [make_layer(text_bytes(seed, 256 << 10), "gzip")])
+    reference = serve_image(fake, f"p/{seed}", "1", image)
+    d.store.commit_bytes(image.config_bytes, image.config_digest)
+    layer = image.layers[0]
+    fake.fault("blob", Fault(cut_after=layer.size - 1), Fault(status=404))
+    return reference, layer
+
+
+def _partials(d: Daemon) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (d.store.root / "ingest").glob("*.part")}
+
+
+async def test_partials_count_in_the_store_size_and_gc_reaps_them_under_pressure(
+        tmp_path: Path, fake: FakeRegistry) -> None:
+    """Finding: a layer that sent all but its last byte and then 404s leaves its partial in
+    ingest/ for a day, outside store.max_size and untouched by gc (3 x 64 MiB survived
+    `gc max_size 0`). Now partials count in the store's size and gc reaps idle ones first."""
+    from fetchd.errors import BlobUnknown
+
+    d = Daemon(tmp_path)
+    try:
+        reference, layer = _all_but_last_byte_then_404(d, fake, "short")
+        with pytest.raises(BlobUnknown):
+            await d.submit(reference).wait()
+        assert list(_partials(d).values()) == [layer.size - 1]
+        blobs_only = d.store.index.usage()[0]
+        assert d.store.usage()[0] >= blobs_only + layer.size - 1
+        report = await d.store.gc(max_size=0)
+        assert _partials(d) == {} and report.reaped_partial_bytes >= layer.size - 1
+        assert d.store.usage()[0] == d.store.index.usage()[0]
+    finally:
+        await d.close()
+
+
+async def test_one_uid_cannot_fill_ingest_with_partials(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A uid's idle partials stay within store.max_ingest_per_uid: its oldest go first; other
+    users' partials (kept for their resume) are not touched."""
+    from fetchd.errors import BlobUnknown
+
+    d = Daemon(tmp_path, store={"max_ingest_per_uid": "200KiB"})
+    try:
+        first, first_layer = _all_but_last_byte_then_404(d, fake, "attacker-1")
+        with pytest.raises(BlobUnknown):
+            await d.submit(first, uid=ATTACKER).wait()
+        theirs, their_layer = _all_but_last_byte_then_404(d, fake, "victim-1")
+        with pytest.raises(BlobUnknown):
+            await d.submit(theirs, uid=VICTIM).wait()
+        second, second_layer = _all_but_last_byte_then_404(d, fake, "attacker-2")
+        with pytest.raises(BlobUnknown):
+            await d.submit(second, uid=ATTACKER).wait()
+        left = {name.split("-", 1)[1].removesuffix(".part") for name in _partials(d)}
+        assert left == {their_layer.digest.hex, second_layer.digest.hex}
+    finally:
+        await d.close()

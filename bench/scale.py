@@ -35,6 +35,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,14 +72,14 @@ class Plan:
     base_tar: int = 96 * 1024  # store images: base, middle and own layer sizes (tar bytes)
     middle_tar: int = 32 * 1024
     own_tar: int = 8 * 1024
-    client_layer_tar: int = 256 * 1024  # concurrency images: 3 layers of this
+    client_layer_tar: int = 1024 * 1024  # concurrency images: 3 layers of this
     tiny_layer_tar: int = 2048  # layer-count images
     warm_repeats: int = 20
     fill_clients: int = 8
 
 
 QUICK = Plan(sizes=(4, 12), clients=(1, 4), layers=(4, 16), bytes_tar=(8 * MiB,),
-             warm_repeats=5, fill_clients=4)
+             client_layer_tar=64 * 1024, warm_repeats=5, fill_clients=4)
 
 
 # --------------------------------------------------------------------------- images
@@ -185,8 +186,27 @@ def _rss_mb(pid: int) -> float:
     return round(tree_rss_kb(pid) / 1024, 1)
 
 
+_HEALTH_PROBE = r"""
+import json, select, sys, time
+sys.path.insert(0, sys.argv[2])
+from fetchd_client import Client
+client, interval, out, errors = Client(sys.argv[1], timeout=60), float(sys.argv[3]), [], 0
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], interval)[0]:
+    start = time.perf_counter()
+    try:
+        client.health()
+        out.append(time.perf_counter() - start)
+    except Exception:
+        errors += 1
+print(json.dumps({"latencies": out, "errors": errors}))
+"""
+
+
 class Watch:
-    """While running: the daemon's peak descriptors (polled) and /v1/health latencies."""
+    """While running: the daemon's peak descriptors (polled) and /v1/health latencies, asked
+    from a process of its own (the harness's client threads would otherwise share its GIL and
+    delay it: the latency would be the harness's)."""
 
     def __init__(self, daemon: Daemon, interval: float = 0.05) -> None:
         self.daemon, self.interval = daemon, interval
@@ -194,31 +214,35 @@ class Watch:
         self.health_s: list[float] = []
         self.health_errors = 0
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        self._probe: subprocess.Popen[str] | None = None
 
     def _fd_loop(self) -> None:
         while not self._stop.wait(0.02):
             self.peak_fds = max(self.peak_fds, _fds(self.daemon.pid))
 
-    def _health_loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.health_s.append(_timed(self.daemon.client.health)[0])
-            except Exception:  # noqa: BLE001 -- counted: a refused health probe is a finding
-                self.health_errors += 1
-
     def __enter__(self) -> Watch:
         self.peak_fds = _fds(self.daemon.pid)
-        for target in (self._fd_loop, self._health_loop):
-            t = threading.Thread(target=target, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._thread = threading.Thread(target=self._fd_loop, daemon=True)
+        self._thread.start()
+        self._probe = subprocess.Popen(
+            [sys.executable, "-c", _HEALTH_PROBE, str(self.daemon.socket), str(REPO / "client"),
+             str(self.interval)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._probe.stdout is not None
+        self._probe.stdout.readline()  # "ready": probing from now on
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join()
+        if self._thread is not None:
+            self._thread.join()
+        if self._probe is not None:
+            out, _ = self._probe.communicate("", timeout=120)  # stdin closes: it reports
+            try:
+                report = json.loads(out.strip().splitlines()[-1])
+                self.health_s, self.health_errors = report["latencies"], report["errors"]
+            except (ValueError, IndexError, KeyError):
+                self.health_errors += 1
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.health_s)

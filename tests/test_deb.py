@@ -8,7 +8,8 @@ upgrade's ``try-restart`` is a SIGTERM and a start of the new files.
 
 The machine is shared: one module-wide lock file serializes these tests across processes (other
 checkouts run the suite too), a leftover package is purged first, and every test purges the
-package again at its end, also when it fails. Built packages are cached per hash of the files that
+package again at its end, also when it fails (a fetchd these tests did not install is never
+purged: they fail instead). Built packages are cached per hash of the files that
 go into them (``$FETCHD_TEST_CACHE/deb``), so only a change to the package's sources rebuilds.
 """
 
@@ -38,6 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "scripts" / "build-deb.sh"
 CACHE = Path(os.environ.get("FETCHD_TEST_CACHE") or Path.home() / ".cache" / "fetchd-tests") / "deb"
 LOCK = Path(tempfile.gettempdir()) / "fetchd-test-deb.lock"
+# Present while a package these tests installed may be on the machine: only such a package is
+# purged as a leftover. A fetchd installed otherwise (a real build host's, with its store) makes
+# the tests fail instead of deleting it.
+MARKER = Path("/var/tmp/fetchd-test-deb.installed")
 UNITS = Path("/lib/systemd/system")
 # What goes into the package: a change here rebuilds the cached .deb.
 PACKAGED = ("fetchd", "client", "bitbake-client", "systemd", "debian", "docs", "README.md",
@@ -149,10 +154,15 @@ def installed_version() -> str | None:
 
 def purge() -> None:
     if installed_version() is not None:
+        assert MARKER.exists(), (
+            "fetchd is installed on this machine, and not by these tests: they would purge it "
+            "(and its store). Run them on another machine, or 'apt-get purge fetchd' first.")
         check([*APT, "purge", "fetchd"], env=APT_ENV)
+    MARKER.unlink(missing_ok=True)
 
 
 def install(deb: Path) -> None:
+    MARKER.touch()
     check([*APT, "install", str(deb)], env=APT_ENV)
 
 

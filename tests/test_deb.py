@@ -362,12 +362,19 @@ def test_package_contents_and_lintian(deb: Path, tmp_path: Path) -> None:
     leaks = run(["grep", "-rlF", "/fetchd-deb.", str(tree)]).stdout.split()
     assert leaks == [], f"files naming the build directory: {leaks}"
 
-    # The BitBake layer as real files: lib/fetchd_client is a symlink in the repository.
+    # The BitBake layer: the repository's bitbake-client file for file, as real files (its
+    # lib/fetchd_client is a symlink to client/), so BBLAYERS += the installed path works alike.
     layer = tree / "usr/share/fetchd/bitbake-client"
     assert (layer / "conf/layer.conf").is_file() and (layer / "classes/fetchd.bbclass").is_file()
     assert not [p for p in layer.rglob("*") if p.is_symlink()]
-    assert (layer / "lib/fetchd_client/__init__.py").read_bytes() == \
-        (ROOT / "client/fetchd_client/__init__.py").read_bytes()
+    source = ROOT / "bitbake-client"
+    want = {str(p.relative_to(source)): p.read_bytes() for p in source.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+    want.update({str(Path("lib/fetchd_client") / p.relative_to(ROOT / "client/fetchd_client")): p.read_bytes()
+                 for p in (ROOT / "client/fetchd_client").rglob("*")
+                 if p.is_file() and "__pycache__" not in p.parts})
+    got = {str(p.relative_to(layer)): p.read_bytes() for p in layer.rglob("*") if p.is_file()}
+    assert got == want
 
     # The man page renders without warnings and has every command of the parser.
     page = run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z",

@@ -20,6 +20,8 @@ from fetchd import cli
 from fetchd.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tables of Config whose every setting systemd/config.toml shows.
+TABLES = ("store", "server", "network", "fleet")
 
 
 def _manpage_module() -> ModuleType:
@@ -81,7 +83,7 @@ def test_manpage_renders_without_warnings(tmp_path: Path) -> None:
 
 def test_shipped_config_is_only_comments_and_shows_the_defaults(tmp_path: Path) -> None:
     """systemd/config.toml (the package's /etc/fetchd/config.toml) loads as the defaults, and
-    uncommenting every shown setting of [store], [server] and [network] changes nothing but the
+    uncommenting every shown setting of [store], [server], [network] and [fleet] changes nothing but the
     examples of keys unset by default: the documented defaults are the code's."""
     text = (ROOT / "systemd" / "config.toml").read_text()
     assert all(not line.strip() or line.startswith("#") for line in text.splitlines())
@@ -91,13 +93,20 @@ def test_shipped_config_is_only_comments_and_shows_the_defaults(tmp_path: Path) 
     assert Config.load(str(shipped), env={}).store == defaults.store
 
     uncommented = []
-    for line in text.split("# Per registry host")[0].splitlines():
-        m = re.fullmatch(r"# (\[\w+\]|\w+ = .+)", line)
-        if m:
-            uncommented.append(m.group(1))
+    table = None
+    for line in text.splitlines():
+        header = re.fullmatch(r"# \[(\w+)\]", line)
+        if header:
+            table = header.group(1) if header.group(1) in TABLES else None
+            if table:
+                uncommented.append(f"[{table}]")
+        elif line.startswith("# [") or not line.startswith("#"):
+            table = None  # another table ([registries."host"]), or the end of this one
+        elif table and re.fullmatch(r"# \w+ = .+", line):
+            uncommented.append(line[2:])
     shown = Config.from_dict(tomllib.loads("\n".join(uncommented)), env={})
     keys = {line.split(" = ")[0] for line in uncommented if " = " in line}
-    for section in ("store", "server", "network"):
+    for section in TABLES:
         want, got = getattr(defaults, section), getattr(shown, section)
         for name in want.__dataclass_fields__:
             assert name in keys, (f"[{section}] {name} is not shown in systemd/config.toml (the "

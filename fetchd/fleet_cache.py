@@ -30,15 +30,17 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -266,38 +268,49 @@ class FrameCache:
             raise EntryInvalid("manifest does not hash to its Docker-Content-Digest")
         return body
 
-    async def fetch(self, entry: FrameEntry, dest: Path) -> None:
-        """Write the entry's frame blob to ``dest`` (exactly ``entry.size`` bytes, or raise).
+    async def fetch(self, entry: FrameEntry, download: FrameDownload) -> None:
+        """Write the entry's frame blob into ``download`` (exactly ``entry.size`` bytes, or
+        raise FetchFailed; ``download`` is then failed too, so its readers stop).
 
         Each read within ``timeout``, the whole within ``timeout + size / MIN_RATE``. The
-        bytes are unverified: the caller checks them (``frame_check``) and their digest (at
-        the store's commit). On failure ``dest`` may hold a part: the caller removes it.
+        bytes are unverified: the caller checks them (``frame_check``, reading them while
+        they arrive) and their digest (``download.digest``).
         """
         path = f"/v2/{self._ref.repository}/blobs/{entry.digest}"
         got = 0
         try:
-            async with asyncio.timeout(self.fleet.timeout + entry.size / MIN_RATE):
-                async with self._t.open(self._ep, self._ref, "GET", path, what="frame",
-                                        retries=0) as resp:
-                    f = await asyncio.to_thread(open, dest, "wb")
-                    try:
+            try:
+                async with asyncio.timeout(self.fleet.timeout + entry.size / MIN_RATE):
+                    async with self._t.open(self._ep, self._ref, "GET", path, what="frame",
+                                            retries=0) as resp:
+                        pending: list[bytes] = []
+                        held = 0
                         async for chunk in _chunks(resp):
                             got += len(chunk)
                             if got > entry.size:
                                 raise FetchFailed(f"more than the {entry.size} bytes announced")
-                            await asyncio.to_thread(f.write, chunk)
-                    finally:
-                        await asyncio.to_thread(f.close)
-        except FetchFailed:
+                            pending.append(chunk)
+                            held += len(chunk)
+                            if held >= _CHUNK:  # one thread hop per MiB, not per read
+                                await asyncio.to_thread(download.write, _joined(pending))
+                                pending.clear()
+                                held = 0
+                        if pending:
+                            await asyncio.to_thread(download.write, _joined(pending))
+            except FetchFailed:
+                raise
+            except (TimeoutError, FetchdError, *TRANSIENT) as e:
+                self._failed("frame download", entry.key, e)
+                raise FetchFailed(f"download failed after {got} bytes ({type(e).__name__})",
+                                  counted=True) from e
+            finally:
+                self.counts["bytes"] += got
+            if got != entry.size:
+                raise FetchFailed(f"truncated: {got} of {entry.size} bytes")
+        except BaseException:
+            download.finish(failed=True)
             raise
-        except (TimeoutError, FetchdError, *TRANSIENT) as e:
-            self._failed("frame download", entry.key, e)
-            raise FetchFailed(f"download failed after {got} bytes ({type(e).__name__})",
-                              counted=True) from e
-        finally:
-            self.counts["bytes"] += got
-        if got != entry.size:
-            raise FetchFailed(f"truncated: {got} of {entry.size} bytes")
+        download.finish()
 
     # ------------------------------------------------------------------ pushes
 
@@ -416,6 +429,95 @@ class FrameCache:
             yield chunk
 
 
+class FrameDownload:
+    """A frame being downloaded into ``path``: written and hashed in worker threads, read by
+    another thread while it grows (``reader``), so checking overlaps the transfer.
+
+    ``finish`` ends it (``failed``: readers raise FetchFailed instead of seeing the end).
+    ``digest`` is the sha256 of everything written, once finished without failure.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 -- closed by finish()
+        self._hash = hashlib.sha256()
+        self._cond = threading.Condition()
+        self.written = 0
+        self.done = False
+        self.failed = False
+        self.digest: Digest | None = None
+
+    @classmethod
+    async def create(cls, path: Path) -> FrameDownload:
+        return await asyncio.to_thread(cls, path)
+
+    def write(self, chunk: bytes) -> None:
+        """In a worker thread: append ``chunk``."""
+        view = memoryview(chunk)
+        while view:
+            view = view[self._file.write(view) or 0:]
+        self._hash.update(chunk)
+        with self._cond:
+            self.written += len(chunk)
+            self._cond.notify_all()
+
+    def finish(self, failed: bool = False) -> None:
+        with self._cond:
+            if self.done:
+                return
+            self.done, self.failed = True, failed
+            if not failed:
+                self.digest = Digest("sha256", self._hash.hexdigest())
+            self._cond.notify_all()
+        self._file.close()
+
+    def wait_done(self) -> int:
+        """In a reader's thread: until the download ended; its size (FetchFailed if it failed)."""
+        with self._cond:
+            while not self.done:
+                self._cond.wait()
+            if self.failed:
+                raise FetchFailed("the download failed", counted=True)
+            return self.written
+
+    def reader(self) -> BinaryIO:
+        """A blocking reader of the bytes from the start, for a worker thread: ``read`` waits
+        for bytes not yet written; it returns b"" only at the end of a finished download."""
+        return cast(BinaryIO, _GrowingReader(self))
+
+    def _available(self, pos: int) -> int:
+        with self._cond:
+            while self.written <= pos and not self.done:
+                self._cond.wait()
+            if self.failed:
+                raise FetchFailed("the download failed", counted=True)
+            return self.written - pos
+
+
+class _GrowingReader(io.RawIOBase):
+    def __init__(self, download: FrameDownload) -> None:
+        self._download = download
+        self._fd = os.open(download.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._download._available(self._pos))
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._pos)
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class FetchFailed(Exception):
     """A frame could not be read from (or written to) the cache as announced. ``counted``:
     already counted as a failed request (``errors``/``timeouts``), not a bad entry."""
@@ -447,6 +549,10 @@ class _Bucket:
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     while chunk := await resp.content.readany():
         yield chunk
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _hash_span(f: BinaryIO, offset: int, length: int) -> Digest:

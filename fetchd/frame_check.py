@@ -24,10 +24,15 @@ the frame bytes for the same (layer, level, zstd) would change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -92,31 +97,69 @@ def max_frame_size(size: int) -> int:
     return 2048 + content + 3 * blocks + 4
 
 
-def check_frame(path: Path, diff_id: Digest, level: int, size: int) -> None:
+def check_frame(path: Path, diff_id: Digest, level: int, size: int, *,
+                source: BinaryIO | None = None,
+                complete: Callable[[], int] | None = None) -> None:
     """Raise FrameRejected unless ``path`` holds exactly a frame of the layer ``diff_id``
     (``size`` bytes uncompressed) at ``level`` as this host writes it (see the module doc).
 
-    Blocking: decompresses and hashes the whole layer; run it in a thread.
+    ``source`` reads the same bytes from the start while they are still being written (a
+    download), ``complete`` waits until they all are and returns their number: then the
+    check runs alongside the transfer. Blocking: decompresses and hashes the whole layer (the
+    hash in a second thread); run it in a thread.
     """
     if diff_id.algorithm != "sha256":
         raise FrameRejected(f"diff_id {diff_id} is not sha256")
     if size < 0:
         raise FrameRejected(f"negative layer size {size}")
     header = raw_zstd_frame(layer_member_header(diff_id, size))
-    total = os.path.getsize(path)
-    if total > max_frame_size(size):
-        raise FrameRejected(f"{total} bytes is more than any frame of a {size}-byte layer")
-    with open(path, "rb") as f:
-        if f.read(len(header)) != header:
+    expect = content_frame_header(level)
+    with contextlib.ExitStack() as stack:
+        src = source if source is not None else stack.enter_context(open(path, "rb"))
+        if _read_exact(src, len(header)) != header:
             raise FrameRejected("the header frame is not this layer's tar member header")
         start = len(header)
-        expect = content_frame_header(level)
-        if f.read(len(expect)) != expect:
+        if _read_exact(src, len(expect)) != expect:
             raise FrameRejected(f"the content frame's header is not zstd level {level}'s "
                                 "(checksum, no content size, window)")
-        _walk_blocks(f.fileno(), start + len(expect), total)
-        f.seek(start)
-        _check_content(f, diff_id, size)
+        _check_content(cast(BinaryIO, _Prefixed(expect, src)), diff_id, size)
+    total = complete() if complete is not None else os.path.getsize(path)
+    if total > max_frame_size(size):
+        raise FrameRejected(f"{total} bytes is more than any frame of a {size}-byte layer")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _walk_blocks(fd, start + len(expect), total)
+    finally:
+        os.close(fd)
+
+
+def _read_exact(src: BinaryIO, n: int) -> bytes:
+    """``n`` bytes (fewer only at the end of ``src``)."""
+    parts: list[bytes] = []
+    while n > 0 and (chunk := src.read(n)):
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """``prefix`` then the rest of ``src``: the content frame from its magic number on."""
+
+    def __init__(self, prefix: bytes, src: BinaryIO) -> None:
+        self._prefix, self._src = prefix, src
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._prefix:
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        data = self._src.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def _walk_blocks(fd: int, pos: int, total: int) -> None:
@@ -146,7 +189,7 @@ def _walk_blocks(fd: int, pos: int, total: int) -> None:
 def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
     pad = len(padding(size))
     want = size + pad
-    hasher = hashlib.sha256()
+    hasher = _HashThread()
     seen = 0
     tail = bytearray()
     try:
@@ -163,10 +206,35 @@ def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
             seen += len(chunk)
     except zstandard.ZstdError as e:
         raise FrameRejected(f"does not decompress: {e}") from e
+    finally:
+        actual = Digest("sha256", hasher.hexdigest())
     if seen != want:
         raise FrameRejected(f"decompresses to {seen} bytes, the member has {want}")
     if any(tail):
         raise FrameRejected("the member's padding is not zeros")
-    actual = Digest("sha256", hasher.hexdigest())
     if actual != diff_id:
         raise FrameRejected(f"the content hashes to {actual}, not the diff_id {diff_id}")
+
+
+class _HashThread:
+    """sha256 in a thread of its own, beside the decompression (hashlib releases the GIL)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # <= 8 MiB in flight
+        self._thread = threading.Thread(target=self._run, name="fetchd-frame-sha256",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self._hash.hexdigest()

@@ -61,7 +61,7 @@ import concurrent.futures
 import contextlib
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,8 +338,13 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      manifest_digest: Digest | None = None,
                      budget: CompressionBudget | None = None,
                      follow: FollowSource | None = None,
-                     lease: str | None = None) -> PackResult:
+                     lease: str | None = None,
+                     frames: Mapping[Digest, Path] | None = None) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
+
+    ``frames``: frame files from outside the store, per diff_id, already verified to be
+    exactly this level's frame of that layer (``frame_check``; the fleet's frame cache): used
+    like cached frames, their layers are not read. The caller keeps (and removes) the files.
 
     The layer blobs of ``manifest`` must be in the store (the caller leases them), or, with
     ``follow``, be downloading into it: a layer not in the store when its compression starts
@@ -366,7 +371,8 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
             budget = CompressionBudget(threads)
         return await _pack_image(store, manifest, config_raw, repo_tag, level, budget=budget,
                                  progress=progress, image_name=image_name,
-                                 manifest_digest=manifest_digest, follow=follow, lease=lease)
+                                 manifest_digest=manifest_digest, follow=follow, lease=lease,
+                                 given=frames or {})
     except OSError as e:
         raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
 
@@ -374,7 +380,8 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
 async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: bytes, repo_tag: str,
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
-                      follow: FollowSource | None, lease: str | None) -> PackResult:
+                      follow: FollowSource | None, lease: str | None,
+                      given: Mapping[Digest, Path]) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -398,7 +405,8 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                              "reused": True})
             return result
 
-    frames = await asyncio.to_thread(_cached_frames, store, jobs, level)  # index reads
+    frames: dict[Digest, BlobSpan | Path] = {
+        **await asyncio.to_thread(_cached_frames, store, jobs, level), **given}  # index reads
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
     loop = asyncio.get_running_loop()
@@ -421,7 +429,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     finisher = asyncio.ensure_future(finish())
     finisher.add_done_callback(_retrieve)
     try:
-        with store.lease([*(f.digest for f in frames.values()),
+        with store.lease([*(f.digest for f in frames.values() if isinstance(f, BlobSpan)),
                           *(job.descriptor.digest for job in todo)], holder) as own:
             joined.append(own)  # used only when the caller passed no lease
             for job in jobs:
@@ -469,13 +477,16 @@ def _finish_archive(store: PackStore, archive: ArchiveBuilder, tail: bytes, key:
                              frame_spans=spans, lease=lease)
 
 
-def _add_cached(store: PackStore, archive: ArchiveBuilder, frames: dict[int, BlobSpan]) -> None:
-    """Cached frames into the archive (opened now: FileNotFoundError if a gc took one)."""
+def _add_cached(store: PackStore, archive: ArchiveBuilder,
+                frames: Mapping[int, BlobSpan | Path]) -> None:
+    """Cached frames (spans of the store, or given frame files) into the archive (opened
+    now: FileNotFoundError if a gc took one)."""
     opened: dict[int, FrameBytes] = {}
     try:
         for entry, span in frames.items():
-            opened[entry] = FrameBytes.open(store.blob_path(span.digest), span.offset,
-                                             span.length)
+            opened[entry] = (FrameBytes.open(span) if isinstance(span, Path) else
+                             FrameBytes.open(store.blob_path(span.digest), span.offset,
+                                             span.length))
     except BaseException:
         for frame in opened.values():
             frame.release()

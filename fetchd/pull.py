@@ -50,7 +50,7 @@ from .errors import (
     ShuttingDown,
     SizeMismatch,
 )
-from .fleet_cache import FetchFailed, FrameCache, FrameKey
+from .fleet_cache import FetchFailed, FrameCache, FrameDownload, FrameKey
 from .frame_check import (
     FRAME_FORMAT,
     HEADER_PREFIX,
@@ -68,7 +68,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import FRAME_MEDIA_TYPE, PackResult, archive_key, frame_key, pack_image
+from .pack import PackResult, archive_key, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient
@@ -568,17 +568,23 @@ class Puller:
             with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
                                    *frames], f"pull {where}") as lease:
                 await restrict([], lease)  # the archive committed under it
+                fleet_frames: dict[Digest, Path] = {}
                 try:
                     # never for a private registry: its layers must not leave this host
                     if self.fleet is not None and not req.offline and not private:
-                        from_fleet, push = await self._from_fleet(job, image, config.diff_ids,
-                                                                  req.level, lease)
-                    needed = await self._needed_layers(job, ref, image, config.diff_ids, req)
+                        fleet_frames, push = await self._from_fleet(job, image, config.diff_ids,
+                                                                    req.level)
+                        from_fleet = len(fleet_frames)
+                    needed = await self._needed_layers(job, ref, image, config.diff_ids, req,
+                                                       skip=set(fleet_frames))
                     downloaded = len(needed)
                     packed = await self._download_and_pack(job, ref, image, needed, config_raw,
-                                                           repo_tag, manifest_digest, lease)
+                                                           repo_tag, manifest_digest, lease,
+                                                           fleet_frames)
                 finally:
                     self.store.end_restriction(lease)
+                    if fleet_frames:  # verified frame files: now in the archive (or not needed)
+                        await asyncio.to_thread(_unlink_all, list(fleet_frames.values()))
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
@@ -697,7 +703,8 @@ class Puller:
 
     async def _download_and_pack(self, job: Job, ref: Reference, image: ImageManifest,
                                  needed: list[Any], config_raw: bytes, repo_tag: str,
-                                 manifest_digest: Digest, lease: str) -> PackResult:
+                                 manifest_digest: Digest, lease: str,
+                                 frames: dict[Digest, Path] | None = None) -> PackResult:
         """Download ``needed`` and pack the image at once; the packed archive.
 
         The pack follows the downloads (see ``pack_image``). When a download fails, the pack
@@ -721,7 +728,7 @@ class Puller:
             return asyncio.ensure_future(pack_image(
                 self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
                 image_name=where, manifest_digest=manifest_digest, budget=self.budget,
-                follow=follower if follow else None, lease=lease))
+                follow=follower if follow else None, lease=lease, frames=frames))
 
         job.push({"event": "pack", "state": "start", "level": req.level})
         packing = pack(True)
@@ -754,12 +761,13 @@ class Puller:
     # -- the fleet's frame cache ---------------------------------------------------------------
 
     async def _from_fleet(self, job: Job, image: ImageManifest, diff_ids: tuple[Digest, ...],
-                          level: int, lease: str) -> tuple[int, list[FrameKey]]:
+                          level: int) -> tuple[dict[Digest, Path], list[FrameKey]]:
         """Frames of this image's layers from the fleet's frame cache, before any layer
-        download: each found entry is fetched, verified in full (``check_frame``) and its
-        digest checked at the store's commit; only then is it a cached frame (the pack reuses
-        it, the layer is not downloaded). Returns (frames taken, keys to push once the pack
-        made them: misses and rejected entries). Never raises for the cache's sake."""
+        download: each found entry is downloaded and verified in full as it arrives
+        (``check_frame``; its digest against the entry's). Returns the verified frame files
+        by diff_id (temporary files the caller removes; the pack takes them as cached frames
+        and those layers are not downloaded), and the keys to push once the pack made their
+        frames (misses and rejected entries). Never raises for the cache's sake."""
         assert self.fleet is not None
         fleet = self.fleet
         local = await asyncio.to_thread(self.store.get_frames,
@@ -771,44 +779,61 @@ class Puller:
             if frame_key(diff_id, level) not in local:
                 todo[diff_id] = (fleet.key(diff_id, level), layer.digest)
         if not todo or not fleet.available():
-            return 0, []
-        results = await asyncio.gather(*(self._fleet_frame(job, key, blob, lease)
+            return {}, []
+        results = await asyncio.gather(*(self._fleet_frame(job, key, blob)
                                          for key, blob in todo.values()))
-        return sum(results), [key for (key, _), ok in zip(todo.values(), results, strict=True)
-                              if not ok]
+        taken = {key.diff_id: path for (key, _), path in zip(todo.values(), results, strict=True)
+                 if path is not None}
+        return taken, [key for key, _ in todo.values() if key.diff_id not in taken]
 
-    async def _fleet_frame(self, job: Job, key: FrameKey, blob: Digest, lease: str) -> bool:
-        """One layer's frame from the cache into the store; False on a miss or a bad entry."""
+    async def _fleet_frame(self, job: Job, key: FrameKey, blob: Digest) -> Path | None:
+        """One layer's frame from the cache, verified: its file, or None (a miss, a failure
+        or a bad entry; nothing is kept then)."""
         assert self.fleet is not None
         fleet = self.fleet
         entry = await fleet.lookup(key)
         if entry is None:
-            return False
+            return None
         if entry.size > max_frame_size(entry.layer_size):
             fleet.reject(key, f"a frame of {entry.size} bytes for a layer of {entry.layer_size}")
-            return False
+            return None
+        if self._checks is None:
+            self._checks = concurrent.futures.ThreadPoolExecutor(
+                usable_cpus(), thread_name_prefix="fetchd-frame-check")
         tmp = self.store.temp_path(".fleet.zst")
+        download = await FrameDownload.create(tmp)
+        ok = False
         try:
-            await fleet.fetch(entry, tmp)
-            if self._checks is None:
-                self._checks = concurrent.futures.ThreadPoolExecutor(
-                    usable_cpus(), thread_name_prefix="fetchd-frame-check")
-            await asyncio.get_running_loop().run_in_executor(
-                self._checks, check_frame, tmp, key.diff_id, key.level, entry.layer_size)
-            await asyncio.to_thread(self.store.commit_file, tmp, entry.digest,
-                                    ("frame", frame_key(key.diff_id, key.level)),
-                                    FRAME_MEDIA_TYPE, (), lease)
-        except (FetchFailed, FrameRejected, DigestMismatch) as e:
+            reader = download.reader()
+            try:
+                # the check reads the frame as it arrives: decompression overlaps the transfer
+                check = asyncio.get_running_loop().run_in_executor(
+                    self._checks, functools.partial(
+                        check_frame, tmp, key.diff_id, key.level, entry.layer_size,
+                        source=reader, complete=download.wait_done))
+                try:
+                    await fleet.fetch(entry, download)
+                finally:
+                    download.finish(failed=True)  # no-op once finished: wakes the check
+                    await asyncio.wait([check])
+                check.result()
+            finally:
+                reader.close()
+            if download.digest != entry.digest:
+                raise FrameRejected(f"the frame hashes to {download.digest}, the entry names "
+                                    f"{entry.digest}")
+            ok = True
+        except (FetchFailed, FrameRejected) as e:
             if not (isinstance(e, FetchFailed) and e.counted):
-                fleet.reject(key, getattr(e, "reason", None) or getattr(e, "message", None)
-                             or str(e))
-            return False
+                fleet.reject(key, str(e))
+            return None
         finally:
-            await asyncio.to_thread(tmp.unlink, True)
+            if not ok:
+                await asyncio.to_thread(tmp.unlink, True)
         fleet.hit(key, entry.size)
         job.push({"event": "layer", "digest": str(blob), "diff_id": str(key.diff_id),
                   "size": entry.size, "state": "frame-fleet"})
-        return True
+        return tmp
 
     def _push_frames(self, keys: list[FrameKey]) -> None:
         """Hand the frames this pull made for ``keys`` to the cache's background pushes."""
@@ -836,22 +861,26 @@ class Puller:
         return f, span.offset, span.length, layer_size
 
     async def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
-                             diff_ids: tuple[Digest, ...], req: FetchRequest) -> list[Any]:
+                             diff_ids: tuple[Digest, ...], req: FetchRequest,
+                             skip: set[Digest] | None = None) -> list[Any]:
         """The distinct layers to download: those whose frame at this level is not cached
-        and whose blob is not in the store. NetworkDisabled if there are any offline.
+        (nor in ``skip``: diff_ids whose frames came from the fleet's frame cache) and whose
+        blob is not in the store. NetworkDisabled if there are any offline.
 
         The index work for all layers (their diff_ids recorded in one transaction, their
         frames looked up in one read) and the presence checks run in one worker thread:
         a 1000-layer image costs the event loop nothing per layer but the events."""
-        layers = image.layers
-        keys = [frame_key(diff_ids[i], req.level) if i < len(diff_ids) else None
-                for i in range(len(layers))]
+        skip = skip or set()
+        pairs = [(layer, diff_ids[i] if i < len(diff_ids) else None)
+                 for i, layer in enumerate(image.layers)]
+        layers = tuple(layer for layer, diff_id in pairs if diff_id not in skip)
+        keys = [frame_key(diff_id, req.level) if diff_id is not None else None
+                for layer, diff_id in pairs if diff_id not in skip]
 
         def look() -> tuple[dict[str, Any], set[Digest]]:
             # the diff_id only: a layer list is no authority on any blob's media type
             self.store.record_blob_infos(
-                (layer.digest, None, diff_ids[i])
-                for i, layer in enumerate(layers) if i < len(diff_ids))
+                (layer.digest, None, diff_id) for layer, diff_id in pairs if diff_id is not None)
             frames = self.store.get_frames(k for k in keys if k is not None)
             present = {layer.digest for layer, key in zip(layers, keys, strict=True)
                        if key not in frames and self.store.has(layer.digest)}
@@ -1007,3 +1036,6 @@ def _age(ts: float) -> str:
     return f"{seconds // 3600} h"
 
 
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

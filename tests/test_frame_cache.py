@@ -228,7 +228,8 @@ class EvilCache:
     ``mode``: ``corrupt`` (one byte of the frame flipped), ``other-layer`` (another layer's
     frame under this key), ``truncated`` (the frame cut short, manifest consistent with it),
     ``500`` (every request), ``stall`` (holds every request until the test ends),
-    ``stall-blob`` (answers lookups, holds every frame download).
+    ``stall-blob`` (answers lookups, holds every frame download), ``wrong-digest`` (the
+    right frame under a manifest naming another digest for it).
     """
 
     def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
@@ -258,6 +259,8 @@ class EvilCache:
         elif self.mode == "truncated":
             frame = frame[:len(frame) * 2 // 3]
         digest = Digest.of(frame)
+        if self.mode == "wrong-digest":  # the right frame, named by another digest
+            digest = Digest.of(frame + b"x")
         self.blobs[str(digest)] = frame
         key = FrameKey(diff_id, 3, ZSTD_VERSION, FRAME_FORMAT)
         body = _manifest(key, digest, len(frame), size)
@@ -309,8 +312,8 @@ def _frames_of(host: Host, image: CatalogImage, platform: Platform) -> dict[Dige
     return out
 
 
-@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "500", "stall",
-                                  "stall-blob"])
+@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "wrong-digest", "500",
+                                  "stall", "stall-blob"])
 async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     mode: str, images: Catalog, proxy_factory: Callable[..., RegistryProxy],
     make_host: Callable[..., Host],

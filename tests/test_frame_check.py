@@ -6,6 +6,7 @@ The frames are real: made by ``layer_frame.make_layer_frame`` from catalog-style
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,14 @@ from fetchd.compress_budget import MAX_LEVEL, MIN_LEVEL, compressor
 from fetchd.config import Config
 from fetchd.digest import Digest
 from fetchd.errors import ConfigError
-from fetchd.fleet_cache import FRAME_LAYER_TYPE, FrameKey, _entry, _manifest
+from fetchd.fleet_cache import (
+    FRAME_LAYER_TYPE,
+    FetchFailed,
+    FrameDownload,
+    FrameKey,
+    _entry,
+    _manifest,
+)
 from fetchd.frame_check import (
     HEADER_PREFIX,
     FrameRejected,
@@ -76,6 +84,36 @@ def test_a_frame_of_another_layer_or_size_is_rejected(tmp_path: Path) -> None:
         check_frame(frame, other.diff_id, 3, other.tar_size + 512)
     with pytest.raises(ValueError):
         member_size(frame.read_bytes()[:HEADER_PREFIX], one.diff_id)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_frame_is_checked_while_it_is_being_written(tmp_path: Path, fail: bool) -> None:
+    """check_frame reading a FrameDownload as it grows (the writer in another thread): the
+    same verdict as on the complete file; a download that fails ends the check, no hang."""
+    layer = _layer("h", 600_000)
+    data = _frame(tmp_path, layer).read_bytes()
+    download = FrameDownload(tmp_path / "growing.zst")
+    reader = download.reader()
+
+    def write() -> None:
+        for i in range(0, len(data) // 2 if fail else len(data), 4096):
+            download.write(data[i:i + 4096])
+        download.finish(failed=fail)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        if fail:
+            with pytest.raises(FetchFailed):
+                check_frame(download.path, layer.diff_id, 3, layer.tar_size, source=reader,
+                            complete=download.wait_done)
+        else:
+            check_frame(download.path, layer.diff_id, 3, layer.tar_size, source=reader,
+                        complete=download.wait_done)
+            assert download.digest == Digest.of(data)
+    finally:
+        writer.join()
+        reader.close()
 
 
 def test_a_frame_of_another_level_is_rejected(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ on loopback; the hostile caches are small aiohttp servers serving scripted entri
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -217,6 +219,47 @@ async def test_a_push_slower_than_the_lookup_timeout_completes_paced(
     b = make_host("b", f"{cache.url}/{REPO}", timeout=0.2)
     got = await b.pull(image.ref(upstream.host), AMD64)
     assert got.frames_fleet == 1 and not b.store.has(layer.digest)
+
+
+# bcrypt of "fleet-secret" at cost 4 (distribution's htpasswd accepts bcrypt only; a low
+# cost keeps each authenticated request cheap for the registry)
+WRITER_HTPASSWD = "writer:$2b$04$e6OMAnymKW9KuOF9fo8pue59w7/GkSnZ3AAxarIJtz.tNQkJj0Xra\n"
+
+
+async def test_credentials_for_the_cache_come_from_the_auth_file(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    registry_factory: Callable[..., LocalRegistry], make_host: Callable[..., Host],
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cache with basic auth: a host with its login in an auth file pushes and another
+    takes the frames; a host without credentials is refused, counted, and pulls normally.
+    The credentials appear in no log line."""
+    caplog.set_level(logging.DEBUG)
+    image = images["shared-a"]
+    part = image.platform(AMD64)
+    layers = {layer.diff_id for layer in part.layers}
+    upstream = proxy_factory()
+    cache = registry_factory(htpasswd=WRITER_HTPASSWD)
+    url = f"{cache.url}/{REPO}"
+    auth = tmp_path / "auth.json"
+    token = base64.b64encode(b"writer:fleet-secret").decode()
+    auth.write_text(json.dumps({"auths": {cache.host: {"auth": token}}}))
+
+    anonymous = make_host("anon", url, timeout=30.0)
+    plain = await anonymous.pull(image.ref(upstream.host), AMD64)
+    await anonymous.fleet.wait_pushes()
+    stats = anonymous.fleet.stats()
+    assert stats["hits"] == 0 and stats["errors"] >= 1 and stats["pushes"] == 0
+
+    a = make_host("a", url, auth_file=str(auth), timeout=30.0)
+    await a.pull(image.ref(upstream.host), AMD64)
+    await a.fleet.wait_pushes()
+    assert a.fleet.stats()["pushes"] == len(layers) and a.fleet.stats()["push_errors"] == 0
+
+    b = make_host("b", url, auth_file=str(auth), push=False, timeout=30.0)
+    got = await b.pull(image.ref(upstream.host), AMD64)
+    assert got.frames_fleet == len(layers) and _archive(got) == _archive(plain)
+    assert "fleet-secret" not in caplog.text and token not in caplog.text
 
 
 # --------------------------------------------------------------------------- hostile caches

@@ -43,7 +43,8 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _config_yaml(root: Path, addr: str, proxy_remote: str | None) -> str:
+def _config_yaml(root: Path, addr: str, proxy_remote: str | None,
+                 htpasswd: Path | None = None) -> str:
     # YAML written by hand: the structure is tiny and fixed, and PyYAML is not a dependency.
     lines = [
         "version: 0.1",
@@ -68,6 +69,8 @@ def _config_yaml(root: Path, addr: str, proxy_remote: str | None) -> str:
     ]
     if proxy_remote:
         lines += ["proxy:", f"  remoteurl: {proxy_remote}"]
+    if htpasswd is not None:  # basic auth (distribution allows it on plain HTTP, with a warning)
+        lines += ["auth:", "  htpasswd:", "    realm: fetchd-test", f"    path: {htpasswd}"]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +80,7 @@ class LocalRegistry:
     ``proxy_remote`` turns it into a pull-through cache of that registry URL
     (read-only for pushes, as distribution's proxy mode is). The remote must be
     up when this starts: distribution pings it at start-up and exits otherwise.
+    ``htpasswd`` (``user:bcrypt-hash`` lines) requires basic auth for every request.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class LocalRegistry:
         proxy_remote: str | None = None,
         binary: str = REGISTRY_BINARY,
         start_timeout: float = 20.0,
+        htpasswd: str | None = None,
     ) -> None:
         if not os.path.exists(binary):
             raise RegistryError(f"{binary} not found: run scripts/setup.sh (apt package docker-registry)")
@@ -98,7 +103,12 @@ class LocalRegistry:
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
         self.config_path = self._tmp / "config.yml"
-        self.config_path.write_text(_config_yaml(self.root, self.host, proxy_remote))
+        self.auth = htpasswd is not None
+        users = None
+        if htpasswd is not None:
+            users = self._tmp / "htpasswd"
+            users.write_text(htpasswd)
+        self.config_path.write_text(_config_yaml(self.root, self.host, proxy_remote, users))
         self.log_path = self._tmp / "registry.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -131,6 +141,10 @@ class LocalRegistry:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as e:
+                if e.code == 401 and self.auth:  # up, and asking for the credentials
+                    return
+                last = e
             except (urllib.error.URLError, OSError) as e:
                 last = e
             time.sleep(0.02)

@@ -21,8 +21,8 @@ test catalog's helpers, layers generated deterministically) and drives real daem
   (``bench.floor``: gunzip + sha256 + zstd of the same blob in-process), peak RSS.
 
 Writes ``bench/scale_results.json`` and ``bench/scale_tables.md`` (the tables of
-docs/SCALING.md, ready to paste) for a full run; ``--quick`` writes nothing unless ``--out``
-names a directory. A PNG of the curves is written beside them when matplotlib is installed
+docs/SCALING.md, ready to paste) for a full run, and, when every section ran, the generated
+block of docs/SCALING.md; ``--quick`` writes nothing unless ``--out`` names a directory. A PNG of the curves is written beside them when matplotlib is installed
 (``pip install .[bench]``).
 """
 
@@ -58,6 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "scale_results.json"
 TABLES = REPO / "bench" / "scale_tables.md"
 PLOT = REPO / "bench" / "scale_curves.png"
+DOC = REPO / "docs" / "SCALING.md"
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 PLATFORM = "linux/amd64"
@@ -681,6 +683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if paths is not None:
         paths[0].write_text(json.dumps(results, indent=1) + "\n")
         paths[1].write_text(tables + "\n")
+        if args.out is None and set(args.sections) == set(SECTIONS):
+            from bench.report import write_doc
+
+            write_doc(DOC, tables, BEGIN, END)
+            print(f"wrote the tables into {DOC}", file=sys.stderr)
         if plot(results, paths[2]):
             print(f"wrote {paths[2]}", file=sys.stderr)
         print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)

@@ -190,7 +190,7 @@ def check_destination(dest: object, peer: Peer) -> Path:
         try:
             _check_final(path, view.dfd, peer)
         finally:
-            os.close(view.dfd)
+            view.close()
     return path
 
 
@@ -200,6 +200,15 @@ class _View:
 
     dfd: int            # O_PATH descriptor of the directory
     link: bool          # a hard link is fine (False: the peer's own copy)
+    # The same directory through the daemon's own mounts, when it sees it (None: it does not).
+    # A hard link needs the store's mount: through the peer's mount namespace it would be
+    # EXDEV (a daemon sandboxed by systemd has mounts of its own), so writes try this first.
+    own: int | None = None
+
+    def close(self) -> None:
+        os.close(self.dfd)
+        if self.own is not None:
+            os.close(self.own)
 
 
 def _refuse_dir(path: Path, peer: Peer) -> PermissionRefused:
@@ -219,8 +228,21 @@ def _open_view(path: Path, peer: Peer) -> _View | None:
         else:
             st = os.fstat(dfd)
             sticky = bool(st.st_mode & stat.S_ISVTX) and peer.uid not in (0, st.st_uid)
-            return _View(dfd, link=not sticky)
+            return _View(dfd, link=not sticky, own=_same_dir_own_view(path, st))
     return _open_own_view(path, peer)
+
+
+def _same_dir_own_view(path: Path, checked: os.stat_result) -> int | None:
+    """The directory in the daemon's own view if it is the very one checked (same inode)."""
+    try:
+        own = _open_dir(path.parent)
+    except OSError:
+        return None
+    st = os.fstat(own)
+    if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(own)
+        return None
+    return own
 
 
 class _NoView(Exception):
@@ -480,9 +502,15 @@ def deliver(source: Path, dest: object, peer: Peer, *, link: bool = True,
         if link and existing is not None and \
                 (existing.st_dev, existing.st_ino) == (src_st.st_dev, src_st.st_ino):
             return Delivery(path, HARDLINK, source)
+        if view.own is not None:  # the same directory, through the store's mounts
+            placed = _place(source, path, view.own, peer, existing, link, copy_mode)
+            if placed.mode != CLIENT_COPY:
+                return placed
+            # read-only in the daemon's view (e.g. ProtectSystem), not in the peer's: go on
+            existing = _check_final(path, view.dfd, peer)
         return _place(source, path, view.dfd, peer, existing, link, copy_mode)
     finally:
-        os.close(view.dfd)
+        view.close()
 
 
 def _place(source: Path, path: Path, dfd: int, peer: Peer, existing: os.stat_result | None,

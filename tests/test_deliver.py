@@ -436,12 +436,24 @@ def test_missing_and_not_yours_get_the_same_answer(nobody_pid: int, store_file: 
 def read_only_view(open_tmp: Path) -> Iterator[tuple[Path, int]]:
     """A directory every user may write, read-only in a process of nobody's in its own mount
     namespace (a sandbox's read-only bind mount); the daemon's view stays writable."""
+    yield from _other_namespace(open_tmp, read_only=True)
+
+
+@pytest.fixture
+def own_namespace(open_tmp: Path) -> Iterator[tuple[Path, int]]:
+    """A directory every user may write, seen by a process of nobody's in a mount namespace of
+    its own (as a build in a sandbox, or a daemon sandboxed by systemd, sees it)."""
+    yield from _other_namespace(open_tmp, read_only=False)
+
+
+def _other_namespace(open_tmp: Path, read_only: bool) -> Iterator[tuple[Path, int]]:
     if shutil.which("unshare") is None or shutil.which("setpriv") is None:
         pytest.skip("needs unshare and setpriv (util-linux)")
     shared = open_tmp / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    script = (f"mount --bind {shared} {shared} && mount -o remount,bind,ro {shared} && "
+    remount = f"mount -o remount,bind,ro {shared} && " if read_only else ""
+    script = (f"mount --bind {shared} {shared} && {remount}"
               f"exec setpriv --reuid={NOBODY.pw_uid} --regid={NOBODY.pw_gid} --clear-groups "
               "sh -c 'echo ready; exec sleep infinity'")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
@@ -474,3 +486,13 @@ def test_a_read_only_view_gets_nothing_replaced(nobody_pid: int, store_file: Pat
     assert _leftovers(shared) == []
     # the same directory, for a process in the daemon's own view: writable
     assert deliver(store_file, str(old), as_nobody(nobody_pid)).mode == HARDLINK
+
+
+def test_a_peer_in_its_own_mount_namespace_still_gets_the_hard_link(
+        store_file: Path, own_namespace: tuple[Path, int]) -> None:
+    """Checked through the peer's mounts, written through the daemon's: a link made through
+    another namespace's mount would be EXDEV (and so a full copy)."""
+    shared, pid = own_namespace
+    result = deliver(store_file, str(shared / "image.zst"), as_nobody(pid))
+    assert result.mode == HARDLINK
+    assert os.stat(shared / "image.zst").st_ino == os.stat(store_file).st_ino

@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(e.message)
         return EXIT_UNREACHABLE
     except FetchdClientError as e:
-        _fail(_with_hint(e.code, e.message))
+        _fail(_with_hint(e.code, e.message, args.command))
         # also a daemon that went away mid-request and did not come back in time
         return EXIT_UNREACHABLE if e.code == "daemon-unreachable" else EXIT_ERROR
     except KeyboardInterrupt:
@@ -146,8 +146,11 @@ _HINTS = {
 }
 
 
-def _with_hint(code: str, message: str) -> str:
-    hint = _HINTS.get(code)
+_STORE_WIDE = ("gc", "verify")  # their permission-refused is about who may, not about OUTPUT
+
+
+def _with_hint(code: str, message: str, command: str | None = None) -> str:
+    hint = None if code == "permission-refused" and command in _STORE_WIDE else _HINTS.get(code)
     if hint and hint not in message:
         return f"{message} ({hint})"
     return message

@@ -317,3 +317,17 @@ def test_progress_escapes_event_text() -> None:
     shown = out.getvalue().replace("\x1b[J", "")
     shown = re.sub(r"\x1b\[[0-9]+F", "", shown)  # the bar's own redraw codes
     assert _no_controls(shown) and "\\x1b[2J" in shown
+
+
+def test_a_refused_gc_says_who_may_not_where_to_write(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import fetchd_client
+
+    said = "gc below 700 bytes is store-wide: only root ... may run it; you are uid 65534"
+
+    def refuse(self: object, max_size: object = None) -> None:
+        raise fetchd_client.FetchdClientError("permission-refused", said)
+
+    monkeypatch.setattr(fetchd_client.Client, "gc", refuse)
+    assert main(["gc", "--max-size", "0", "--socket", "/nonexistent"]) == 1
+    assert capsys.readouterr().err.strip() == f"fetchd: error: {said}"

@@ -236,7 +236,10 @@ def _setup_logging(level: str) -> None:
         """One event, one line: a traceback or a multi-line message is folded with `` | ``."""
 
         def format(self, record: logging.LogRecord) -> str:
-            return " | ".join(line for line in super().format(record).splitlines() if line.strip())
+            # One line per event, and no terminal control sequence from anything logged (a
+            # registry's text inside an exception, a header): escaped, not obeyed.
+            return " | ".join(printable(line) for line in super().format(record).splitlines()
+                              if line.strip())
 
     # Under systemd the journal stamps the time itself.
     fmt = "%(levelname)s %(name)s: %(message)s"

@@ -252,6 +252,7 @@ def test_daemon_log_is_one_line_per_event() -> None:
         "_setup_logging('info')\n"
         "log = logging.getLogger('fetchd.test')\n"
         "log.warning('first\\nsecond')\n"
+        "log.warning('%s', 'esc\\x1b]0;title\\x07 csi\\x1b[2J bidi\\u202e end')\n"
         "try:\n"
         "    raise RuntimeError('boom')\n"
         "except RuntimeError:\n"
@@ -259,9 +260,11 @@ def test_daemon_log_is_one_line_per_event() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
     lines = proc.stderr.splitlines()
-    assert len(lines) == 2, proc.stderr
+    assert len(lines) == 3, proc.stderr
     assert lines[0].endswith("WARNING fetchd.test: first | second")
-    assert "unexpected | Traceback" in lines[1] and "RuntimeError: boom" in lines[1]
+    assert lines[1].endswith("esc\\x1b]0;title\\x07 csi\\x1b[2J bidi\\u202e end")
+    assert "\x1b" not in proc.stderr and "\u202e" not in proc.stderr
+    assert "unexpected | Traceback" in lines[2] and "RuntimeError: boom" in lines[2]
 
 
 def test_verify_with_corrupt_blobs_exits_1(monkeypatch: pytest.MonkeyPatch,

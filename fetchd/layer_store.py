@@ -398,7 +398,11 @@ class LayerStore:
             # Unlinked while held: lock files do not pile up, and FileLock's inode check
             # makes a waiter that opened the old file try again on a fresh one.
             lock.release(unlink=True)
-        self._committed(d, size, media_type)
+        # the index write in a thread (a gc's transaction must not stall the loop), and
+        # carried through if this task is cancelled meanwhile: the blob is in blobs/ already
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(
+            self._record_commit, d, size, media_type)))
+        self._count_commit(size)
         return path
 
     # -- private blobs: 0400 instead of 0444 (config: registries.<host>.private) ----------
@@ -431,8 +435,16 @@ class LayerStore:
     def _committed(self, d: Digest, size: int, media_type: str | None,
                    alias: tuple[str, str] | None = None,
                    frame_spans: Sequence[tuple[str, int, int]] = ()) -> None:
+        self._record_commit(d, size, media_type, alias, frame_spans)
+        self._count_commit(size)
+
+    def _record_commit(self, d: Digest, size: int, media_type: str | None,
+                       alias: tuple[str, str] | None = None,
+                       frame_spans: Sequence[tuple[str, int, int]] = ()) -> None:
         self._index(lambda: self.index.add_blob(str(d), size, time.time(), alias, frame_spans,
                                                 media_type))
+
+    def _count_commit(self, size: int) -> None:
         self._usage += size
         self._maybe_autogc()
 
@@ -721,6 +733,32 @@ class LayerStore:
             yield lease_id
         finally:
             self._index(lambda: self.index.drop_lease(lease_id))
+
+    @contextlib.asynccontextmanager
+    async def alease(self, digests: Iterable[Digest], holder: str = "") -> AsyncIterator[str]:
+        """``lease`` for the event loop: its two index writes run in a worker thread, so a
+        long write transaction of another thread or process (a gc) makes the caller wait,
+        never the loop. The lease is dropped also when the block is cancelled."""
+        lease_id = uuid.uuid4().hex
+        keys = [str(d) for d in digests]
+
+        def add() -> None:
+            self._index(lambda: self.index.add_lease(lease_id, holder, keys, time.time()))
+
+        def drop() -> None:
+            self._index(lambda: self.index.drop_lease(lease_id))
+
+        adding = asyncio.ensure_future(asyncio.to_thread(add))
+        try:
+            await asyncio.shield(adding)
+        except asyncio.CancelledError:
+            # the add runs on in its thread: drop the lease once it is in
+            adding.add_done_callback(lambda _: asyncio.ensure_future(asyncio.to_thread(drop)))
+            raise
+        try:
+            yield lease_id
+        finally:
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(drop)))
 
     def _touch(self, d: Digest) -> None:
         with self._touch_lock:

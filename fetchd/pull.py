@@ -550,8 +550,7 @@ class Puller:
                 )
         repo_tag = req.archive_name
         key = archive_key(manifest_digest, repo_tag, req.level)
-        archive = self.store.get_alias("archive", key)
-        size = _size(self.store.blob_path(archive)) if archive is not None else None
+        archive, size = await asyncio.to_thread(self._archive, key)  # index read + stat
         downloaded = 0
         pack_stats = (0, len(image.layers))
         from_fleet = 0
@@ -565,8 +564,9 @@ class Puller:
             found = await asyncio.to_thread(
                 self.store.get_frames, [frame_key(d, req.level) for d in config.diff_ids])
             frames = [f.digest for f in found.values()]
-            with self.store.lease([image.config.digest, *(layer.digest for layer in image.layers),
-                                   *frames], f"pull {where}") as lease:
+            async with self.store.alease(
+                    [image.config.digest, *(layer.digest for layer in image.layers), *frames],
+                    f"pull {where}") as lease:
                 await restrict([], lease)  # the archive committed under it
                 fleet_frames: dict[Digest, Path] = {}
                 try:
@@ -591,7 +591,8 @@ class Puller:
             self._push_frames(push)
         await restrict([archive])  # also one packed before the registry was configured private
         path = self.store.blob_path(archive)
-        self.store.record_image(str(ref), str(chosen or req.platform), manifest_digest, archive, req.level)
+        await asyncio.to_thread(self.store.record_image, str(ref), str(chosen or req.platform),
+                                manifest_digest, archive, req.level)
         return FetchResult(
             reference=str(ref.with_digest(resolved.top_digest)),
             platform=str(chosen or req.platform),
@@ -608,6 +609,13 @@ class Puller:
             private=private,
             frames_fleet=from_fleet,
         )
+
+    def _archive(self, key: str) -> tuple[Digest | None, int | None]:
+        """The archive committed under ``key`` and its size; (None, None) if there is none
+        (or gc took it since it was recorded). Blocking: for a worker thread."""
+        archive = self.store.get_alias("archive", key)
+        size = _size(self.store.blob_path(archive)) if archive is not None else None
+        return archive, size
 
     async def _restrict(self, digests: list[Digest], lease: str | None = None) -> None:
         await asyncio.to_thread(self.store.restrict, digests, lease)
@@ -661,7 +669,7 @@ class Puller:
             if job is not None:
                 job.push({"event": "warning", "message": warning})
             return _Resolved(cached.digest, cached.media_type, True, warning)
-        self.store.record_tag(ref.name, tag, head.digest, head.media_type)
+        await asyncio.to_thread(self.store.record_tag, ref.name, tag, head.digest, head.media_type)
         return _Resolved(head.digest, head.media_type, False)
 
     async def _stored(self, digest: Digest) -> bytes | None:

@@ -161,6 +161,7 @@ class StoreIndex:
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._own_start: tuple[int, str] = (0, "")  # (pid, its start time) for leases
         conn = self._conn()
         if readonly:
             conn.execute("SELECT COUNT(*) FROM blobs").fetchone()  # fail now if unusable
@@ -461,7 +462,9 @@ class StoreIndex:
 
     def add_lease(self, lease_id: str, holder: str, digests: Iterable[str], now: float) -> None:
         pid = os.getpid()
-        start = process_start(pid)
+        if self._own_start[0] != pid:  # once per process (a fork gets its own)
+            self._own_start = (pid, process_start(pid))
+        start = self._own_start[1]
         with self.transaction() as c:
             c.executemany(
                 "INSERT INTO leases(lease_id, holder, pid, pid_start, digest, created) "

@@ -342,3 +342,62 @@ async def test_lock_tries_run_off_the_loop_and_a_cancelled_wait_holds_nothing(
     finally:
         FileLock.try_acquire = try_acquire  # type: ignore[method-assign]
         holder.release()
+
+
+async def test_a_long_write_transaction_elsewhere_never_stalls_the_loop(tmp_path: Path) -> None:
+    """A gc holds the index's write lock for its whole pass; leases and commits taken on
+    the loop wait for it in worker threads, while the loop runs on."""
+    store = LayerStore(tmp_path / "store", StoreSettings(fsync=False))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_write_lock() -> None:  # as a gc's long transaction in its thread
+        with store.index.transaction():
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_write_lock)
+    holder.start()
+    held.wait()
+    data = b"a layer" * 1000
+
+    async def fetch(sink: Any) -> None:
+        await sink.write_at(0, data)
+
+    async def pull_like() -> Path:
+        async with store.alease([Digest.of(data)], "test") as lease_id:
+            assert lease_id
+            return await store.ensure_blob(Digest.of(data), len(data), fetch)
+
+    try:
+        task = asyncio.ensure_future(pull_like())
+        await asyncio.sleep(0)  # its first step ran: the lease's write waits in a thread ...
+        release.set()  # ... so this line runs on the loop at all (else: stalled until timeout)
+        path = await task
+        assert path.read_bytes() == data
+        assert store.index.live_leased() == set()  # the lease was dropped again
+        assert store.blob_info(Digest.of(data)) is not None  # the commit was recorded
+    finally:
+        release.set()
+        holder.join()
+        store.close()
+
+
+async def test_a_cancelled_lease_is_dropped(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path / "store", StoreSettings(fsync=False))
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with store.alease([Digest.of(b"x")], "test"):
+            entered.set()
+            await asyncio.Event().wait()
+
+    try:
+        task = asyncio.ensure_future(hold())
+        await entered.wait()
+        assert store.index.live_leased() == {str(Digest.of(b"x"))}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert store.index.live_leased() == set()
+    finally:
+        store.close()

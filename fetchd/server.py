@@ -62,6 +62,7 @@ API = "/v1"
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
 HEARTBEAT = 5.0  # seconds of silence on a fetch stream before a heartbeat line
 HEARTBEAT_EVENT: dict[str, Any] = {"event": "heartbeat"}
+STREAM_BACKLOG = 256  # events queued for one slow client before the job summarizes for it
 # Seconds the handlers get, once the jobs ended or were parked, to send their final lines.
 SHUTDOWN_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0  # seconds to send a (small) request body: a stalled client is cut off
@@ -327,22 +328,27 @@ async def event_batches(
 
     After ``interval`` seconds without an event, a batch of one ``{"event": "heartbeat"}`` is
     yielded, so that clients (and proxies) see the stream is alive. One pump task per stream
-    reads the events; the consumer never cancels the events iterator mid-step.
+    reads the events; the consumer never cancels the events iterator mid-step. At most
+    ``STREAM_BACKLOG`` events wait for a slow client: then the pump stops reading, and the
+    job (``pull.Job``) hands it a summary for what it dropped meanwhile.
     """
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(STREAM_BACKLOG)
 
     async def pump() -> None:
-        try:
+        with contextlib.suppress(Exception):
             async for event in events:
-                queue.put_nowait(event)
-        finally:
-            queue.put_nowait(_END)
+                await queue.put(event)
+        await queue.put(_END)  # not when cancelled: the consumer is gone then
+
+    def heartbeat() -> None:
+        if queue.empty():
+            queue.put_nowait(HEARTBEAT_EVENT)
 
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(pump())
     try:
         while True:
-            timer = loop.call_later(interval, queue.put_nowait, HEARTBEAT_EVENT)
+            timer = loop.call_later(interval, heartbeat)
             try:
                 batch = [await queue.get()]
             finally:

@@ -918,3 +918,24 @@ async def test_one_uid_cannot_fill_ingest_with_partials(tmp_path: Path, fake: Fa
         assert left == {their_layer.digest.hex, second_layer.digest.hex}
     finally:
         await d.close()
+
+
+async def test_a_client_that_does_not_read_holds_a_bounded_backlog() -> None:
+    """A client that stops reading its stream does not make the daemon queue the job's every
+    event for it: the stream's backlog is bounded, and the client gets a summary."""
+    from fetchd.server import STREAM_BACKLOG, event_batches
+
+    job = Job(request("example.org/a/b:1"), max_events=1024)
+    job.push({"event": "manifest", "layers": 1})
+    batches = event_batches(job.events(), 3600)
+    first, _ = await anext(batches)  # the client read once, then stopped
+    for i in range(20000):
+        job.push({"event": "progress", "digest": "sha256:aa", "bytes": i, "total": 20000})
+        if i % 1000 == 0:
+            await asyncio.sleep(0)  # the pump runs meanwhile, as it would on a busy loop
+    job._finish()
+    received = [e for batch, _ in [b async for b in batches] for e in batch]
+    assert first[0]["event"] == "manifest"
+    assert len(received) < STREAM_BACKLOG + 1024 + 8
+    assert any(e["event"] == "summary" for e in received)
+    assert received[-1] == {"event": "progress", "digest": "sha256:aa", "bytes": 19999, "total": 20000}

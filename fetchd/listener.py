@@ -9,7 +9,8 @@ accepts itself, so that:
   total is kept ``FD_RESERVE`` below the process's descriptor limit (jobs need files too);
 - ``reserved`` more connections are admitted beyond those caps (at most ``RESERVED_PER_UID``
   per uid) for the read-only status endpoints only (``RESERVE_PATHS``): ``fetchd status``
-  and health checks still answer while the daemon is full;
+  and health checks still answer while the daemon is full (a reserve connection is closed
+  after ``RESERVE_LIFETIME`` seconds, so idle ones cannot keep it);
 - a connection over every cap gets a short HTTP 503 (``too-many-connections``) and is closed;
 - running out of descriptors (EMFILE and friends) is logged once per ``log_interval`` with a
   count, never per failed accept, and accepting pauses briefly instead of spinning.
@@ -39,6 +40,7 @@ log = logging.getLogger("fetchd.listener")
 
 FD_RESERVE_MIN = 64  # descriptors kept free of connections: store, index, registry sockets
 RESERVED_PER_UID = 2
+RESERVE_LIFETIME = 10.0  # seconds a reserve connection stays open, so idle ones cannot hog it
 RESERVE_PATHS = frozenset({"/v1/status", "/v1/health", "/metrics"})
 ACCEPT_PAUSE = 0.25  # seconds without accepting after the process ran out of descriptors
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -205,6 +207,8 @@ class LimitedSite(web.BaseSite):
         transport.append(made)
         if reserve:
             self.reserve_transports.add(made)
+            # One status request takes milliseconds: a reserve connection is not for keeping.
+            loop.call_later(RESERVE_LIFETIME, made.close)
 
     def _refuse(self, conn: socket.socket, uid: int | None) -> None:
         self.refused += 1

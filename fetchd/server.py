@@ -863,6 +863,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         if ready is not None:
             ready(socket_path)
         await stop.wait()
+        stop.clear()  # a second signal from now on ends the grace
         grace = config.server.shutdown_grace
         log.info("stopping: no new connections or jobs; running jobs get %.0f s to finish, then "
                  "are parked with their partial downloads kept", grace)
@@ -872,7 +873,6 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         await site.stop()
         sock.close()
         puller.stop_taking()
-        stop.clear()
         await _first(puller.close(grace), stop.wait())
         if stop.is_set():
             log.info("second signal: parking the running jobs now")

@@ -272,6 +272,35 @@ def test_sigterm_lets_a_running_job_finish_within_the_grace_and_refuses_new_conn
     assert "parking" not in log and "stopped" in log
 
 
+def test_a_second_sigterm_parks_at_once_and_the_build_resumes_on_the_next_daemon(
+    daemons: Callable[..., Daemon], proxy: RegistryProxy, four_images: list[CatalogImage],
+    open_tmp: Path,
+) -> None:
+    """An impatient operator (or Ctrl-C twice): the second signal ends the grace; the build
+    is parked, follows the next daemon and completes."""
+    image = four_images[1]
+    store = open_tmp / "store"
+    daemon = daemons(store, grace=3600.0)
+    held = proxy.hold("/blobs/")
+    pull = Pull(image, 3, open_tmp / "out.zst")
+    _start(pull, daemon, image.ref(proxy.host), cli=True)
+    _wait_jobs(daemon, 1, lambda: None if pull.running() else "the pull ended early")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    waiting = threading.Event()
+    while "stopping: no new connections" not in daemon.log.read_text():
+        assert daemon.proc.poll() is None, daemon.log.read_text()
+        waiting.wait(0.02)
+    assert daemon.stop(signal.SIGTERM) == 0  # the second one: no hour-long grace
+    assert "second signal: parking the running jobs now" in daemon.log.read_text()
+    held.release()
+    daemons(store)
+    code, out, err = _finish(pull.proc)
+    assert code == 0, err
+    assert "fetchd: daemon restarted, resuming" in err
+    assert _sha256(pull.output) == out.split()[-1]
+
+
 # -- the grace in the Puller itself ------------------------------------------------------------
 
 

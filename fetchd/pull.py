@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -187,6 +188,7 @@ class Job:
         self.waiters = 0
         self.slot = False  # holds a network slot (Puller._online)
         self.clients = 0  # connections streaming this job's events (server.max_waiters_per_job)
+        self.network = 0  # registry requests and downloads under way (the stall deadline)
         self.seq = 0  # submission order (Puller.submit): earlier jobs' downloads go first
 
     def push(self, event: dict[str, Any]) -> None:
@@ -465,13 +467,15 @@ class Puller:
     async def _watched(self, job: Job) -> FetchResult:
         """``_fetch(job)``, failed with RegistryStalled once the job made no progress (no
         event: no bytes, no compression, no step) for ``server.job_stall_timeout`` seconds.
-        Time spent waiting for a network job slot does not count."""
+        Only time waiting on registries counts (not a job slot, not compression)."""
         limit = self.config.server.job_stall_timeout
         task = asyncio.ensure_future(self._fetch(job))
         try:
             while True:
                 idle = time.monotonic() - job.progressed
-                if job.state == "queued" or not limit:
+                # Only a job waiting on a registry can stall: a queued one, or one waiting
+                # for compression slots (busy with other jobs' work), is not.
+                if job.state == "queued" or not limit or not job.network:
                     job.progressed, idle = time.monotonic(), 0.0
                 if limit and idle >= limit:
                     break
@@ -656,7 +660,8 @@ class Puller:
         try:
             # With a cached answer to fall back on, one quick retry at most: a build should
             # not sit through minutes of backoff (or a 429's Retry-After) for a HEAD.
-            head = await self.registry.head_manifest(ref, retries=None if cached is None else 1)
+            with _on_network(job):
+                head = await self.registry.head_manifest(ref, retries=None if cached is None else 1)
         except _UNREACHABLE as e:
             if cached is None:
                 raise type(e)(
@@ -689,7 +694,8 @@ class Puller:
                 f"manifest {digest} of {ref.name} is not in the store and network access is disabled"
             )
         await self._online(job)
-        fetched = await self.registry.get_manifest(ref.with_digest(digest))
+        with _on_network(job):
+            fetched = await self.registry.get_manifest(ref.with_digest(digest))
         await asyncio.to_thread(self.store.commit_bytes, fetched.body, digest,
                                 fetched.media_type or None)
         return fetched.body
@@ -705,7 +711,8 @@ class Puller:
                 f"config {desc.digest} of {ref.name} is not in the store and network access is disabled"
             )
         await self._online(job)
-        body = await self.registry.get_blob_bytes(ref, desc)
+        with _on_network(job):
+            body = await self.registry.get_blob_bytes(ref, desc)
         await asyncio.to_thread(self.store.commit_bytes, body, desc.digest, desc.media_type or None)
         return body
 
@@ -913,6 +920,10 @@ class Puller:
         return list({layer.digest: layer for layer in needed}.values())
 
     async def _download(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
+        with _on_network(job):
+            await self._download_layer(job, ref, layer, priority)
+
+    async def _download_layer(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
         """Fetch one layer into the store; wrong bytes are never kept, and fetched again.
 
         The store verifies on commit and discards a partial that fails, so nothing wrong is
@@ -1013,6 +1024,18 @@ class _PackProgress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.loop.call_soon_threadsafe(self.job.push, {"event": "pack", **event})
+
+
+@contextlib.contextmanager
+def _on_network(job: Job | None) -> Iterator[None]:
+    """Mark ``job`` as waiting on a registry while the block runs (``Puller._watched``)."""
+    if job is not None:
+        job.network += 1
+    try:
+        yield
+    finally:
+        if job is not None:
+            job.network -= 1
 
 
 def _read(path: Path) -> bytes:

@@ -746,6 +746,57 @@ async def test_frames_that_ended_cleanly_stay_cached_when_another_layer_fails(
         store.close()
 
 
+async def test_a_frame_finished_just_before_the_cancel_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving of issue 12: the base frame's worker has returned cleanly, but the
+    task awaiting it has not resumed yet when the pull cancels the pack. The frame ended
+    cleanly, so it is kept whatever the timing."""
+    from support.images import text_bytes
+
+    from fetchd import pack as pack_module
+    from fetchd.errors import RegistryError
+
+    part = _layers_image(text_bytes("race-base", 1 << 20), text_bytes("race-top", 1 << 20))
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        base, top = part.layers
+        put_blob(store, base.read())
+        fetch = HalfThenWait(top.read(), RegistryError("connection reset by the test"))
+        download = asyncio.create_task(store.ensure_blob(top.digest, top.size, fetch))
+        await fetch.half_written.wait()
+        real = pack_module._in_thread
+        finished = asyncio.Event()
+        gate = asyncio.Event()
+
+        async def late_resume(fn: Any, *args: Any) -> Any:
+            result = await real(fn, *args)
+            if result is not None:  # a frame, made cleanly: hold it back from its task
+                finished.set()
+                await gate.wait()
+            return result
+
+        monkeypatch.setattr(pack_module, "_in_thread", late_resume)
+        packing = asyncio.create_task(pack_image(
+            store, _manifest(part), part.config_bytes, "x:1", 3,
+            follow=_counting_follow(store, {}), budget=CompressionBudget(workers=2)))
+        await finished.wait()  # the base's worker returned its frame ...
+        packing.cancel()  # ... and the cancel comes before its task resumed
+        await asyncio.sleep(0)  # the pack's task delivers the cancel to its layer tasks
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await packing
+        fetch.release.set()
+        with pytest.raises(RegistryError):
+            await download
+        kept = store.get_frame(frame_key(base.diff_id, 3))
+        assert kept is not None and kept.offset == 0
+        assert store.get_frame(frame_key(top.diff_id, 3)) is None
+        assert list((store.root / "tmp").iterdir()) == []
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])
 @pytest.mark.parametrize("failure", ["registry-error", "wrong-bytes"])
 async def test_a_download_failing_mid_pack_leaves_no_archive_nor_frame(

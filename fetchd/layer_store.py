@@ -490,6 +490,23 @@ class LayerStore:
         async for chunk in source:
             yield chunk
 
+    async def wait_for_bytes(self, digest: Digest | str, at_least: int) -> None:
+        """Return once ``at_least`` bytes of the blob are readable (its download in this
+        process has hashed that far), or its download ended (committed or failed: a reader
+        then says which), or no download of it runs in this process (nothing to wait on
+        here). Woken by the ingest's writes: no polling, O(1) per wake-up.
+        """
+        d = _digest(digest)
+        while True:
+            flight = self._flights.get(d)
+            if flight is None or flight.outcome is not None or (
+                    flight.task is not None and flight.task.done()):
+                return
+            ing = flight.ingest
+            if ing is not None and ing.offset >= at_least:
+                return
+            await flight.wait()
+
     def open_following(self, digest: Digest | str, stop: threading.Event) -> BinaryIO | None:
         """For a worker thread: a blocking reader of the blob, following this process's
         ingest of it (``store_follow.ThreadFollower``: no event loop hop per chunk), or the

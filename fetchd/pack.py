@@ -65,13 +65,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 import zstandard
 
 from .archive_format import archive_tail, qualified_repo_tag
 from .archive_writer import Aborted, ArchiveBuilder, FrameBytes
-from .compress_budget import CompressionBudget, check_level, compressor
+from .compress_budget import CompressionBudget, CompressionSlot, check_level, compressor
 from .digest import BlobSpan, Digest
 from .errors import DigestMismatch, ManifestInvalid, store_error
 from .layer_frame import LayerJob, ProgressSink, make_layer_frame
@@ -157,15 +157,22 @@ class FollowSource(Protocol):
         """On the event loop: the blob's bytes as they arrive."""
         ...
 
+    async def wait_for_bytes(self, digest: Digest, at_least: int) -> None:
+        """On the event loop: return once ``at_least`` bytes can be read without waiting,
+        or the download ended, or the source cannot tell (then the reader waits)."""
+        ...
+
 _WAKE = 0.05  # seconds between looks at ``abort`` while a reader waits for bytes
+_START_BYTES = 64 << 10  # a following layer asks for a slot once this much (or all) is in
 
 
 class _FollowReader:
     """A blocking reader (for a worker thread) over an async byte stream of the event loop.
 
-    Each ``read`` asks the loop for the next chunk and blocks until it comes: one chunk in
-    flight, so memory stays flat whatever the layer size. While it waits it looks at
-    ``abort`` every 50 ms (the download may stall; the pack may be stopped meanwhile).
+    Each ``read`` returns (part of) the stream's next chunk, asking the loop for it and
+    blocking until it comes; ``bytes_ready`` asks for it ahead. At most one chunk is in
+    flight and one held, so memory stays flat whatever the layer size. While it waits it
+    looks at ``abort`` every 50 ms (the download may stall; the pack may be stopped meanwhile).
     """
 
     def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop,
@@ -176,6 +183,7 @@ class _FollowReader:
         self._buf = b""
         self._eof = False
         self._task: asyncio.Task[Any] | None = None
+        self._ahead: concurrent.futures.Future[bytes | None] | None = None
 
     async def _next(self) -> bytes | None:
         self._task = asyncio.current_task()
@@ -186,13 +194,25 @@ class _FollowReader:
         finally:
             self._task = None
 
-    def _pull(self) -> bytes | None:
+    def _fetch(self) -> concurrent.futures.Future[bytes | None]:
         if self._abort.is_set() or self._loop.is_closed():
             raise Aborted
         try:
-            fut = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            return asyncio.run_coroutine_threadsafe(self._next(), self._loop)
         except RuntimeError:  # the loop is closed
             raise Aborted from None
+
+    def bytes_ready(self) -> bool:
+        """Whether a ``read`` now returns without waiting (asks for the next chunk ahead)."""
+        if self._buf or self._eof:
+            return True
+        if self._ahead is None:
+            self._ahead = self._fetch()
+        return self._ahead.done()
+
+    def _pull(self) -> bytes | None:
+        fut = self._ahead if self._ahead is not None else self._fetch()
+        self._ahead = None
         while True:
             try:
                 return fut.result(timeout=_WAKE)
@@ -201,22 +221,26 @@ class _FollowReader:
                     raise Aborted from None
 
     def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (fewer only at the end); all the rest when ``n`` < 0."""
-        parts = [self._buf]
-        have = len(self._buf)
-        while not self._eof and (n < 0 or have < n):
+        """Up to ``n`` bytes of the next chunk (b"" only at the end); all the rest when
+        ``n`` < 0."""
+        if n < 0:
+            parts = [self._buf]
+            while not self._eof:
+                more = self._pull()
+                if more is None:
+                    self._eof = True
+                else:
+                    parts.append(more)
+            self._buf = b""
+            return b"".join(parts)
+        if not self._buf and not self._eof:
             chunk = self._pull()
             if chunk is None:
                 self._eof = True
             else:
-                parts.append(chunk)
-                have += len(chunk)
-        data = b"".join(parts)
-        if n < 0 or len(data) <= n:
-            self._buf = b""
-            return data
-        self._buf = data[n:]
-        return data[:n]
+                self._buf = chunk
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
 
     def close(self) -> None:
         """Stop the stream on the loop (closes its file); waits for that unless stopped."""
@@ -253,24 +277,58 @@ class _FollowReader:
         self.close()
 
 
+class _ParkingReader:
+    """The layer's bytes for its frame worker, which holds the CPU slot only while there are
+    bytes to compress: before a read that would wait for the download (``bytes_ready()``
+    false), it parks the slot, gathers ``n`` bytes (or the end) without it, then waits to
+    resume. A trickling source so costs the others no CPU slot, only its reserved memory.
+    """
+
+    def __init__(self, src: Any, slot: CompressionSlot, abort: threading.Event) -> None:
+        self._src = src
+        self._slot = slot
+        self._abort = abort
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or self._src.bytes_ready():
+            return cast(bytes, self._src.read(n))
+        self._slot.park()
+        parts: list[bytes] = []
+        have = 0
+        while have < n:
+            chunk = self._src.read(n - have)
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        if not self._slot.resume(self._abort):
+            raise Aborted
+        return b"".join(parts)
+
+
 def _build_frame(store: PackStore, job: LayerJob, level: int, threads: int, image_name: str,
                  abort: threading.Event, progress: ProgressSink | None,
                  archive: ArchiveBuilder,
                  source: Callable[[], AbstractContextManager[Any]],
-                 cctx: zstandard.ZstdCompressor | None = None) -> FrameBytes:
+                 cctx: zstandard.ZstdCompressor | None = None,
+                 slot: CompressionSlot | None = None) -> FrameBytes:
     """Make one layer frame and get it into the archive (worker thread); returns the frame's
     bytes (a reference the caller releases), for packs waiting on it and for the cache.
 
     ``source`` opens the layer's bytes: the blob file, or a reader that follows its download
     and ends cleanly only once the store verified and committed the blob. So a frame is made
     only from a committed blob whose diff_id matched. Nothing is hashed or committed here:
-    the frame is cached as a span of the archive when that is committed.
+    the frame is cached as a span of the archive when that is committed. With ``slot``, a
+    reader that can tell when it would wait for the download (``bytes_ready``) parks the
+    slot meanwhile (``_ParkingReader``).
     """
     tmp = store.temp_path(".frame.zst")
     frame: FrameBytes | None = None
     try:
-        with source() as src:
-            size, frame = make_layer_frame(src, tmp, job, level, threads,
+        with source() as opened:
+            src = (_ParkingReader(opened, slot, abort)
+                   if slot is not None and hasattr(opened, "bytes_ready") else opened)
+            size, frame = make_layer_frame(cast(BinaryIO, src), tmp, job, level, threads,
                                            image_name=image_name, abort=abort,
                                            progress=progress, archive=archive, cctx=cctx)
         if frame is None:  # in its own file: into the archive by copy, when its turn comes
@@ -342,7 +400,8 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      budget: CompressionBudget | None = None,
                      follow: FollowSource | None = None,
                      lease: str | None = None,
-                     frames: Mapping[Digest, Path] | None = None) -> PackResult:
+                     frames: Mapping[Digest, Path] | None = None,
+                     owner: object = None) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
     ``frames``: frame files from outside the store, per diff_id, already verified to be
@@ -358,8 +417,10 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     the blob, and after the layer's diff_id matched.
 
     Compressions wait for slots of ``budget`` (shared by every pack of the daemon, which
-    bounds CPU and memory across images); without one, this call gets a budget of its own
-    with ``threads`` (default: usable CPUs) workers. ``threads`` never changes the bytes. The archive
+    bounds CPU and memory across images, shared fairly between owners: ``owner`` is the
+    requesting peer's uid); without one, this call gets a budget of its own with ``threads``
+    (default: usable CPUs) workers. A layer still downloading asks for its slot only once
+    bytes are there, and gives back the CPU while its download stalls. ``threads`` never changes the bytes. The archive
     is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
     ``manifest_digest`` the config digest stands in for it (the archive's content depends
     only on the config, the layers it names and ``repo_tag``).
@@ -375,7 +436,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         return await _pack_image(store, manifest, config_raw, repo_tag, level, budget=budget,
                                  progress=progress, image_name=image_name,
                                  manifest_digest=manifest_digest, follow=follow, lease=lease,
-                                 given=frames or {})
+                                 given=frames or {}, owner=owner)
     except OSError as e:
         raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
 
@@ -384,7 +445,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
                       follow: FollowSource | None, lease: str | None,
-                      given: Mapping[Digest, Path]) -> PackResult:
+                      given: Mapping[Digest, Path], owner: object) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -442,7 +503,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             await asyncio.to_thread(_add_cached, store, archive, {
                 job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames})
             made, compressed = await _build_frames(store, todo, level, budget, where, progress,
-                                                   archive, follow)
+                                                   archive, follow, owner)
             try:
                 _emit(progress, {"state": "assemble", "layers": len(jobs)})
                 digest = await finisher
@@ -499,10 +560,10 @@ def _add_cached(store: PackStore, archive: ArchiveBuilder,
 
 async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
-                        archive: ArchiveBuilder,
-                        follow: FollowSource | None) -> tuple[list[FrameBytes], int]:
-    """Make the missing layer frames, each in a slot of ``budget``, and get them into the
-    archive. Returns the frames this call made (references the caller releases once the
+                        archive: ArchiveBuilder, follow: FollowSource | None,
+                        owner: object) -> tuple[list[FrameBytes], int]:
+    """Make the missing layer frames, each in a slot of ``budget`` taken for ``owner`` once
+    the layer has bytes to compress, and get them into the archive. Returns the frames this call made (references the caller releases once the
     archive is committed) and how many layers it compressed itself (the others were being
     made by a concurrent pack of another image and were waited for, or found cached).
 
@@ -527,6 +588,12 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                 return reader
             return _FollowReader(src.read_following(digest), loop, abort)
         return following
+
+    async def bytes_to_compress(digest: Digest, size: int) -> None:
+        # A layer asks for a slot only once it has bytes to compress: a download that has
+        # not started or trickles keeps no slot from the others.
+        if follow is not None and not store.blob_path(digest).is_file():
+            await follow.wait_for_bytes(digest, min(size, _START_BYTES))
 
     async def one(job: LayerJob) -> tuple[FrameBytes | None, bool]:
         key = frame_key(job.diff_id, level)
@@ -555,13 +622,15 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
         flights[key] = fut
         try:
             blob = job.descriptor.digest
-            async with budget.slot(level, lambda: store.blob_path(blob).is_file()) as threads:
+            await bytes_to_compress(blob, job.descriptor.size)
+            async with budget.slot(level, owner) as slot:
                 if abort.is_set():
                     raise Aborted
-                cctx = budget.compressor(level, threads)
+                threads = slot.threads
+                cctx = slot.compressor()
                 work = asyncio.ensure_future(_in_thread(
                     _build_frame, store, job, level, threads, where, abort, progress, archive,
-                    source(blob), cctx))
+                    source(blob), cctx, slot))
                 try:
                     frame = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -576,7 +645,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                         # _settle keeps it like the frames of the tasks that returned
                         finished.append((job, work.result()))
                     raise
-                budget.recycle(level, threads, cctx)  # its frame ended cleanly
+                slot.recycle(cctx)  # its frame ended cleanly
             fut.set_result(frame)
             return frame, True
         except Exception as e:

@@ -743,7 +743,8 @@ class Puller:
             return asyncio.ensure_future(pack_image(
                 self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
                 image_name=where, manifest_digest=manifest_digest, budget=self.budget,
-                follow=follower if follow else None, lease=lease, frames=frames))
+                follow=follower if follow else None, lease=lease, frames=frames,
+                owner=req.uid))  # compression slots are shared fairly between uids
 
         job.push({"event": "pack", "state": "start", "level": req.level})
         packing = pack(True)
@@ -996,6 +997,9 @@ class _Follower:
 
     def read_following(self, digest: Digest) -> AsyncIterator[bytes]:
         return self.store.read_following(digest, verify=False)
+
+    async def wait_for_bytes(self, digest: Digest, at_least: int) -> None:
+        await self.store.wait_for_bytes(digest, at_least)
 
 
 class _LayerProgress:

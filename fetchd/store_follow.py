@@ -251,6 +251,12 @@ class ThreadFollower:
                 return self._take(data)
             self._wait()
 
+    def bytes_ready(self) -> bool:
+        """Whether a ``read`` now returns without waiting for the download (bytes beyond
+        the position are hashed, or the flight ended)."""
+        ing = self._flight.ingest
+        return self._flight.outcome is not None or (ing is not None and ing.offset > self._pos)
+
     def _take(self, data: bytes) -> bytes:
         self._pos += len(data)
         return data

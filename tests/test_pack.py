@@ -604,6 +604,9 @@ class _CountingFollow:
             self.seen[digest] = self.seen.get(digest, 0) + len(chunk)
             yield chunk
 
+    async def wait_for_bytes(self, digest: Digest, at_least: int) -> None:
+        await self.store.wait_for_bytes(digest, at_least)
+
 
 def _counting_follow(store: LayerStore, seen: dict[Digest, int],
                      threaded: bool = True) -> _CountingFollow:
@@ -886,14 +889,14 @@ async def test_a_shared_budget_bounds_compressions_across_packs(tmp_path: Path) 
         original = budget.slot
 
         @contextlib.asynccontextmanager
-        async def counted(level: int, ready: Any = None) -> Any:
+        async def counted(level: int, owner: object = None) -> Any:
             nonlocal running, most
-            async with original(level, ready) as threads:
+            async with original(level, owner) as slot:
                 running += 1
                 most = max(most, running)
                 try:
                     await asyncio.sleep(0.01)  # hold it a little: let the others pile up
-                    yield threads
+                    yield slot
                 finally:
                     running -= 1
 
@@ -960,70 +963,112 @@ async def test_the_budget_reuses_contexts_and_frees_them_when_idle(tmp_path: Pat
         assert budget.idle_contexts() == 0
         # a slot at another level frees the idle ones first: memory stays within the budget
         budget.keep_idle = 60.0
-        async with budget.slot(3) as threads:
-            budget.recycle(3, threads, budget.compressor(3, threads))
+        async with budget.slot(3) as slot:
+            slot.recycle(slot.compressor())
         assert budget.idle_contexts() == 1
-        async with budget.slot(9) as threads:
+        async with budget.slot(9) as slot:
             assert budget.idle_contexts() == 0
-            assert budget.used == context_memory(9, threads) <= budget.memory
+            assert budget.used == context_memory(9, slot.threads) <= budget.memory
         # a context too big to keep beside the budget's memory is not kept
-        async with budget.slot(19) as threads:
-            budget.recycle(19, threads, budget.compressor(19, threads))
+        async with budget.slot(19) as slot:
+            slot.recycle(slot.compressor())
         assert budget.idle_contexts() == 0
     finally:
         store.close()
         reference.close()
 
 
-def test_budget_threads_and_memory_by_level() -> None:
+class _StoreFollow:
+    """The store as pack's FollowSource (``threaded``: its thread reader, else
+    ``read_following`` bridged from the event loop), counting the waits for bytes."""
+
+    def __init__(self, store: LayerStore, threaded: bool = True) -> None:
+        self.store = store
+        self.threaded = threaded
+        self.waits = 0
+
+    def open_following(self, digest: Digest, stop: Any) -> Any:
+        return self.store.open_following(digest, stop) if self.threaded else None
+
+    def read_following(self, digest: Digest) -> Any:
+        return self.store.read_following(digest)
+
+    async def wait_for_bytes(self, digest: Digest, at_least: int) -> None:
+        self.waits += 1
+        await self.store.wait_for_bytes(digest, at_least)
+
+
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread-reader", "loop-bridge"])
+async def test_a_trickling_source_of_one_uid_does_not_block_another_uids_pack(
+        tmp_path: Path, threaded: bool) -> None:
+    """Issue 13: a 2-layer image whose blobs trickle took every compression slot and held
+    them while waiting for bytes; another user's pack waited for the tarpit. Now a layer
+    asks for a slot only once it has bytes, and parks (gives back the CPU) when they stop."""
+    import random
+
+    rng = random.Random(13)
+    # incompressible content: the gzip blobs are as big as the content (3 MiB each)
+    slow = _layers_image(rng.randbytes(3 << 20), rng.randbytes(3 << 20))
+    fast = _layers_image(rng.randbytes(1 << 20), rng.randbytes(1 << 20))
     budget = CompressionBudget(workers=2)
-    assert budget.threads(3) == 2 and budget.threads(9) == 2
-    assert budget.threads(19) == 1  # one high-level context with 2 threads alone is > 300 MB
-    assert context_memory(19, 1) < context_memory(19, 2)
-    # two level-9 compressions do not fit the default memory: they run one after the other
-    assert 2 * context_memory(9, 2) > budget.memory >= 2 * context_memory(3, 2)
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    reference = LayerStore(tmp_path / "r", StoreSettings(fsync=False))
+    try:
+        put_blob(store, slow.config_bytes)
+        # the tarpit sends 1.5 MiB of each layer, then nothing
+        fetches = [HalfThenWait(layer.read()) for layer in slow.layers]
+        downloads = [asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
+                     for layer, fetch in zip(slow.layers, fetches, strict=True)]
+        for fetch in fetches:
+            await fetch.half_written.wait()
+        follow = _StoreFollow(store, threaded)
+        stalled = asyncio.create_task(pack_image(
+            store, _manifest(slow), slow.config_bytes, "slow:1", 3, budget=budget,
+            follow=follow, owner=1001))
+        # both layers compress what arrived, then wait for bytes without a CPU slot
+        await _until(lambda: budget.parked == 2)
+        assert budget.active == 0 and not stalled.done()
+        manifest = put_image(store, fast)
+        result = await pack_image(store, manifest, fast.config_bytes, "fast:1", 3,
+                                  budget=budget, owner=1002)
+        assert not stalled.done() and budget.parked == 2
+        assert result.digest == (await pack(reference, fast, "fast:1", 3)).digest
+        for fetch in fetches:
+            fetch.release.set()  # the tarpit sends the rest after all
+        await asyncio.gather(*downloads)
+        done = await stalled
+        assert done.digest == (await pack(reference, slow, "slow:1", 3)).digest
+        assert (budget.active, budget.parked, budget.used, budget.waiting) == (0, 0, 0, 0)
+    finally:
+        store.close()
+        reference.close()
 
 
-async def test_budget_grants_ready_waiters_first_and_one_big_alone() -> None:
-    budget = CompressionBudget(workers=2)
-    order: list[str] = []
-    gate = asyncio.Event()
+async def test_a_layer_that_has_not_started_downloading_takes_no_slot(tmp_path: Path) -> None:
+    import random
 
-    async def use(name: str, level: int, ready: bool) -> None:
-        async with budget.slot(level, lambda: ready):
-            order.append(name)
-            if name == "first":
-                await gate.wait()
-
-    first = asyncio.create_task(use("first", 19, True))  # alone: too big for company
-    await asyncio.sleep(0)
-    others = [asyncio.create_task(use("waiting-for-bytes", 3, False)),
-              asyncio.create_task(use("ready", 3, True))]
-    await asyncio.sleep(0.01)
-    assert order == ["first"] and budget.active == 1
-    gate.set()
-    await asyncio.gather(first, *others)
-    assert order == ["first", "ready", "waiting-for-bytes"]
-    assert budget.active == 0 and budget.used == 0
-
-
-async def test_budget_slot_cancelled_while_waiting_is_not_lost() -> None:
+    rng = random.Random(14)
+    part = _layers_image(rng.randbytes(2 << 20))
+    (layer,) = part.layers
     budget = CompressionBudget(workers=1)
-    gate = asyncio.Event()
-
-    async def hold() -> None:
-        async with budget.slot(3):
-            await gate.wait()
-
-    holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
-    waiter = asyncio.create_task(hold())
-    await asyncio.sleep(0)
-    waiter.cancel()
-    gate.set()
-    await holder
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert budget.active == 0
-    async with budget.slot(3) as threads:  # the slot is free again
-        assert threads == 1
+    store = LayerStore(tmp_path / "s", StoreSettings(fsync=False))
+    try:
+        put_blob(store, part.config_bytes)
+        fetch = HalfThenWait(layer.read(), split=10_000)  # 10 kB, then nothing for a while
+        download = asyncio.create_task(store.ensure_blob(layer.digest, layer.size, fetch))
+        await fetch.half_written.wait()
+        follow = _StoreFollow(store)
+        packing = asyncio.create_task(pack_image(
+            store, _manifest(part), part.config_bytes, "x:1", 3, budget=budget, follow=follow))
+        await _until(lambda: follow.waits == 1)
+        # the pack waits for its first MiB outside the budget: the slot stays free
+        assert budget.active == 0 and budget.waiting == 0
+        async with budget.slot(3, owner=7) as slot:
+            assert slot.threads == 1 and budget.active == 1
+        assert not packing.done()
+        fetch.release.set()
+        await download
+        result = await packing
+        assert result.frames_compressed == 1
+    finally:
+        store.close()

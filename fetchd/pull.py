@@ -63,8 +63,10 @@ from .frame_check import (
 )
 from .layer_store import LayerStore
 from .manifest import (
+    Descriptor,
     ImageIndex,
     ImageManifest,
+    layer_compression,
     parse_config,
     parse_manifest,
     select_platform,
@@ -788,21 +790,21 @@ class Puller:
         fleet = self.fleet
         local = await asyncio.to_thread(self.store.get_frames,
                                         [frame_key(d, level) for d in diff_ids])
-        todo: dict[Digest, tuple[FrameKey, Digest]] = {}
+        todo: dict[Digest, tuple[FrameKey, Descriptor]] = {}
         for layer, diff_id in zip(image.layers, diff_ids, strict=False):
             if diff_id in todo or diff_id.algorithm != "sha256":
                 continue
             if frame_key(diff_id, level) not in local:
-                todo[diff_id] = (fleet.key(diff_id, level), layer.digest)
+                todo[diff_id] = (fleet.key(diff_id, level), layer)
         if not todo or not fleet.available():
             return {}, []
-        results = await asyncio.gather(*(self._fleet_frame(job, key, blob)
-                                         for key, blob in todo.values()))
+        results = await asyncio.gather(*(self._fleet_frame(job, key, layer)
+                                         for key, layer in todo.values()))
         taken = {key.diff_id: path for (key, _), path in zip(todo.values(), results, strict=True)
                  if path is not None}
         return taken, [key for key, _ in todo.values() if key.diff_id not in taken]
 
-    async def _fleet_frame(self, job: Job, key: FrameKey, blob: Digest) -> Path | None:
+    async def _fleet_frame(self, job: Job, key: FrameKey, layer: Descriptor) -> Path | None:
         """One layer's frame from the cache, verified: its file, or None (a miss, a failure
         or a bad entry; nothing is kept then)."""
         assert self.fleet is not None
@@ -812,6 +814,13 @@ class Puller:
             return None
         if entry.size > max_frame_size(entry.layer_size):
             fleet.reject(key, f"a frame of {entry.size} bytes for a layer of {entry.layer_size}")
+            return None
+        # The claimed layer size bounds the decompression: it must fit the layer's blob, or a
+        # small frame could make this host decompress for hours before its hash fails.
+        bound = _layer_size_bound(layer, self.config.network.max_blob_size)
+        if entry.layer_size > bound:
+            fleet.reject(key, f"claims a layer of {entry.layer_size} bytes; its {layer.size}-byte "
+                              f"blob ({layer.media_type}) holds at most {bound}")
             return None
         if self._checks is None:
             self._checks = concurrent.futures.ThreadPoolExecutor(
@@ -832,6 +841,8 @@ class Puller:
                 finally:
                     download.finish(failed=True)  # no-op once finished: wakes the check
                     await asyncio.wait([check])
+                    if not check.cancelled():
+                        check.exception()  # retrieved: fetch's own error comes first
                 check.result()
             finally:
                 reader.close()
@@ -847,7 +858,7 @@ class Puller:
             if not ok:
                 await asyncio.to_thread(tmp.unlink, True)
         fleet.hit(key, entry.size)
-        job.push({"event": "layer", "digest": str(blob), "diff_id": str(key.diff_id),
+        job.push({"event": "layer", "digest": str(layer.digest), "diff_id": str(key.diff_id),
                   "size": entry.size, "state": "frame-fleet"})
         return tmp
 
@@ -1069,6 +1080,20 @@ def _age(ts: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds // 3600} h"
+
+
+_DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032:1 (258-byte matches in 2 bits)
+
+
+def _layer_size_bound(layer: Descriptor, max_blob_size: int) -> int:
+    """The most uncompressed bytes the layer blob ``layer`` can hold (by its media type; a
+    type that misstates the compression only turns a good frame into a miss)."""
+    kind = layer_compression(layer.media_type)
+    if kind == "none":
+        return layer.size
+    if kind == "gzip":
+        return min(max_blob_size, layer.size * _DEFLATE_MAX_RATIO + (1 << 20))
+    return max_blob_size  # zstd: runs of one byte compress without practical limit
 
 
 def _unlink_all(paths: list[Path]) -> None:

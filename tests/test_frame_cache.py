@@ -272,7 +272,8 @@ class EvilCache:
     frame under this key), ``truncated`` (the frame cut short, manifest consistent with it),
     ``500`` (every request), ``stall`` (holds every request until the test ends),
     ``stall-blob`` (answers lookups, holds every frame download), ``wrong-digest`` (the
-    right frame under a manifest naming another digest for it).
+    right frame under a manifest naming another digest for it), ``huge-size`` (the right frame,
+    its layer claimed 10 TB: decompressing it up to there would take hours).
     """
 
     def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
@@ -281,6 +282,7 @@ class EvilCache:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, bytes] = {}
         self.requests = 0
+        self.blob_gets = 0
         self.release = asyncio.Event()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/{REPO}"
@@ -301,6 +303,8 @@ class EvilCache:
             frame, size = next(v for k, v in self.frames.items() if k != diff_id)
         elif self.mode == "truncated":
             frame = frame[:len(frame) * 2 // 3]
+        if self.mode == "huge-size":  # the right frame, claiming a layer its blob cannot hold
+            size = 10**13
         digest = Digest.of(frame)
         if self.mode == "wrong-digest":  # the right frame, named by another digest
             digest = Digest.of(frame + b"x")
@@ -325,6 +329,8 @@ class EvilCache:
                        "Content-Type": MANIFEST_TYPE}
             return web.Response(body=None if request.method == "HEAD" else body,
                                 headers=headers)
+        if "blobs" in parts:
+            self.blob_gets += request.method == "GET"
         if "blobs" in parts and parts[-1] in self.blobs:
             return web.Response(body=self.blobs[parts[-1]])
         return web.Response(status=404)
@@ -355,8 +361,8 @@ def _frames_of(host: Host, image: CatalogImage, platform: Platform) -> dict[Dige
     return out
 
 
-@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "wrong-digest", "500",
-                                  "stall", "stall-blob"])
+@pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "wrong-digest",
+                                  "huge-size", "500", "stall", "stall-blob"])
 async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     mode: str, images: Catalog, proxy_factory: Callable[..., RegistryProxy],
     make_host: Callable[..., Host],
@@ -384,6 +390,8 @@ async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
         assert stats["rejected"] == 0
     else:
         assert stats["rejected"] == len(layers) and stats["found"] == len(layers)
+    if mode == "huge-size":  # refused before any byte of the frame was asked for
+        assert evil.blob_gets == 0
     for diff_id in layers:  # no frame from the cache was kept: the store's own came from the pack
         assert host.store.get_alias("frame", frame_key(diff_id, 3)) is None
     assert host.store_is_clean()

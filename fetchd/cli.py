@@ -456,6 +456,10 @@ def _status(args: argparse.Namespace) -> int:
     if registries:
         _say("registries:")
         _print_mapping(registries, "  ")
+    fleet = status.get("fleet")
+    if fleet:
+        _say("fleet frame cache:")
+        _print_mapping(fleet, "  ")
     return 0
 
 

@@ -238,6 +238,8 @@ class FrameCache:
             return None
         if body is None:
             self.counts["misses"] += 1
+            log.info("frame cache %s: no frame of layer %s at level %d", self._ep.key,
+                     key.diff_id, key.level)
             return None
         self.counts["found"] += 1
         try:

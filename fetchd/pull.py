@@ -855,6 +855,7 @@ class Puller:
                 fleet.reject(key, str(e))
             return None
         finally:
+            download.finish(failed=True)  # no-op once finished; closes the file otherwise
             if not ok:
                 await asyncio.to_thread(tmp.unlink, True)
         fleet.hit(key, entry.size)

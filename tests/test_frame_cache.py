@@ -87,8 +87,8 @@ async def make_host(tmp_path: Path) -> AsyncIterator[Callable[..., Host]]:
     hosts: list[Host] = []
 
     def make(name: str, cache: str | None = None, *, zstd: str | None = None,
-             **fleet: Any) -> Host:
-        data: dict[str, Any] = {"network": FAST}
+             registries: dict[str, Any] | None = None, **fleet: Any) -> Host:
+        data: dict[str, Any] = {"network": FAST, "registries": registries or {}}
         if cache is not None:
             data["fleet"] = {"frame_cache": cache, "push": True, **fleet}
         config = Config.from_dict(data, env={"FETCHD_STORE": str(tmp_path / name)})
@@ -260,6 +260,25 @@ async def test_credentials_for_the_cache_come_from_the_auth_file(
     got = await b.pull(image.ref(upstream.host), AMD64)
     assert got.frames_fleet == len(layers) and _archive(got) == _archive(plain)
     assert "fleet-secret" not in caplog.text and token not in caplog.text
+
+
+async def test_a_private_registry_never_uses_the_cache(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    registry_factory: Callable[..., LocalRegistry], make_host: Callable[..., Host],
+) -> None:
+    image = images["shared-a"]
+    upstream = proxy_factory()
+    cache = registry_factory()
+    url = f"{cache.url}/{REPO}"
+    a = make_host("a", url)
+    await a.pull(image.ref(upstream.host), AMD64)
+    await a.fleet.wait_pushes()
+    assert a.fleet.stats()["pushes"] >= 1
+    private = make_host("p", url, registries={upstream.host: {"private": True}})
+    got = await private.pull(image.ref(upstream.host), AMD64)
+    await private.fleet.wait_pushes()
+    stats = private.fleet.stats()
+    assert stats["lookups"] == 0 and stats["pushes"] == 0 and got.frames_fleet == 0
 
 
 # --------------------------------------------------------------------------- hostile caches

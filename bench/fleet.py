@@ -44,7 +44,10 @@ def _config(cache: LocalRegistry, push: bool) -> str:
     return ("[fleet]\n"
             f'frame_cache = "{cache.url}/fetchd-frames"\n'
             f"push = {'true' if push else 'false'}\n"
-            "push_bandwidth = 0\n")
+            "push_bandwidth = 0\n"
+            # the cache is our own registry: a loaded machine must not turn a lookup into
+            # a timeout (a miss) and the scenario into another
+            "timeout = 30.0\n")
 
 
 def _fleet(daemon: Daemon) -> dict[str, Any]:

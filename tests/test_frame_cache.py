@@ -90,7 +90,9 @@ async def make_host(tmp_path: Path) -> AsyncIterator[Callable[..., Host]]:
              registries: dict[str, Any] | None = None, **fleet: Any) -> Host:
         data: dict[str, Any] = {"network": FAST, "registries": registries or {}}
         if cache is not None:
-            data["fleet"] = {"frame_cache": cache, "push": True, **fleet}
+            # a loaded machine must not turn a lookup into a timeout: only the tests of
+            # timeouts ask for a short one
+            data["fleet"] = {"frame_cache": cache, "push": True, "timeout": 30.0, **fleet}
         config = Config.from_dict(data, env={"FETCHD_STORE": str(tmp_path / name)})
         host = Host(tmp_path / name, config, zstd)
         hosts.append(host)
@@ -204,8 +206,8 @@ async def test_a_push_slower_than_the_lookup_timeout_completes_paced(
     image = await asyncio.to_thread(push_custom, registry, "fetchd-test/fleet-push", "v1", [layer])
     upstream = proxy_factory()
     cache = registry_factory()
-    rate = 1 << 20
-    a = make_host("a", f"{cache.url}/{REPO}", timeout=0.2, push_bandwidth=rate)
+    rate = 256 << 10  # the upload takes ~8 s, longer than the timeout
+    a = make_host("a", f"{cache.url}/{REPO}", timeout=5.0, push_bandwidth=rate)
     await a.pull(image.ref(upstream.host), AMD64)
     started = time.monotonic()
     await a.fleet.wait_pushes()
@@ -213,10 +215,10 @@ async def test_a_push_slower_than_the_lookup_timeout_completes_paced(
     stats = a.fleet.stats()
     assert (stats["pushes"], stats["push_errors"]) == (1, 0)
     assert stats["push_bytes"] > 3 << 20
-    # the token bucket lets one 1 MiB burst through, then holds the rate
-    assert took >= (stats["push_bytes"] - (1 << 20)) / rate * 0.9
+    # the token bucket lets one 1 MiB burst through, then holds the rate: longer than timeout
+    assert took >= (stats["push_bytes"] - (1 << 20)) / rate * 0.9 > 5.0
 
-    b = make_host("b", f"{cache.url}/{REPO}", timeout=0.2)
+    b = make_host("b", f"{cache.url}/{REPO}")
     got = await b.pull(image.ref(upstream.host), AMD64)
     assert got.frames_fleet == 1 and not b.store.has(layer.digest)
 
@@ -245,18 +247,18 @@ async def test_credentials_for_the_cache_come_from_the_auth_file(
     token = base64.b64encode(b"writer:fleet-secret").decode()
     auth.write_text(json.dumps({"auths": {cache.host: {"auth": token}}}))
 
-    anonymous = make_host("anon", url, timeout=30.0)
+    anonymous = make_host("anon", url)
     plain = await anonymous.pull(image.ref(upstream.host), AMD64)
     await anonymous.fleet.wait_pushes()
     stats = anonymous.fleet.stats()
     assert stats["hits"] == 0 and stats["errors"] >= 1 and stats["pushes"] == 0
 
-    a = make_host("a", url, auth_file=str(auth), timeout=30.0)
+    a = make_host("a", url, auth_file=str(auth))
     await a.pull(image.ref(upstream.host), AMD64)
     await a.fleet.wait_pushes()
     assert a.fleet.stats()["pushes"] == len(layers) and a.fleet.stats()["push_errors"] == 0
 
-    b = make_host("b", url, auth_file=str(auth), push=False, timeout=30.0)
+    b = make_host("b", url, auth_file=str(auth), push=False)
     got = await b.pull(image.ref(upstream.host), AMD64)
     assert got.frames_fleet == len(layers) and _archive(got) == _archive(plain)
     assert "fleet-secret" not in caplog.text and token not in caplog.text
@@ -394,7 +396,9 @@ async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     want = await reference.pull(image.ref(upstream.host), AMD64)
     evil = EvilCache(_frames_of(reference, image, AMD64), mode)
     async with evil.running():
-        host = make_host("h", evil.url, timeout=0.5)
+        # a short timeout only where the cache stalls (elsewhere a loaded machine could turn
+        # a bad entry's lookup into a timeout)
+        host = make_host("h", evil.url, timeout=0.5 if "stall" in mode else 30.0)
         upstream.reset_stats()
         got = await host.pull(image.ref(upstream.host), AMD64)
         await host.fleet.wait_pushes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -276,3 +277,43 @@ def test_proxy_error_answers_to_head_carry_no_body(images: Catalog, proxy: Regis
     assert head.startswith(b"HTTP/1.1 429"), head
     assert b"Retry-After: 1" in head
     assert rest == b"", f"a HEAD answer must carry no body, got {rest[:80]!r}"
+
+
+def test_proxy_every_nth_request_and_faults_per_transfer(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    url = _blob_url(proxy, img, layer)
+    proxy.every(3, 429, retry_after=1)
+    proxy.per_transfer(r"/blobs/", [("cut", 1000), ("corrupt", 7)])
+    good = layer.read()
+    answers = []
+    for _ in range(5):
+        try:
+            status, headers, body = _get(url)
+        except (http.client.IncompleteRead, ConnectionError) as e:  # the cut first transfer
+            answers.append(("cut", type(e).__name__))
+            continue
+        answers.append((status, headers.get("Retry-After") if status == 429 else body == good))
+    # requests 3 (and 6) are 429s and no transfer: the 2nd transfer is corrupt, the 3rd good
+    assert answers[0][0] == "cut"
+    assert answers[1] == (200, False)
+    assert answers[2] == (429, "1")
+    assert answers[3:] == [(200, True), (200, True)]
+    assert [r.complete for r in proxy.log[:2]] == [False, True]
+    assert proxy.log[0].bytes_sent == 1000
+
+
+def test_proxy_pause_at_stops_transfers_until_resumed(images: Catalog, proxy: RegistryProxy) -> None:
+    img = images["single-oci"]
+    layer = img.only.layers[1]
+    proxy.set_link(rate=200_000)  # chunks of 4 kB
+    resume = proxy.pause_at(8000, "/blobs/")
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_get(_blob_url(proxy, img, layer))[2]))
+    reader.start()
+    assert proxy.wait_sent(8000, "/blobs/") >= 8000
+    paused_at = proxy.sent_live("/blobs/")
+    assert reader.is_alive() and paused_at < 8000 + 4096 < layer.size
+    resume()
+    reader.join()
+    assert got == [layer.read()]

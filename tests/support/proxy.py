@@ -23,6 +23,8 @@ for the first ``times`` matching requests, or always when ``times`` is None):
 - ``per_transfer(match, [("cut", 1 << 20), ("corrupt", 100)])``: the k-th transfer of each
   matching path (a request that reached the registry, not one answered by a status fault)
   gets the k-th fault of the list: a cut after that many body bytes, or that body byte flipped.
+- ``pause_at(n, match)``: transfers to matching paths stop once ``n`` body bytes went to them,
+  until ``resume()``; ``epoch`` (set by the test) is stamped on each request's record.
 - ``hold(match)``: keep matching requests unanswered until ``rule.release()``; ``rule.reached``
   is set when the first one arrives (a pull held in flight while a test acts, e.g. an upgrade).
 - ``set_link(rate=30e6, latency=0.04)``: every connection capped at ``rate`` bytes/s, and
@@ -96,6 +98,7 @@ class Record:
     range: str | None
     faults: tuple[str, ...]
     complete: bool
+    epoch: int = 0  # the proxy's ``epoch`` when the request arrived (a test's phase)
 
 
 @dataclass
@@ -118,16 +121,21 @@ class _Tx:
         self.sent = 0
         self.corrupt_at: int | None = None
         self.done = False
+        self.epoch = proxy.epoch
 
     def finish(self, complete: bool) -> None:
         if not self.done:
             self.done = True
             self.proxy._record(Record(self.method, self.path, self.status, self.sent, self.rng,
-                                      self.faults, complete))
+                                      self.faults, complete, self.epoch))
 
 
 class _Closed(Exception):
     """A peer closed the connection."""
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
 
 
 def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -184,6 +192,9 @@ class RegistryProxy:
         self._lock = threading.Lock()
         self._progress = threading.Condition(self._lock)
         self._live: dict[str, int] = {}              # path -> body bytes sent so far (live)
+        self._pause: tuple[re.Pattern[str], int, asyncio.Event] | None = None
+        # A test's phase, stamped on each request's Record (e.g. which daemon asked).
+        self.epoch = 0
         self._rules: list[Rule] = []
         self._requests = 0                           # every request, for ``every`` rules
         self._transfers: dict[str, int] = {}         # path -> transfers, for ``per_transfer``
@@ -347,6 +358,31 @@ class RegistryProxy:
                 if reason:
                     raise RuntimeError(f"only {sent()} of {n} bytes went to {match!r}: {reason}")
             return sent()
+
+    def pause_at(self, n: int, match: str = "") -> Callable[[], None]:
+        """Transfers to paths matching ``match`` stop sending (each within one chunk) once
+        ``n`` body bytes went to such paths, until the returned ``resume()`` is called: a test
+        acts at an exact point of the transfers, however slowly it gets scheduled."""
+        gate = asyncio.run_coroutine_threadsafe(_new_event(), self._loop).result(10)
+        with self._lock:
+            self._pause = (re.compile(match), n, gate)
+
+        def resume() -> None:
+            with self._lock:
+                if self._pause is not None and self._pause[2] is gate:
+                    self._pause = None
+            self._loop.call_soon_threadsafe(gate.set)
+
+        return resume
+
+    def _paused(self, path: str) -> asyncio.Event | None:
+        with self._lock:
+            if self._pause is None:
+                return None
+            rx, n, gate = self._pause
+            if not rx.search(path) or sum(v for p, v in self._live.items() if rx.search(p)) < n:
+                return None
+            return gate
 
     def _sent(self, path: str, n: int) -> None:
         with self._progress:
@@ -516,6 +552,10 @@ class RegistryProxy:
                     if w is not None:
                         await w.drain()
                     await asyncio.sleep(ahead)
+            if tx is not None:
+                gate = self._paused(tx.path)
+                if gate is not None:
+                    await gate.wait()
             if w is not None and w.transport.is_closing():
                 raise _Closed()  # the peer is gone: these bytes would not reach it
             sent += len(data)

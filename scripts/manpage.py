@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "client"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from fetchd_client import RECONNECT_ENV, RECONNECT_TIMEOUT  # noqa: E402
 
 from fetchd import __version__, cli  # noqa: E402
 from fetchd.config import (  # noqa: E402
@@ -111,6 +114,9 @@ EXIT_STATUS = (
 
 ENVIRONMENT = (
     ("FETCHD_SOCKET", f"the daemon's socket, for every command (default {DEFAULT_SOCKET_PATH})"),
+    (RECONNECT_ENV, "seconds a client command waits for a daemon that went away in the middle "
+                    "of a request (a restart, an upgrade) to come back, then resubmits it "
+                    f"(default {RECONNECT_TIMEOUT:g}; 0: fail at once)"),
     ("FETCHD_CONFIG", f"the config file of fetchd serve (default {DEFAULT_CONFIG_PATH})"),
     ("FETCHD_STORE", f"the store of fetchd serve when neither --store nor the config names one "
                      f"(default {DEFAULT_STORE_PATH})"),

@@ -466,11 +466,6 @@ def test_install_run_pull_remove_purge(deb: Path, clean: None, daemon: Installed
     assert left == [], f"left after purge: {left}"
 
 
-# Until the client reconnects to the new daemon and resubmits (issue 12, reliability), the pull
-# fails with "fetchd stopped before the job finished; retry": the package does its part (socket
-# kept, try-restart, jobs parked); remove this mark when the reconnect lands.
-@pytest.mark.xfail(reason="needs fetchd_client's reconnect + resubmit across a daemon restart",
-                   strict=False)
 def test_upgrade_during_a_pull_completes_it(deb: Path, deb_next: Path, clean: None,
                                             daemon: InstalledDaemon, images: Catalog,
                                             proxy: RegistryProxy, open_tmp: Path) -> None:

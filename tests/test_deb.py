@@ -100,8 +100,13 @@ def build(version: str) -> Path:
     out = CACHE / f"{source_hash()[:20]}-{version}"
     deb = out / f"fetchd_{version}_{arch}.deb"
     if deb.exists():
+        os.utime(out)  # in use: kept by the pruning below
         return deb
     CACHE.mkdir(parents=True, exist_ok=True)
+    # Builds of older trees (~2 MB each) go after two days unused.
+    for old in CACHE.iterdir():
+        if old.is_dir() and time.time() - old.stat().st_mtime > 2 * 86400:
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".build-"))
     try:
         # lintian runs in test_package_contents_and_lintian, on the same file.

@@ -445,6 +445,10 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     _say(f"fetchd {status.get('version')} pid {status.get('pid')} on {status.get('socket')}, "
           f"up {_duration(float(status.get('uptime') or 0))}, store {status.get('store_path')}")
+    lag = status.get("loop_lag")
+    if isinstance(lag, dict):
+        _say(f"event loop lag: max {lag.get('max_ms')} ms, p99 {lag.get('p99_ms')} ms over the "
+             f"last {lag.get('window_s'):g} s")
     jobs = status.get("jobs") or []
     _say(f"jobs: {len(jobs)} running, {status.get('completed')} completed, {status.get('failed')} failed")
     for job in jobs:

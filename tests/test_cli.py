@@ -154,6 +154,8 @@ def test_status_ls_gc_verify_resolve(daemon: str, images: Catalog, tmp_path: Pat
     assert fetchd("pull", image.reference, "-o", str(tmp_path / "s.zst"), "--socket", daemon).returncode == 0
     status = fetchd("status", "--socket", daemon)
     assert status.returncode == 0 and "jobs: 0 running" in status.stdout and "store:" in status.stdout
+    assert re.search(r"^event loop lag: max [0-9.]+ ms, p99 [0-9.]+ ms over the last 60 s$",
+                     status.stdout, re.M), status.stdout
     ls = fetchd("ls", "--socket", daemon)
     assert ls.returncode == 0 and image.reference in ls.stdout
     assert re.search(r"^store: \d+ blobs, ", ls.stdout, re.M), ls.stdout  # blobs and sizes

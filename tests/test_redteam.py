@@ -939,3 +939,29 @@ async def test_a_client_that_does_not_read_holds_a_bounded_backlog() -> None:
     assert len(received) < STREAM_BACKLOG + 1024 + 8
     assert any(e["event"] == "summary" for e in received)
     assert received[-1] == {"event": "progress", "digest": "sha256:aa", "bytes": 19999, "total": 20000}
+
+
+async def test_one_job_streams_to_at_most_max_waiters_per_job_clients(
+        tmp_path: Path, tarpit: Tarpit) -> None:
+    """Finding: ~250 connections joined one never-ending job. Now a job streams to at most
+    server.max_waiters_per_job clients; the next one gets a 503 saying so."""
+    from fetchd.server import Services, listen_unix, make_app
+
+    d = Daemon(tmp_path, server={"max_waiters_per_job": 2})
+    services = Services(d.puller, d.store, d.registry, d.config)
+    runner = web.AppRunner(make_app(services))
+    await runner.setup()
+    path = str(tmp_path / "run" / "fetchd.sock")
+    await web.SockSite(runner, listen_unix(path, 0o600)).start()
+    writers = []
+    try:
+        answers = [await _open_fetch(path, f"{tarpit.host}/evil/img:1") for _ in range(3)]
+        writers = [w for _, w, _ in answers]
+        assert [s for s, _, _ in answers] == [200, 200, 503]
+        assert b"too-many-connections" in answers[2][2] and b"max_waiters_per_job" in answers[2][2]
+        assert d.puller.jobs()[0]["waiters"] == 2
+    finally:
+        for writer in writers:
+            writer.close()
+        await d.close()
+        await runner.cleanup()

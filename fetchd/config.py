@@ -27,6 +27,7 @@ DEFAULT_STORE_PATH = "/var/cache/fetchd"
 DEFAULT_SOCKET_PATH = "/run/fetchd/fetchd.sock"
 
 MiB = 1024 * 1024
+MIN_LAYER_LIMIT = 64 * MiB  # any layer may expand this far, whatever its ratio
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -190,6 +191,24 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class PackConfig:
+    """Bounds on what a layer may expand to when it is decompressed (decompression bombs).
+
+    A layer may expand to ``max_layer_ratio`` times its compressed size, and always to 64 MiB
+    (tiny layers of empty files compress extremely well), but never beyond ``max_layer_size``.
+    The decompression stops as soon as a layer passes its bound (``layer-too-large``).
+    """
+
+    max_layer_size: int = 64 * 1024 * MiB
+    max_layer_ratio: float = 100.0
+
+    def layer_limit(self, compressed_size: int) -> int:
+        """The most bytes a layer of ``compressed_size`` bytes may expand to."""
+        ratio = int(compressed_size * self.max_layer_ratio)
+        return min(self.max_layer_size, max(MIN_LAYER_LIMIT, ratio))
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The fleet's shared cache of layer frames: a repository in an OCI registry (off: None).
 
@@ -230,6 +249,7 @@ class Config:
     registries: tuple[RegistryConfig, ...] = ()
     source: str | None = None             # the file it was read from, for messages
     fleet: FleetConfig = FleetConfig()
+    pack: PackConfig = PackConfig()
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -258,7 +278,7 @@ class Config:
     ) -> Config:
         env = os.environ if env is None else env
         where = source or "config"
-        _check_keys(data, {"store", "server", "network", "registries", "fleet"}, where)
+        _check_keys(data, {"store", "server", "network", "registries", "fleet", "pack"}, where)
         store_data = dict(_table(data, "store", where))
         store_data.setdefault("path", env.get("FETCHD_STORE") or DEFAULT_STORE_PATH)
         server_data = dict(_table(data, "server", where))
@@ -271,7 +291,10 @@ class Config:
             _registry(host, value, where) for host, value in _table(data, "registries", where).items()
         )
         fleet = _fleet(_table(data, "fleet", where), f"{where} [fleet]")
-        return cls(store, server, network, registries, source, fleet)
+        pack = _build(PackConfig, _table(data, "pack", where), f"{where} [pack]")
+        if pack.max_layer_ratio < 1:
+            raise ConfigError(f"{where} [pack] max_layer_ratio: must be at least 1")
+        return cls(store, server, network, registries, source, fleet, pack)
 
     def registry(self, host: str) -> RegistryConfig:
         """Settings for ``host`` (``host[:port]`` as in the image reference); defaults if absent."""
@@ -356,7 +379,7 @@ def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 
 _SIZE_FIELDS = {"max_size", "range_threshold", "max_blob_size", "stall_bytes", "push_bandwidth",
-                "max_ingest_per_uid"}
+                "max_ingest_per_uid", "max_layer_size"}
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:

@@ -14,7 +14,7 @@ from typing import IO, BinaryIO, cast
 import zstandard
 from isal import igzip_lib
 
-from .errors import ManifestInvalid
+from .errors import LayerTooLarge, ManifestInvalid
 from .manifest import layer_compression
 
 CHUNK = 1 << 20
@@ -30,13 +30,31 @@ class CorruptLayer(ManifestInvalid):
 
 
 def decompressed_chunks(src: BinaryIO, media_type: str = "", *, what: str = "layer",
-                        chunk_size: int = CHUNK) -> Iterator[bytes]:
+                        chunk_size: int = CHUNK, max_size: int | None = None,
+                        limit: str = "") -> Iterator[bytes]:
     """The uncompressed bytes of ``src`` (read from its current position), chunk by chunk.
 
     Gzip: every member, in order (eStargz and pigz write several); trailing zero bytes after
     the last member are ignored, any other trailing data is an error. Zstd: every frame
     (zstd:chunked), skippable frames skipped. Anything else passes through unchanged.
+
+    ``max_size``: LayerTooLarge (its message ends with ``limit``, what the bound is and what
+    to do) as soon as the output would pass it; no more than ``max_size`` bytes are yielded
+    and at most one chunk beyond them is made (a decompression bomb costs no more than that).
     """
+    chunks = _chunks(src, media_type, what, chunk_size)
+    if max_size is None:
+        yield from chunks
+        return
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_size:
+            raise LayerTooLarge(f"{what}: expands to more than {max_size} bytes{limit}")
+        yield chunk
+
+
+def _chunks(src: BinaryIO, media_type: str, what: str, chunk_size: int) -> Iterator[bytes]:
     head = src.read(4)
     kind = layer_compression(media_type, head) if head else "none"
     if kind == "gzip":

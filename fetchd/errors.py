@@ -113,6 +113,14 @@ class DiffIdMismatch(FetchdError):
     http_status = 502
 
 
+class LayerTooLarge(FetchdError):
+    """A layer expands beyond what the daemon allows (``[pack] max_layer_size`` and
+    ``max_layer_ratio``): a decompression bomb, or a legitimately huge layer."""
+
+    code = "layer-too-large"
+    http_status = 422
+
+
 class Unauthorized(FetchdError):
     code = "unauthorized"
     http_status = 502

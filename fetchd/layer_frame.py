@@ -31,6 +31,7 @@ import zstandard
 from .archive_format import BLOCK, layer_member_header, padding
 from .archive_writer import Aborted, ArchiveBuilder, FrameBytes, FrameSink
 from .compress_budget import compressor
+from .config import PackConfig
 from .decompress import decompressed_chunks
 from .digest import Digest
 from .errors import DiffIdMismatch
@@ -39,6 +40,8 @@ from .manifest import Descriptor
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
 _PROGRESS_INTERVAL = 0.25
+
+DEFAULT_LIMITS = PackConfig()  # the [pack] defaults: how far a layer may expand
 
 ProgressSink = Callable[[dict[str, Any]], None]
 """Receives pack events (``{"state": ..., ...}``); may be called from worker threads."""
@@ -71,7 +74,8 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: LayerJob, level: int, t
                      image_name: str = "", abort: threading.Event | None = None,
                      progress: ProgressSink | None = None,
                      archive: ArchiveBuilder | None = None,
-                     cctx: zstandard.ZstdCompressor | None = None
+                     cctx: zstandard.ZstdCompressor | None = None,
+                     limits: PackConfig = DEFAULT_LIMITS
                      ) -> tuple[int, FrameBytes | None]:
     """Make one layer's frame: ``(layer size, its bytes in the archive or None)``.
 
@@ -81,7 +85,8 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: LayerJob, level: int, t
     releases); otherwise it is written to ``out_path`` and None comes back. Raises
     DiffIdMismatch when the content does not hash to ``job.diff_id``: then the archive is
     cut back and the caller discards ``out_path``. ``cctx``: a context made by
-    ``compressor(level, threads)`` to reuse (default: a new one).
+    ``compressor(level, threads)`` to reuse (default: a new one). LayerTooLarge as soon as the
+    content passes ``limits.layer_limit`` of the blob's size (a decompression bomb).
     """
     what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
     hasher = _Sha256Thread() if threads > 1 else _Sha256Inline()
@@ -103,7 +108,9 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: LayerJob, level: int, t
             # (seconds at level 19); an abandoned writer ends without finishing its frame.
             w = (cctx or compressor(level, threads)).stream_writer(
                 cast(IO[bytes], sink), closefd=False, write_size=1 << 20)
-            for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what):
+            for chunk in decompressed_chunks(src, job.descriptor.media_type, what=what,
+                                             max_size=limits.layer_limit(job.descriptor.size),
+                                             limit=_limit_text(job.descriptor.size, limits)):
                 if abort is not None and abort.is_set():
                     raise Aborted
                 hasher.update(chunk)
@@ -198,3 +205,12 @@ def _prepend_header(path: Path, header: bytes) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, path)
 
+
+
+
+def _limit_text(compressed_size: int, limits: PackConfig) -> str:
+    return (f" uncompressed, the most this daemon allows for a layer of {compressed_size} bytes "
+            f"({limits.max_layer_ratio:g} times its size, at least 64 MiB, at most "
+            f"{limits.max_layer_size} bytes); nothing was packed. A decompression bomb, or a "
+            "legitimately huge layer: then raise [pack] max_layer_ratio or max_layer_size in "
+            "the daemon's config")

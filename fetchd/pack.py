@@ -72,9 +72,10 @@ import zstandard
 from .archive_format import archive_tail, qualified_repo_tag
 from .archive_writer import Aborted, ArchiveBuilder, FrameBytes
 from .compress_budget import CompressionBudget, CompressionSlot, check_level, compressor
+from .config import PackConfig
 from .digest import BlobSpan, Digest
 from .errors import DigestMismatch, ManifestInvalid, store_error
-from .layer_frame import LayerJob, ProgressSink, make_layer_frame
+from .layer_frame import DEFAULT_LIMITS, LayerJob, ProgressSink, make_layer_frame
 from .manifest import ImageManifest, parse_config
 
 __all__ = [
@@ -311,7 +312,8 @@ def _build_frame(store: PackStore, job: LayerJob, level: int, threads: int, imag
                  archive: ArchiveBuilder,
                  source: Callable[[], AbstractContextManager[Any]],
                  cctx: zstandard.ZstdCompressor | None = None,
-                 slot: CompressionSlot | None = None) -> FrameBytes:
+                 slot: CompressionSlot | None = None,
+                 limits: PackConfig = DEFAULT_LIMITS) -> FrameBytes:
     """Make one layer frame and get it into the archive (worker thread); returns the frame's
     bytes (a reference the caller releases), for packs waiting on it and for the cache.
 
@@ -330,7 +332,8 @@ def _build_frame(store: PackStore, job: LayerJob, level: int, threads: int, imag
                    if slot is not None and hasattr(opened, "bytes_ready") else opened)
             size, frame = make_layer_frame(cast(BinaryIO, src), tmp, job, level, threads,
                                            image_name=image_name, abort=abort,
-                                           progress=progress, archive=archive, cctx=cctx)
+                                           progress=progress, archive=archive, cctx=cctx,
+                                           limits=limits)
         if frame is None:  # in its own file: into the archive by copy, when its turn comes
             frame = FrameBytes.open(tmp)
             tmp.unlink()  # the open file keeps the bytes for the archive and waiting packs
@@ -401,7 +404,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      follow: FollowSource | None = None,
                      lease: str | None = None,
                      frames: Mapping[Digest, Path] | None = None,
-                     owner: object = None) -> PackResult:
+                     owner: object = None, limits: PackConfig = DEFAULT_LIMITS) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
     ``frames``: frame files from outside the store, per diff_id, already verified to be
@@ -419,7 +422,8 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
     Compressions wait for slots of ``budget`` (shared by every pack of the daemon, which
     bounds CPU and memory across images, shared fairly between owners: ``owner`` is the
     requesting peer's uid); without one, this call gets a budget of its own with ``threads``
-    (default: usable CPUs) workers. A layer still downloading asks for its slot only once
+    (default: usable CPUs) workers. ``limits``: how far a layer may expand (LayerTooLarge,
+    decompression bombs). A layer still downloading asks for its slot only once
     bytes are there, and gives back the CPU while its download stalls. ``threads`` never changes the bytes. The archive
     is cached under ``archive_key(manifest_digest, repo_tag, level)``; without a
     ``manifest_digest`` the config digest stands in for it (the archive's content depends
@@ -436,7 +440,7 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
         return await _pack_image(store, manifest, config_raw, repo_tag, level, budget=budget,
                                  progress=progress, image_name=image_name,
                                  manifest_digest=manifest_digest, follow=follow, lease=lease,
-                                 given=frames or {}, owner=owner)
+                                 given=frames or {}, owner=owner, limits=limits)
     except OSError as e:
         raise store_error(e, store.root, f"pack {image_name or repo_tag}") from e
 
@@ -445,7 +449,8 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
                       follow: FollowSource | None, lease: str | None,
-                      given: Mapping[Digest, Path], owner: object) -> PackResult:
+                      given: Mapping[Digest, Path], owner: object,
+                      limits: PackConfig) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
     qualified = qualified_repo_tag(repo_tag)
@@ -503,7 +508,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             await asyncio.to_thread(_add_cached, store, archive, {
                 job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames})
             made, compressed = await _build_frames(store, todo, level, budget, where, progress,
-                                                   archive, follow, owner)
+                                                   archive, follow, owner, limits)
             try:
                 _emit(progress, {"state": "assemble", "layers": len(jobs)})
                 digest = await finisher
@@ -561,7 +566,7 @@ def _add_cached(store: PackStore, archive: ArchiveBuilder,
 async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
                         archive: ArchiveBuilder, follow: FollowSource | None,
-                        owner: object) -> tuple[list[FrameBytes], int]:
+                        owner: object, limits: PackConfig) -> tuple[list[FrameBytes], int]:
     """Make the missing layer frames, each in a slot of ``budget`` taken for ``owner`` once
     the layer has bytes to compress, and get them into the archive. Returns the frames this call made (references the caller releases once the
     archive is committed) and how many layers it compressed itself (the others were being
@@ -630,7 +635,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                 cctx = slot.compressor()
                 work = asyncio.ensure_future(_in_thread(
                     _build_frame, store, job, level, threads, where, abort, progress, archive,
-                    source(blob), cctx, slot))
+                    source(blob), cctx, slot, limits))
                 try:
                     frame = await asyncio.shield(work)
                 except asyncio.CancelledError:

@@ -44,6 +44,7 @@ from .digest import Digest
 from .errors import (
     DigestMismatch,
     FetchdError,
+    LayerTooLarge,
     NetworkDisabled,
     RateLimited,
     RegistryError,
@@ -746,7 +747,8 @@ class Puller:
                 self.store, image, config_raw, repo_tag, req.level, progress=_PackProgress(job),
                 image_name=where, manifest_digest=manifest_digest, budget=self.budget,
                 follow=follower if follow else None, lease=lease, frames=frames,
-                owner=req.uid))  # compression slots are shared fairly between uids
+                owner=req.uid,  # compression slots are shared fairly between uids
+                limits=self.config.pack))
 
         job.push({"event": "pack", "state": "start", "level": req.level})
         packing = pack(True)
@@ -759,6 +761,11 @@ class Puller:
                 if not packing.cancelled():
                     packing.exception()  # retrieved: the download's error is the one to report
                 await downloads  # raises it
+            bomb = packing.exception() if packing.done() and not packing.cancelled() else None
+            if isinstance(bomb, LayerTooLarge):
+                # final: the bound is checked on the bytes themselves; the except below
+                # stops the downloads at once (their partials stay for a retry)
+                raise bomb
             if packing.done() and packing.exception() is not None and needed:
                 await downloads  # a download's error, if one failed for good
                 log.info("pack of %s failed while it followed downloads (%s); the downloads "

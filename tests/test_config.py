@@ -143,6 +143,9 @@ BAD = [
     ('[[registries."quay.io".mirrors]]\nurl = "https://u:p@m.io"\n', "credentials"),
     ('[[registries."quay.io".mirrors]]\nurl = "https://m.io"\nnss = true\n', "unknown key 'nss'"),
     ('[registries."a/b"]\n', "host"),
+    ("[pack]\nmax_layer_ratio = 0.5\n", "max_layer_ratio: must be at least 1"),
+    ("[pack]\nmax_layer_sise = '1G'\n", "unknown key 'max_layer_sise'"),
+    ("[pack]\nmax_layer_size = 'huge'\n", "expected a size"),
     ("not toml = = 1", "not valid TOML"),
 ]
 
@@ -166,3 +169,13 @@ def test_parse_size(value: object, size: int) -> None:
 def test_parse_size_refuses(value: object) -> None:
     with pytest.raises(ConfigError):
         parse_size(value, "x")
+
+
+def test_pack_bounds_how_far_a_layer_may_expand(tmp_path: Path) -> None:
+    config = load(tmp_path, "[pack]\nmax_layer_size = '1G'\nmax_layer_ratio = 50\n")
+    pack = config.pack
+    assert (pack.max_layer_size, pack.max_layer_ratio) == (1 << 30, 50.0)
+    assert pack.layer_limit(1000) == 64 << 20  # tiny layers may always expand to 64 MiB
+    assert pack.layer_limit(10 << 20) == 500 << 20  # 50 times the compressed size ...
+    assert pack.layer_limit(100 << 20) == 1 << 30  # ... never beyond max_layer_size
+    assert Config.from_dict({}, env={}).pack.layer_limit(1 << 30) == 64 << 30  # the defaults

@@ -1072,3 +1072,34 @@ async def test_a_layer_that_has_not_started_downloading_takes_no_slot(tmp_path: 
         assert result.frames_compressed == 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+async def test_a_decompression_bomb_layer_fails_clearly_and_keeps_nothing(
+        store: LayerStore, kind: str) -> None:
+    """Issue 13: a small layer that expands enormously (with a correct diff_id) cost seconds
+    of CPU per 64 KiB. It now fails as soon as it passes its bound (layer-too-large), naming
+    the settings that move the bound; no archive and no frame of it is kept."""
+    from fetchd.config import PackConfig
+    from fetchd.errors import LayerTooLarge
+
+    bomb = make_layer(bytes(96 << 20), kind)  # 96 MiB of zeros in ~96 KiB (gzip) or less
+    assert bomb.size < 128 << 10
+    part = make_image("linux/amd64", [make_layer(b"small layer " * 1000, "gzip"), bomb])
+    manifest = put_image(store, part)
+    with pytest.raises(LayerTooLarge) as err:
+        await pack_image(store, manifest, part.config_bytes, "bomb:1", 3)
+    message = err.value.message
+    assert err.value.code == "layer-too-large" and str(bomb.digest) in message
+    assert f"more than {64 << 20} bytes" in message  # the 64 MiB floor: stopped there
+    assert "max_layer_ratio" in message and "max_layer_size" in message
+    assert store.get_alias("archive", archive_key(part.config_digest, "bomb:1", 3)) is None
+    assert store.get_frame(frame_key(bomb.diff_id, 3)) is None
+    assert list(store.tmp_dir.iterdir()) == []
+    # a daemon configured for such layers packs it; the absolute bound still holds
+    roomy = PackConfig(max_layer_ratio=1e6)
+    with pytest.raises(LayerTooLarge):
+        await pack_image(store, manifest, part.config_bytes, "bomb:1", 3,
+                         limits=PackConfig(max_layer_ratio=1e6, max_layer_size=80 << 20))
+    result = await pack_image(store, manifest, part.config_bytes, "bomb:1", 3, limits=roomy)
+    assert result.frames_compressed >= 1

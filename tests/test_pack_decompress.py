@@ -67,3 +67,31 @@ def test_empty_blob() -> None:
 def test_damage_is_reported(name: str, blob: bytes, match: str) -> None:
     with pytest.raises(CorruptLayer, match=match):
         _run(blob)
+
+
+# --------------------------------------------------------------------------- bombs
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_bomb_stops_at_its_bound(kind: str) -> None:
+    """Issue 13: a small layer expanding to gigabytes cost seconds of CPU. With ``max_size``
+    the decompression stops as soon as the output passes it: no byte beyond it is yielded."""
+    from fetchd.errors import LayerTooLarge
+
+    zeros = bytes(64 << 20)  # 64 MiB of zeros: ~64 KiB as gzip, a few KiB as zstd
+    blob = _gz(zeros) if kind == "gzip" else _zst(zeros)
+    assert len(blob) < 128 << 10
+    out = 0
+    with pytest.raises(LayerTooLarge) as err:
+        for chunk in decompressed_chunks(io.BytesIO(blob), max_size=3 << 20, what="layer x",
+                                         limit=" (the test's bound)"):
+            out += len(chunk)
+    assert out <= 3 << 20
+    assert err.value.code == "layer-too-large"
+    assert err.value.message == f"layer x: expands to more than {3 << 20} bytes (the test's bound)"
+
+
+def test_a_layer_within_its_bound_is_whole() -> None:
+    blob = _gz(DATA)
+    chunks = decompressed_chunks(io.BytesIO(blob), max_size=len(DATA))
+    assert b"".join(chunks) == DATA

@@ -21,7 +21,7 @@ from fetchd.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tables of Config whose every setting systemd/config.toml shows.
-TABLES = ("store", "server", "network", "fleet")
+TABLES = ("store", "server", "network", "fleet", "pack")
 
 
 def _manpage_module() -> ModuleType:

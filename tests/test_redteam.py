@@ -294,6 +294,54 @@ class TrickleBlobs(FakeRegistry):
         return resp
 
 
+async def test_compression_slots_a_tarpit_of_one_uid_does_not_block_another_uids_pull(
+        tmp_path: Path, fake: FakeRegistry) -> None:
+    """Finding (compression slots): a 2-layer image whose blobs trickle took every
+    compression slot before any byte arrived; another user's pull hung until the tarpit
+    died. Now a layer asks for a slot only once it has bytes to compress (and gives the CPU
+    back while they stall), and slots are shared fairly between uids."""
+    from fetchd.compress_budget import CompressionBudget
+
+    evil = await TrickleBlobs().start()
+    # no deadlines: the tarpit holds its connections for as long as the test runs
+    d = Daemon(tmp_path, network={"stall_timeout": 0}, server={"job_stall_timeout": 0})
+    d.puller.budget = budget = CompressionBudget(workers=2)
+    try:
+        slow = make_image("linux/amd64", [make_layer(text_bytes(f"tarpit-{i}", 256 << 10), "gzip")
+                                          for i in range(2)])
+        stuck = d.submit(serve_image(evil, "evil/img", "1", slow), uid=ATTACKER)
+        while evil.trickled < 2:  # noqa: ASYNC110 -- counted by the registry's handlers
+            await asyncio.sleep(0.005)
+        reference = serve_image(fake, "app/img", "1", small_image("victim"))
+        result = await d.submit(reference).wait()
+        assert result.blobs_downloaded == 2
+        assert not stuck.done() and budget.active == 0 and budget.waiting == 0
+    finally:
+        evil.stop.set()
+        await d.close()
+        await evil.close()
+
+
+async def test_decompression_bombs_fail_clearly_and_stop_at_their_bound(
+        tmp_path: Path, fake: FakeRegistry) -> None:
+    """Finding: a 64 KiB layer expanding to 2 GiB (correct diff_id) cost 3.3 s of CPU; 64 MiB
+    would be ~2 TiB. Now a layer may expand to [pack] max_layer_ratio times its size (at
+    least 64 MiB), at most max_layer_size; past that the pull fails at once."""
+    from fetchd.errors import LayerTooLarge
+
+    d = Daemon(tmp_path, pack={"max_layer_ratio": 100})
+    try:
+        image = make_image("linux/amd64", [make_layer(bytes(80 << 20), "gzip")])  # ~80 KiB
+        reference = serve_image(fake, "bomb/img", "1", image)
+        with pytest.raises(LayerTooLarge) as err:
+            await d.submit(reference).wait()
+        assert err.value.code == "layer-too-large" and err.value.http_status == 422
+        assert "max_layer_ratio" in err.value.message
+        assert not list((tmp_path / "store" / "tmp").iterdir())
+    finally:
+        await d.close()
+
+
 async def test_a_trickling_manifest_fails_on_its_progress_deadline_naming_the_registry(
         tmp_path: Path, tarpit: Tarpit) -> None:
     """Finding: nothing bounded how long a download may make no progress. Now each request

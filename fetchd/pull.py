@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -824,7 +824,7 @@ class Puller:
             return None
         # The claimed layer size bounds the decompression: it must fit the layer's blob, or a
         # small frame could make this host decompress for hours before its hash fails.
-        bound = _layer_size_bound(layer, self.config.network.max_blob_size)
+        bound = _layer_size_bound(layer, self.config.pack.layer_limit)
         if entry.layer_size > bound:
             fleet.reject(key, f"claims a layer of {entry.layer_size} bytes; its {layer.size}-byte "
                               f"blob ({layer.media_type}) holds at most {bound}")
@@ -1090,18 +1090,13 @@ def _age(ts: float) -> str:
     return f"{seconds // 3600} h"
 
 
-_DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032:1 (258-byte matches in 2 bits)
-
-
-def _layer_size_bound(layer: Descriptor, max_blob_size: int) -> int:
-    """The most uncompressed bytes the layer blob ``layer`` can hold (by its media type; a
-    type that misstates the compression only turns a good frame into a miss)."""
-    kind = layer_compression(layer.media_type)
-    if kind == "none":
+def _layer_size_bound(layer: Descriptor, limit: Callable[[int], int]) -> int:
+    """The most uncompressed bytes the layer blob ``layer`` may hold: its size when it is a
+    plain tar, else what the normal path lets it expand to (``[pack]``'s ``layer_limit``). A
+    media type that misstates the compression only turns a good frame into a miss."""
+    if layer_compression(layer.media_type) == "none":
         return layer.size
-    if kind == "gzip":
-        return min(max_blob_size, layer.size * _DEFLATE_MAX_RATIO + (1 << 20))
-    return max_blob_size  # zstd: runs of one byte compress without practical limit
+    return limit(layer.size)
 
 
 def _unlink_all(paths: list[Path]) -> None:

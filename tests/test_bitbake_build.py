@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -135,16 +136,42 @@ def _build_python() -> str:
 
 class Serve:
     """``python -m fetchd serve`` on a fixed socket and store, which can be stopped and started
-    again (a restart keeps both, as systemd's restart does). Output is appended to ``log_path``."""
+    again (a restart keeps both, as systemd's restart does). Output is appended to ``log_path``.
 
-    def __init__(self, tmp: Path, registry_hosts: list[str]) -> None:
+    ``activated``: started as systemd starts fetchd.service behind fetchd.socket. This object
+    holds the listening socket (systemd's part) and hands it to each daemon as fd 3 with
+    ``LISTEN_PID``/``LISTEN_FDS``; it stays open across restarts, so connections made while no
+    daemon runs wait in its backlog for the next one instead of being refused.
+    """
+
+    # Moves the listener to fd 3, sets LISTEN_PID to its own pid and execs the daemon (same
+    # pid), as systemd does between fork and exec.
+    LAUNCHER = (
+        "import os, sys\n"
+        "fd = int(sys.argv[1])\n"
+        "if fd != 3:\n"
+        "    os.dup2(fd, 3)\n"
+        "    os.close(fd)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.environ['LISTEN_FDS'] = '1'\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'fetchd', 'serve', *sys.argv[2:]])\n"
+    )
+
+    def __init__(self, tmp: Path, registry_hosts: list[str], extra_config: str = "", *,
+                 activated: bool = False) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.socket = str(tmp / "fetchd.sock")
         self.store = tmp / "store"
         self.config = tmp / "config.toml"
-        self.config.write_text("".join(f'[registries."{h}"]\ninsecure = true\n' for h in registry_hosts))
+        self.config.write_text(extra_config + "".join(
+            f'[registries."{h}"]\ninsecure = true\n' for h in registry_hosts))
         self.log_path = tmp / "fetchd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.listener: socket.socket | None = None
+        if activated:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.socket)
+            self.listener.listen(64)
         self.starts = 0
         self.start()
 
@@ -152,14 +179,23 @@ class Serve:
         from fetchd_client import Client, FetchdClientError
 
         assert self.proc is None or self.proc.poll() is not None
+        args = ["--store", str(self.store), "--config", str(self.config)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("FETCHD_SOCKET", None)
         with open(self.log_path, "ab") as log:
             log.write(f"=== start {self.starts + 1}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket,
-                 "--store", str(self.store), "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+            if self.listener is None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "fetchd", "serve", "--socket", self.socket, *args],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True)
+            else:
+                fd = self.listener.fileno()
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", self.LAUNCHER, str(fd), *args], pass_fds=(fd,),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + 60
         while True:  # readiness: the socket answers /health
@@ -175,7 +211,8 @@ class Serve:
                 time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the daemon and wait until it has exited; returns its exit status."""
+        """Signal the daemon and wait until it has exited; returns its exit status. An
+        activation socket stays open (``close()`` closes it)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -186,6 +223,12 @@ class Serve:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -408,7 +451,7 @@ def daemon(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     try:
         yield dmn
     finally:
-        dmn.stop()
+        dmn.close()
 
 
 @pytest.fixture(scope="module")
@@ -504,3 +547,62 @@ def test_offline_rebuild_fresh_tmpdir_and_dl_dir_asks_no_registry(
     assert build.warnings() == [], build.log_tail()
     assert build.outputs() == first_build.outputs()
 
+
+
+# --- the daemon restarted during a build -------------------------------------------------------
+
+
+def test_daemon_restarted_twice_during_a_build(first_build: Build, world: World, tmp_path: Path) -> None:
+    """A fresh daemon (empty store: everything must be downloaded), socket-activated as the
+    systemd units run it, is stopped and started again twice while the build's 12 fetches are
+    downloading: once with SIGTERM (an upgrade, ``systemctl restart fetchd``; grace 0, so
+    running jobs are parked at once, not finished) and once with SIGKILL (a crash, then
+    systemd's restart). The build succeeds; its files are byte-identical to the undisturbed
+    first build's."""
+    dmn = Serve(tmp_path / "fetchd", [world.registry_host], "[server]\nshutdown_grace = 0\n",
+                activated=True)
+    topdir = tmp_path / "build"
+    write_build_dir(topdir, world, dmn.socket, [CORE_LAYER, FETCHD_LAYER])
+    blobs = world.blobs()
+    total = sum(blobs.values())
+    restarts: list[dict[str, Any]] = []
+
+    def restart_twice(proc: subprocess.Popen[bytes]) -> None:
+        def give_up() -> str | None:
+            if proc.poll() is not None:
+                return f"bitbake exited {proc.returncode} first"
+            return None
+
+        for sig, share in ((signal.SIGTERM, 0.25), (signal.SIGKILL, 0.6)):
+            # Triggered by the download's own progress (bytes through the proxy), not by time.
+            sent = world.proxy.wait_sent(int(total * share), "/blobs/", give_up)
+            status = dmn.stop(sig)
+            # What had crossed the network when the daemon was gone: not everything yet.
+            done = {r.path.rsplit("/", 1)[1] for r in world.proxy.log
+                    if "/blobs/" in r.path and r.method == "GET" and r.complete}
+            restarts.append({"signal": sig.name, "sent": sent, "blobs_done": len(done & blobs.keys()),
+                             "bitbake_running": proc.poll() is None, "exit": status})
+            dmn.start()
+
+    world.proxy.reset_stats()
+    # Slow links (every connection of the daemon at 24 kB/s) keep the downloads in flight long
+    # enough for both restarts to land in the middle of them.
+    world.proxy.set_link(rate=24_000)
+    try:
+        try:
+            build = run_bitbake(world, topdir, all_targets(world.recipes), on_start=restart_twice)
+        except RuntimeError as e:
+            raise AssertionError(f"{e}\n{Build(topdir, world).log_tail()}\n{dmn.log_tail()}") from e
+    finally:
+        world.proxy.set_link(None)
+        dmn.close()
+    assert build.returncode == 0, build.log_tail() + "\n" + dmn.log_tail()
+    assert [r["signal"] for r in restarts] == ["SIGTERM", "SIGKILL"]
+    for r in restarts:  # both in the middle of the downloads, with the build running
+        assert r["bitbake_running"] and r["blobs_done"] < len(blobs), restarts
+    assert dmn.starts == 3
+    # The fetches in flight felt it: their clients said so in the tasks' logs.
+    noticed = [p for p in topdir.glob("tmp/work/*/*/*/temp/log.do_fetch.*")
+               if "daemon restarted" in p.read_text(errors="replace")]
+    assert noticed, f"no do_fetch log says the daemon restarted: {restarts}"
+    assert build.outputs() == first_build.outputs()

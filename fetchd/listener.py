@@ -44,6 +44,9 @@ RESERVE_LIFETIME = 10.0  # seconds a reserve connection stays open, so idle ones
 RESERVE_PATHS = frozenset({"/v1/status", "/v1/health", "/metrics"})
 ACCEPT_PAUSE = 0.25  # seconds without accepting after the process ran out of descriptors
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# The listening socket itself is unusable (shut down or closed under us, e.g. by another holder
+# of a socket-activated listener): every accept fails at once until it is fixed from outside.
+_LISTENER_BROKEN = (errno.EINVAL, errno.EBADF, errno.ENOTSOCK)
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,15 @@ class LimitedSite(web.BaseSite):
                                    "connections); new clients wait in the backlog",
                                    e.strerror, self.fd_limit, self.open + self.open_reserve)
                     await asyncio.sleep(ACCEPT_PAUSE)
+                elif e.errno in _LISTENER_BROKEN:
+                    self._log_once("listener", "the listening socket accepts nothing: %s; "
+                                   "restart fetchd (or its socket unit)", e.strerror)
+                    await asyncio.sleep(ACCEPT_PAUSE)
                 else:
                     self._log_once("accept", "accept failed: %s", e.strerror)
+                    # A failed accept completes without suspending: yield, or a persistent
+                    # error would hold the event loop (signals, jobs, shutdown) forever.
+                    await asyncio.sleep(0)
                 continue
             try:
                 await self._admit(loop, conn)

@@ -904,6 +904,41 @@ async def test_connections_over_every_cap_are_refused_and_logged_once(
         await runner.cleanup()
 
 
+
+async def test_a_listener_that_accepts_nothing_does_not_hold_the_loop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listening socket that is no longer listening (accept fails with EINVAL at once,
+    forever) is logged once; the event loop keeps running (a daemon spun on it, never yielding,
+    and never saw its SIGTERM) and the site stops."""
+    import errno
+    import logging
+    import socket as socketlib
+
+    from fetchd.listener import ConnectionCaps, LimitedSite
+
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.bind(str(tmp_path / "s.sock"))
+    site = LimitedSite(runner, sock, ConnectionCaps(max_connections=4, max_connections_per_uid=4,
+                                                    reserved=1, log_interval=3600))
+    caplog.set_level(logging.WARNING, "fetchd.listener")
+    async def not_listening(s: socketlib.socket) -> Any:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "sock_accept", not_listening)
+    monkeypatch.setattr("fetchd.listener.ACCEPT_PAUSE", 0)
+    await site.start()
+    try:
+        for _ in range(3):  # other tasks run while accept keeps failing
+            await asyncio.sleep(0.01)
+        await site.stop()
+        broken = [r for r in caplog.records if "accepts nothing" in r.getMessage()]
+        assert len(broken) == 1 and "restart fetchd" in broken[0].getMessage()
+    finally:
+        sock.close()
+        await runner.cleanup()
+
 # -- partial downloads ----------------------------------------------------------------------
 
 

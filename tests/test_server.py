@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 import zstandard
 from aiohttp import web
-from support.images import Catalog
+from support.images import Catalog, push_image
 from support.registry import LocalRegistry
 
 import fetchd.server as server_module
@@ -422,3 +422,25 @@ async def test_status_and_metrics_report_the_loop_lag(daemon: Daemon) -> None:
     values = dict(line.split() for line in text.splitlines() if line.startswith("fetchd_loop_lag"))
     assert set(values) == {"fetchd_loop_lag_max_seconds", "fetchd_loop_lag_p99_seconds"}
     assert float(values["fetchd_loop_lag_max_seconds"]) >= float(values["fetchd_loop_lag_p99_seconds"]) >= 0
+
+
+async def test_a_fetch_pinned_to_the_resolved_digest_gives_the_tags_archive(
+        daemon: Daemon, images: Catalog, registry: LocalRegistry) -> None:
+    """What a client resubmits after a restart: the same request with ``digest`` from the
+    first submission's ``resolved`` event. The archive (name:tag included) is the same, even
+    after the tag moved; a reference pinning another digest is refused."""
+    image = push_image(registry, images["shared-a"], repository="fetchd-test/pinned", tag="v1")
+    events: list[dict[str, Any]] = []
+    first = await daemon.call("fetch", image.reference, on_event=events.append)
+    assert events[0] == {"event": "resolved", "digest": str(image.digest)}
+    moved = push_image(registry, images["shared-b"], repository=image.repository, tag=image.tag)
+    assert moved.digest != image.digest
+    status, body = await daemon.raw("POST", "/v1/fetch", json.dumps(
+        {"reference": image.reference, "digest": str(image.digest)}).encode())
+    assert status == 200
+    final = json.loads(body.strip().splitlines()[-1]) if isinstance(body, str) else body
+    assert final["result"]["archive_digest"] == first["archive_digest"]
+    assert final["result"]["repo_tag"] == first["repo_tag"]
+    status, body = await daemon.raw("POST", "/v1/fetch", json.dumps(
+        {"reference": f"{image.reference}@{image.digest}", "digest": str(moved.digest)}).encode())
+    assert status == 400 and body["code"] == "invalid-request" and "one digest" in body["message"]

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -20,8 +21,9 @@ from fetchd import cli
 from fetchd.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tables of Config whose every setting systemd/config.toml shows.
-TABLES = ("store", "server", "network", "fleet", "pack")
+# The tables of Config whose every setting systemd/config.toml shows: each of its fields whose
+# default is a table of settings ([store], [server], [network], [pack], [fleet], and new ones).
+TABLES = tuple(f.name for f in fields(Config) if is_dataclass(f.default))
 
 
 def _manpage_module() -> ModuleType:

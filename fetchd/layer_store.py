@@ -244,7 +244,10 @@ class LayerStore:
         fallbacks = 0
         while True:
             flight = self._flights.get(d)
-            if flight is None:
+            # A flight whose task has ended but whose done-callback has not run yet is over:
+            # waiting on it again would return at once, without a turn of the loop, and spend
+            # every fallback on the one failure.
+            if flight is None or (flight.task is not None and flight.task.done()):
                 flight = self._start_flight(d, size, fetch, media_type, source, owner)
             assert flight.task is not None
             # Another source's flight cannot make us fail, within a bound (the same flight

@@ -832,3 +832,27 @@ async def test_restricted_blobs_are_never_readable_by_others(store: LayerStore) 
         made = store.commit_file(tmp, lease=lease)
         assert store.blob_path(made).stat().st_mode & 0o777 == 0o400
         store.end_restriction(lease)
+
+
+async def test_a_failed_foreign_flight_not_yet_forgotten_does_not_use_up_the_fallbacks(
+        store: LayerStore) -> None:
+    """Another source's flight has failed, but its done-callback (which forgets it) has not run
+    yet when a caller of its own source arrives: the caller fetches from its own source (it
+    used to find the same ended flight three times without a turn of the loop, and fail with
+    the other source's error)."""
+    from fetchd.store_follow import Flight
+
+    data, d = blob(300 * 1024, seed=7)
+
+    async def attacker() -> Path:
+        raise RegistryError("evil.example stalled")
+
+    ended = asyncio.ensure_future(attacker())
+    await asyncio.wait([ended])
+    flight = Flight()
+    flight.source, flight.task = "evil.example/x", ended
+    store._flights[d] = flight  # as between the task's end and its done-callback
+    own = Source(data)
+    path = await store.ensure_blob(d, len(data), own, source="registry.example/real")
+    assert path.read_bytes() == data and own.calls == 1
+    assert isinstance(ended.exception(), RegistryError)

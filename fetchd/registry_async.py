@@ -53,6 +53,7 @@ from .manifest import (
 )
 from .ranges import content_range_matches, range_header, split
 from .reference import Reference
+from .registry_errors import read_capped
 from .registry_http import TRANSIENT, Endpoint, Host, ProgressWatch, Transport, foreign_endpoint
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class RegistryClient:
                             f"{MAX_MANIFEST_SIZE} byte limit ({ep.label})")
                     watch = self._watch()
                     async with watch:
-                        body = await _read_watched(resp.content, MAX_MANIFEST_SIZE + 1, watch)
+                        body = await read_capped(resp.content, MAX_MANIFEST_SIZE + 1, watch.fed)
             except TRANSIENT as e:
                 failures += 1
                 if failures > (0 if ep.mirror is not None else self.policy.retries):
@@ -616,18 +617,6 @@ class _MemorySink:
         return []
 
 
-async def _read_watched(content: Any, cap: int, watch: ProgressWatch) -> bytes:
-    """Read a body until EOF or ``cap`` bytes, feeding ``watch`` (its deadline applies)."""
-    parts: list[bytes] = []
-    held = 0
-    while held < cap:
-        chunk = await content.read(cap - held)
-        if not chunk:
-            break
-        watch.fed(len(chunk))
-        parts.append(chunk)
-        held += len(chunk)
-    return b"".join(parts)
 
 
 def _salvage(content: Any) -> list[bytes]:

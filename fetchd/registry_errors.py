@@ -7,6 +7,7 @@ it is read with a 64 KiB cap and used to pick the error kind and enrich the mess
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import (
@@ -36,14 +37,18 @@ class _Response(Protocol):
     def content(self) -> _Content: ...
 
 
-async def read_capped(content: _Content, cap: int) -> bytes:
-    """Read a body until EOF or ``cap`` bytes, whichever comes first (one read may be short)."""
+async def read_capped(content: _Content, cap: int,
+                      fed: Callable[[int], object] | None = None) -> bytes:
+    """Read a body until EOF or ``cap`` bytes, whichever comes first (one read may be short);
+    ``fed`` is told each chunk's size as it arrives (a progress deadline)."""
     parts: list[bytes] = []
     held = 0
     while held < cap:
         chunk = await content.read(cap - held)
         if not chunk:
             break
+        if fed is not None:
+            fed(len(chunk))
         parts.append(chunk)
         held += len(chunk)
     return b"".join(parts)

@@ -62,8 +62,10 @@ async def mirror() -> AsyncIterator[FakeRegistry]:
 def client_for(upstream: FakeRegistry, *mirrors: MirrorConfig, clock: Clock | None = None,
                sleeps: Sleeps | None = None, env: dict[str, str] | None = None,
                auth_file: str | None = None, **net: Any) -> RegistryClient:
+    # near_latency 0: ranges as on a far link; a long mirror timeout except where a test
+    # sets one (a loaded machine may take seconds to answer: not a fault under test)
     network = replace(NetworkConfig(), **{"backoff_base": 0.001, "backoff_cap": 0.01,
-                                          "near_latency": 0, **net})  # ranges as on a far link
+                                          "near_latency": 0, "mirror_timeout": 120.0, **net})
     reg = RegistryConfig(host=upstream.host, mirrors=mirrors, auth_file=auth_file)
     return RegistryClient(
         Config(network=network, registries=(reg,)),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
@@ -194,15 +193,13 @@ async def test_slow_mirror_is_given_up_after_mirror_timeout(
     stall = 30.0
     mirror.stall("/v2/", stall, times=None)        # accepts connections, never answers in time
     host = make_host("h", upstream.host, [{"url": mirror.url}], mirror_timeout=0.3)
-    started = time.monotonic()
     await host.pull(image.ref(upstream.host), Platform.parse("linux/amd64"))
-    elapsed = time.monotonic() - started
     stats = host.stats(mirror.host)
     assert stats["timeouts"] == 1 and stats["down"] is True
     assert upstream.count("/manifests/") >= 1
     for digest, _ in _blobs(image, Platform.parse("linux/amd64")):
         assert upstream.blob_gets(digest) == 1
-    assert elapsed < stall  # it did not wait for the mirror's answer
+    assert not any(r.complete for r in mirror.log)  # it did not wait for the mirror's answer
 
 
 async def test_mirror_serving_a_corrupt_blob_is_skipped_for_it_and_nothing_bad_is_stored(

@@ -159,7 +159,9 @@ def _with_hint(code: str, message: str, command: str | None = None) -> str:
 def _printed_as_json(args: argparse.Namespace, answer: Any) -> bool:
     """With ``--json``, print ``answer`` as the daemon gave it and say so."""
     if args.json:
-        _say(json.dumps(answer, indent=2, sort_keys=True))
+        # Not through _say: its escaping would break the JSON's own line breaks, and json.dumps
+        # (ASCII only) already escapes every control, C1 and bidi character inside strings.
+        print(json.dumps(answer, indent=2, sort_keys=True, ensure_ascii=True))
     return bool(args.json)
 
 

@@ -336,3 +336,18 @@ def test_a_refused_gc_says_who_may_not_where_to_write(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fetchd_client.Client, "gc", refuse)
     assert main(["gc", "--max-size", "0", "--socket", "/nonexistent"]) == 1
     assert capsys.readouterr().err.strip() == f"fetchd: error: {said}"
+
+
+def test_json_output_is_json_with_hostile_text_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json prints the daemon's answer as valid (multi-line) JSON; registry text in it cannot
+    reach the terminal as ESC/OSC or bidi sequences (json escapes them)."""
+    import argparse
+    import json
+
+    from fetchd.cli import _printed_as_json
+
+    answer = {"images": [{"reference": "evil/x\x1b]52;c;AAAA\x07\u202e", "size": 3}]}
+    assert _printed_as_json(argparse.Namespace(json=True), answer)
+    out = capsys.readouterr().out
+    assert json.loads(out) == answer
+    assert "\n" in out.strip() and not any(c in out for c in "\x1b\x07\u202e")

@@ -267,8 +267,7 @@ class Client:
                                 "the daemon closed the stream before sending a result")
                 return self._finish_delivery(result, dest)
             except FetchdClientError as e:
-                # Never reached: no daemon there; say so at once. Reached: it went away.
-                if e.code not in _GONE_CODES or (not reached and isinstance(e, DaemonUnreachable)):
+                if not _went_away(e, reached):
                     raise _plain(e) from None
                 reached = True
                 retry.again(_plain(e))
@@ -318,7 +317,7 @@ class Client:
             try:
                 answer = self._json(method, path, body)
             except FetchdClientError as e:
-                if e.code not in _GONE_CODES or (not reached and isinstance(e, DaemonUnreachable)):
+                if not _went_away(e, reached):
                     raise
                 reached = True
                 retry.again(e)
@@ -441,6 +440,12 @@ class Client:
                     yield obj
         finally:
             conn.close()
+
+
+def _went_away(error: FetchdClientError, reached: bool) -> bool:
+    """Whether ``error`` means a daemon went away mid-request (worth connecting again). A daemon
+    never reached is not there at all: that is said at once, not waited for."""
+    return error.code in _GONE_CODES and (reached or not isinstance(error, DaemonUnreachable))
 
 
 def _plain(error: FetchdClientError) -> FetchdClientError:

@@ -77,6 +77,7 @@ class PullerLike(Protocol):
     def jobs(self) -> list[dict[str, Any]]: ...
     def stop_taking(self) -> None: ...
     async def close(self, grace: float = ...) -> None: ...
+    def fleet_stats(self) -> dict[str, Any] | None: ...
 
 
 class StoreLike(Protocol):
@@ -562,8 +563,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def _fleet_stats(services: Services) -> dict[str, Any] | None:
     """The fleet frame cache's counters (``FrameCache.stats``), None when none is configured."""
-    stats = getattr(services.puller, "fleet_stats", None)
-    return jsonable(stats()) if callable(stats) else None
+    stats = services.puller.fleet_stats()
+    return jsonable(stats) if stats is not None else None
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

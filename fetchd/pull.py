@@ -940,10 +940,6 @@ class Puller:
         return list({layer.digest: layer for layer in needed}.values())
 
     async def _download(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
-        with _on_network(job):
-            await self._download_layer(job, ref, layer, priority)
-
-    async def _download_layer(self, job: Job, ref: Reference, layer: Any, priority: int = 0) -> None:
         """Fetch one layer into the store; wrong bytes are never kept, and fetched again.
 
         The store verifies on commit and discards a partial that fails, so nothing wrong is
@@ -969,9 +965,13 @@ class Puller:
                             sources: list[str] = sources, resumed: list[bool] = resumed) -> None:
                 progress.done = sink.offset + sum(b - a for a, b in sink.held_ranges())
                 resumed.append(progress.done > 0)  # bytes of unknown origin held
-                sources.extend(await self.registry.fetch_blob(ref, layer, sink, progress=progress,
-                                                              exclude=exclude, priority=priority,
-                                                              whole=whole))
+                # Only this job's own transfer is its wait on a registry: joined to another
+                # job's flight, or waiting for an ingest turn, it sends no progress events and
+                # must not be taken for stalled (that flight has deadlines of its own).
+                with _on_network(job):
+                    sources.extend(await self.registry.fetch_blob(
+                        ref, layer, sink, progress=progress, exclude=exclude, priority=priority,
+                        whole=whole))
 
             try:
                 await self.store.ensure_blob(digest, size, fetch, media_type=layer.media_type,

@@ -393,6 +393,63 @@ async def test_a_job_without_any_progress_fails_on_the_job_deadline(
         await d.close()
 
 
+
+class GatedBlobs(FakeRegistry):
+    """Serves manifests and configs at once; each layer blob sends its first bytes, then the
+    rest only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.held = 0
+
+    async def _send_blob(self, request: web.Request, digest: str, fault: Any) -> web.StreamResponse:
+        data = self.blobs.get(digest, b"")
+        if len(data) < 4096:  # the config
+            return await super()._send_blob(request, digest, fault)
+        resp = web.StreamResponse()
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[:10])
+        self.held += 1
+        self.started.set()
+        await self.release.wait()
+        await resp.write(data[10:])
+        return resp
+
+
+async def test_a_job_joined_to_another_jobs_download_is_not_counted_as_waiting_on_a_registry(
+        tmp_path: Path) -> None:
+    """Only a job's own transfers count for its job deadline: one that joined another job's
+    flight of a shared layer gets no progress events of its own, and was failed with
+    registry-stalled after job_stall_timeout while the bytes kept coming."""
+    gate = await GatedBlobs().start()
+    d = Daemon(tmp_path, network={"stall_timeout": 0}, server={"job_stall_timeout": 0})
+    try:
+        shared = make_layer(text_bytes("shared layer", 64 << 10), "gzip")
+        first = serve_image(gate, "app/one", "1", make_image("linux/amd64", [shared]))
+        second = serve_image(gate, "app/two", "1", make_image(
+            "linux/amd64", [shared], cmd=("/bin/true",)))
+        a = d.submit(first)
+        await gate.started.wait()  # a's own transfer of the shared layer has begun
+        b = d.submit(second)
+        events = b.events()
+        async for event in events:
+            if event.get("state") == "downloading":
+                break
+        await events.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0)  # b goes on into the store's flight of a's transfer
+        assert a.network == 1 and b.network == 0
+        gate.release.set()
+        for job in (a, b):
+            await job.wait()
+        assert gate.held == 1  # one transfer of the shared layer, for both jobs
+    finally:
+        gate.release.set()
+        await d.close()
+        await gate.close()
+
 # -- single-flight hijack -------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.activation import activated
 from support.images import (
     Catalog,
     CatalogImage,
@@ -144,18 +145,6 @@ class Serve:
     daemon runs wait in its backlog for the next one instead of being refused.
     """
 
-    # Moves the listener to fd 3, sets LISTEN_PID to its own pid and execs the daemon (same
-    # pid), as systemd does between fork and exec.
-    LAUNCHER = (
-        "import os, sys\n"
-        "fd = int(sys.argv[1])\n"
-        "if fd != 3:\n"
-        "    os.dup2(fd, 3)\n"
-        "    os.close(fd)\n"
-        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "os.environ['LISTEN_FDS'] = '1'\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'fetchd', 'serve', *sys.argv[2:]])\n"
-    )
 
     def __init__(self, tmp: Path, registry_hosts: list[str], extra_config: str = "", *,
                  activated: bool = False) -> None:
@@ -193,7 +182,8 @@ class Serve:
             else:
                 fd = self.listener.fileno()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", self.LAUNCHER, str(fd), *args], pass_fds=(fd,),
+                    activated(sys.executable, fd, [sys.executable, "-m", "fetchd", "serve", *args]),
+                    pass_fds=(fd,),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                     start_new_session=True)
         self.starts += 1

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.activation import activated
 from support.images import Catalog
 from support.proxy import RegistryProxy
 
@@ -201,17 +202,6 @@ def unit(name: str) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-# As systemd after its fork: the listening socket becomes fd 3, LISTEN_PID the process's own pid
-# (the daemon ignores LISTEN_FDS otherwise), then exec ExecStart (same pid).
-LAUNCHER = (
-    "import os, sys\n"
-    "fd = int(sys.argv[1])\n"
-    "if fd != 3:\n"
-    "    os.dup2(fd, 3)\n"
-    "    os.close(fd)\n"
-    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
 
 
 class InstalledDaemon:
@@ -253,7 +243,7 @@ class InstalledDaemon:
         fd = self.listener.fileno()
         with open(self.base / f"daemon-{len(self.procs)}.log", "wb") as log:
             proc = subprocess.Popen(
-                ["/usr/bin/python3", "-c", LAUNCHER, str(fd), *argv], env=env, cwd="/", user=user.pw_uid,
+                activated("/usr/bin/python3", fd, argv), env=env, cwd="/", user=user.pw_uid,
                 group=group.gr_gid, extra_groups=[], umask=int(service["UMask"][0], 8),
                 pass_fds=(fd,), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.activation import activated
 
 from fetchd import sdnotify
 
@@ -181,17 +182,9 @@ def test_socket_activation_and_readiness(tmp_path: Path) -> None:
     env = dict(os.environ, NOTIFY_SOCKET=notify_path, LISTEN_FDS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(CLIENT)]), FETCHD_CONFIG="/dev/null")
     env.pop("FETCHD_SOCKET", None)
-    # LISTEN_PID must be the daemon's own pid: a small launcher sets it to its own pid, moves
-    # the listener to fd 3 and execs the daemon (same pid), as systemd does after fork.
-    launcher = (
-        "import os, sys\n"
-        "fd = int(sys.argv[1])\n"
-        "if fd != 3:\n"
-        "    os.dup2(fd, 3); os.close(fd)\n"
-        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'fetchd', 'serve', '--store', sys.argv[2]])\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", launcher, str(fd), str(tmp_path / "store")],
+    # LISTEN_PID must be the daemon's own pid: the launcher execs it as systemd does after fork.
+    daemon = [sys.executable, "-m", "fetchd", "serve", "--store", str(tmp_path / "store")]
+    proc = subprocess.Popen(activated(sys.executable, fd, daemon),
                             env=env, pass_fds=(fd,), stderr=subprocess.PIPE, text=True)
     listener.close()  # the daemon holds the only copy now
     try:

@@ -747,12 +747,11 @@ class LayerStore:
         Leases of a process that died are ignored and dropped.
         """
         lease_id = uuid.uuid4().hex
-        keys = [str(d) for d in digests]
-        self._index(lambda: self.index.add_lease(lease_id, holder, keys, time.time()))
+        self._add_lease(lease_id, holder, digests)
         try:
             yield lease_id
         finally:
-            self._index(lambda: self.index.drop_lease(lease_id))
+            self._drop_lease(lease_id)
 
     @contextlib.asynccontextmanager
     async def alease(self, digests: Iterable[Digest], holder: str = "") -> AsyncIterator[str]:
@@ -760,25 +759,29 @@ class LayerStore:
         long write transaction of another thread or process (a gc) makes the caller wait,
         never the loop. The lease is dropped also when the block is cancelled."""
         lease_id = uuid.uuid4().hex
-        keys = [str(d) for d in digests]
+        keys = list(digests)
+        adding = asyncio.ensure_future(asyncio.to_thread(self._add_lease, lease_id, holder, keys))
 
-        def add() -> None:
-            self._index(lambda: self.index.add_lease(lease_id, holder, keys, time.time()))
+        def drop_once_in(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self._in_background(asyncio.to_thread(self._drop_lease, lease_id))
 
-        def drop() -> None:
-            self._index(lambda: self.index.drop_lease(lease_id))
-
-        adding = asyncio.ensure_future(asyncio.to_thread(add))
         try:
             await asyncio.shield(adding)
         except asyncio.CancelledError:
-            # the add runs on in its thread: drop the lease once it is in
-            adding.add_done_callback(lambda _: asyncio.ensure_future(asyncio.to_thread(drop)))
+            adding.add_done_callback(drop_once_in)  # the add runs on in its thread
             raise
         try:
             yield lease_id
         finally:
-            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(drop)))
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self._drop_lease, lease_id)))
+
+    def _add_lease(self, lease_id: str, holder: str, digests: Iterable[Digest]) -> None:
+        keys = [str(d) for d in digests]
+        self._index(lambda: self.index.add_lease(lease_id, holder, keys, time.time()))
+
+    def _drop_lease(self, lease_id: str) -> None:
+        self._index(lambda: self.index.drop_lease(lease_id))
 
     def _touch(self, d: Digest) -> None:
         with self._touch_lock:

@@ -62,7 +62,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar, cast
@@ -111,7 +111,7 @@ class PackStore(Protocol):
 
     def blob_path(self, digest: Digest) -> Path: ...
 
-    def lease(self, digests: Iterable[Digest], holder: str = "") -> AbstractContextManager[Any]: ...
+    def alease(self, digests: Iterable[Digest], holder: str = "") -> AbstractAsyncContextManager[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -465,14 +465,11 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     tail = archive_tail(config_raw, qualified, where)
     key = archive_key(manifest_digest or config_digest, qualified, level)
 
-    cached = store.get_alias("archive", key)
-    if cached is not None:
-        path = store.blob_path(cached)
-        with contextlib.suppress(FileNotFoundError):
-            result = PackResult(cached, path, path.stat().st_size, 0, len(jobs), archive_reused=True)
-            _emit(progress, {"state": "done", "digest": str(cached), "size": result.size,
-                             "reused": True})
-            return result
+    reused = await asyncio.to_thread(_packed_already, store, key, len(jobs))  # index + stat
+    if reused is not None:
+        _emit(progress, {"state": "done", "digest": str(reused.digest), "size": reused.size,
+                         "reused": True})
+        return reused
 
     frames: dict[Digest, BlobSpan | Path] = {
         **await asyncio.to_thread(_cached_frames, store, jobs, level), **given}  # index reads
@@ -498,8 +495,8 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     finisher = asyncio.ensure_future(finish())
     finisher.add_done_callback(_retrieve)
     try:
-        with store.lease([*(f.digest for f in frames.values() if isinstance(f, BlobSpan)),
-                          *(job.descriptor.digest for job in todo)], holder) as own:
+        async with store.alease([*(f.digest for f in frames.values() if isinstance(f, BlobSpan)),
+                                 *(job.descriptor.digest for job in todo)], holder) as own:
             joined.append(own)  # used only when the caller passed no lease
             for job in jobs:
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
@@ -544,6 +541,18 @@ def _finish_archive(store: PackStore, archive: ArchiveBuilder, tail: bytes, key:
              for entry, (offset, length) in sorted(archive.spans.items())]
     return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE,
                              frame_spans=spans, lease=lease)
+
+
+def _packed_already(store: PackStore, key: str, layers: int) -> PackResult | None:
+    """The archive already committed under ``key``; None when there is none (or gc took it)."""
+    cached = store.get_alias("archive", key)
+    if cached is None:
+        return None
+    path = store.blob_path(cached)
+    try:
+        return PackResult(cached, path, path.stat().st_size, 0, layers, archive_reused=True)
+    except FileNotFoundError:
+        return None
 
 
 def _add_cached(store: PackStore, archive: ArchiveBuilder,

@@ -17,8 +17,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -421,8 +421,8 @@ class FakeStore:
     def blob_path(self, digest: Digest) -> Path:
         return self.root / digest.hex
 
-    @contextmanager
-    def lease(self, digests: Iterable[Digest], holder: str = "") -> Iterator[None]:
+    @asynccontextmanager
+    async def alease(self, digests: Iterable[Digest], holder: str = "") -> AsyncIterator[None]:
         self.leased.extend(digests)
         yield
 

@@ -454,12 +454,16 @@ class FrameDownload:
         return await asyncio.to_thread(cls, path)
 
     def write(self, chunk: bytes) -> None:
-        """In a worker thread: append ``chunk``."""
-        view = memoryview(chunk)
-        while view:
-            view = view[self._file.write(view) or 0:]
-        self._hash.update(chunk)
+        """In a worker thread: append ``chunk``. Under the lock ``finish`` takes: a write whose
+        awaiting task was cancelled (its thread runs on) never meets a closed descriptor,
+        or another file's that reused its number (FetchFailed once finished)."""
         with self._cond:
+            if self.done:
+                raise FetchFailed("the download was ended")
+            view = memoryview(chunk)
+            while view:
+                view = view[self._file.write(view) or 0:]
+            self._hash.update(chunk)
             self.written += len(chunk)
             self._cond.notify_all()
 

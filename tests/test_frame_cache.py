@@ -419,3 +419,17 @@ async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
         assert host.store.get_alias("frame", frame_key(diff_id, 3)) is None
     assert host.store_is_clean()
     assert list(host.store.tmp_dir.iterdir()) == []
+
+
+def test_a_write_that_arrives_after_the_download_ended_is_refused(tmp_path: Path) -> None:
+    """A write still in its thread when the download was ended (its task cancelled, the file
+    closed) is refused under the same lock: it never writes through a closed or reused
+    descriptor, and what was written before stays as it was."""
+    from fetchd.fleet_cache import FetchFailed, FrameDownload
+
+    download = FrameDownload(tmp_path / "frame")
+    download.write(b"abc")
+    download.finish(failed=True)
+    with pytest.raises(FetchFailed):
+        download.write(b"def")
+    assert (tmp_path / "frame").read_bytes() == b"abc" and download.written == 3

@@ -342,6 +342,12 @@ class FrameCache:
                     self.counts["push_skipped"] += 1
                     return
                 f, offset, length, layer_size = opened
+                if layer_size == 0:
+                    # zstd sizes an empty frame's window for its empty input, so its header is
+                    # not the one frame_check pins for the level: every host would reject it
+                    f.close()
+                    self.counts["push_skipped"] += 1
+                    return
                 rate = min(MIN_RATE, self.fleet.push_bandwidth or MIN_RATE)
                 try:
                     # a stalled cache must not hold a push slot for ever

@@ -433,3 +433,22 @@ def test_a_write_that_arrives_after_the_download_ended_is_refused(tmp_path: Path
     with pytest.raises(FetchFailed):
         download.write(b"def")
     assert (tmp_path / "frame").read_bytes() == b"abc" and download.written == 3
+
+
+async def test_the_frame_of_an_empty_layer_is_not_pushed(tmp_path: Path) -> None:
+    """zstd sizes an empty frame's window for its empty input, so no host would accept it
+    (frame_check pins the level's header): it is skipped, not pushed to be rejected by all."""
+    import io
+
+    port = free_port()  # nothing listens there: a request would be counted as an error
+    config = Config.from_dict({"fleet": {"frame_cache": f"http://127.0.0.1:{port}/frames",
+                                         "push": True}}, env={})
+    fleet = FrameCache(config, zstd=ZSTD_VERSION, format=FRAME_FORMAT)
+    try:
+        key = fleet.key(Digest.of(b""), 3)
+        fleet.push_later(key, lambda: (io.BytesIO(b"frame"), 0, 5, 0))  # type: ignore[arg-type]
+        await fleet.wait_pushes()
+        stats = fleet.stats()
+        assert stats["push_skipped"] == 1 and stats["pushes"] == 0 and stats["push_errors"] == 0
+    finally:
+        await fleet.close()

@@ -25,11 +25,8 @@ the frame bytes for the same (layer, level, zstd) would change.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-import queue
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -39,13 +36,12 @@ import zstandard
 from .archive_format import layer_member_header, padding
 from .compress_budget import check_level
 from .digest import Digest
-from .layer_frame import raw_zstd_frame
+from .layer_frame import ZSTD_MAGIC, Sha256Thread, raw_zstd_frame
 
 FRAME_FORMAT = 1
 ZSTD_VERSION = ".".join(str(n) for n in zstandard.ZSTD_VERSION)
 """The libzstd version this host compresses with (it decides the frame bytes)."""
 
-_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHECKSUM_ONLY = 0x04  # frame header descriptor: checksum flag; no content size, no dict id
 _MAX_BLOCK = 128 * 1024
 _CHUNK = 1 << 20
@@ -86,7 +82,7 @@ class FrameRejected(Exception):
 def content_frame_header(level: int) -> bytes:
     """The first bytes of every content frame at ``level``: magic, descriptor, window."""
     window_log = zstandard.ZstdCompressionParameters.from_level(check_level(level)).window_log
-    return _MAGIC + bytes([_CHECKSUM_ONLY, (window_log - 10) << 3])
+    return ZSTD_MAGIC + bytes([_CHECKSUM_ONLY, (window_log - 10) << 3])
 
 
 def max_frame_size(size: int) -> int:
@@ -189,7 +185,7 @@ def _walk_blocks(fd: int, pos: int, total: int) -> None:
 def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
     pad = len(padding(size))
     want = size + pad
-    hasher = _HashThread()
+    hasher = Sha256Thread()
     seen = 0
     tail = bytearray()
     try:
@@ -214,27 +210,3 @@ def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
         raise FrameRejected("the member's padding is not zeros")
     if actual != diff_id:
         raise FrameRejected(f"the content hashes to {actual}, not the diff_id {diff_id}")
-
-
-class _HashThread:
-    """sha256 in a thread of its own, beside the decompression (hashlib releases the GIL)."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # <= 8 MiB in flight
-        self._thread = threading.Thread(target=self._run, name="fetchd-frame-sha256",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._hash.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def hexdigest(self) -> str:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        return self._hash.hexdigest()

@@ -37,7 +37,7 @@ from .digest import Digest
 from .errors import DiffIdMismatch
 from .manifest import Descriptor
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
 _PROGRESS_INTERVAL = 0.25
 
@@ -56,7 +56,7 @@ def raw_zstd_frame(data: bytes) -> bytes:
     n = len(data)
     if not 256 <= n <= 65791:
         raise ValueError(f"raw zstd frame of {n} bytes not supported")
-    return (_ZSTD_MAGIC + b"\x60" + (n - 256).to_bytes(2, "little")
+    return (ZSTD_MAGIC + b"\x60" + (n - 256).to_bytes(2, "little")
             + (1 | n << 3).to_bytes(3, "little") + data)
 
 
@@ -89,7 +89,7 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: LayerJob, level: int, t
     content passes ``limits.layer_limit`` of the blob's size (a decompression bomb).
     """
     what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
-    hasher = _Sha256Thread() if threads > 1 else _Sha256Inline()
+    hasher = Sha256Thread() if threads > 1 else _Sha256Inline()
     size = 0
     last = time.monotonic()
     start = archive.claim(job.entry) if archive is not None else None
@@ -167,7 +167,7 @@ class _Sha256Inline:
         pass
 
 
-class _Sha256Thread(_Sha256Inline):
+class Sha256Thread(_Sha256Inline):
     """sha256 in its own thread, beside gunzip in the feeding one.
 
     On a many-core host zstd's workers keep up and the feeding thread is the critical path;

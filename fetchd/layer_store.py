@@ -347,12 +347,13 @@ class LayerStore:
         cap = self.settings.max_ingest_per_uid
 
         def work() -> int:
-            reaped, freed = cap_partials(self, owner, cap)
+            partials = scan_partials(self)
+            reaped, freed = cap_partials(self, partials, owner, cap)
             if reaped:
                 log.warning("uid %s left %d bytes more than store.max_ingest_per_uid (%s) in "
                             "partial downloads: removed the %d oldest idle ones", owner, freed,
                             cap, reaped)
-            return sum(p.size for p in scan_partials(self))
+            return sum(p.size for p in partials) - freed
 
         self._partial_bytes = await asyncio.to_thread(work)
         self._maybe_autogc()

@@ -131,11 +131,13 @@ def reap_partials(store: GcStore, partials: list[Partial], need: int) -> tuple[i
     return count, freed
 
 
-def cap_partials(store: GcStore, uid: int | None, cap: int | None) -> tuple[int, int]:
-    """Keep ``uid``'s idle partials within ``cap`` bytes (oldest reaped first)."""
+def cap_partials(store: GcStore, partials: list[Partial], uid: int | None,
+                 cap: int | None) -> tuple[int, int]:
+    """Keep ``uid``'s idle ones of ``partials`` (``scan_partials``) within ``cap`` bytes,
+    oldest reaped first."""
     if cap is None or uid is None:
         return 0, 0
-    mine = [p for p in scan_partials(store) if p.uid == uid]
+    mine = [p for p in partials if p.uid == uid]
     over = sum(p.size for p in mine) - cap
     return reap_partials(store, mine, over) if over > 0 else (0, 0)
 
@@ -267,36 +269,23 @@ def _evict(store: GcStore, d: Digest) -> bool:
 
 
 def _reap_ingests(store: GcStore, cutoff: float) -> int:
-    reaped = 0
+    """Remove partials idle since before ``cutoff`` (not one being resumed), then sidecars and
+    temporary files of that age left without their partial; the count of partials removed."""
+    stale = [p for p in scan_partials(store) if p.mtime < cutoff]
+    reaped, _ = reap_partials(store, stale, need=sum(p.size for p in stale) + 1)
     for entry in os.scandir(store.ingest_dir):
         name = entry.name
+        if not name.endswith((".state", ".tmp")):
+            continue
         try:
             if entry.stat().st_mtime >= cutoff:
                 continue
         except FileNotFoundError:
             continue
-        if name.endswith(".part"):
-            alg, _, hexpart = name[: -len(".part")].partition("-")
-            try:
-                d = Digest.parse(f"{alg}:{hexpart}")
-            except ValueError:
-                continue
-            lock = _lock_of(store, d)
-            if not lock.try_acquire():
-                continue  # someone is resuming it
-            try:
-                for p in (Path(entry.path), Path(entry.path).with_suffix(".state")):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-                reaped += 1
-            finally:
-                lock.release(unlink=True)
-        elif name.endswith((".state", ".tmp")):
-            part = Path(entry.path).with_suffix(".part")
-            if name.endswith(".state") and part.exists():
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+        if name.endswith(".state") and Path(entry.path).with_suffix(".part").exists():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
     return reaped
 
 

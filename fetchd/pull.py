@@ -444,6 +444,7 @@ class Puller:
             job.state = "cancelled"
             if not job._future.done():
                 job._future.set_exception(ShuttingDown("fetchd stopped before the job finished; retry"))
+                job._future.exception()  # retrieved, as below: its clients may all be gone
             job._finish()
             self._forget(job)
             raise

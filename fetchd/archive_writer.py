@@ -14,13 +14,18 @@ Invariants:
   (offset, length) in the file;
 - once ``discard`` ran nothing writes the file again (every use holds the lock and checks),
   so a stale descriptor never names another file;
-- a ``FrameBytes`` closes its descriptor with its last reference, exactly once.
+- a ``FrameBytes`` closes its descriptor with its last reference, exactly once;
+- the bytes before the end of the last appended entry never change again (a tee writes, and
+  patches its header frame, only after it; a failed tee cuts the file back to its start):
+  ``PrefixHasher`` hashes them while later entries are still being made, so ``finish``
+  knows the archive's digest without reading it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -140,6 +145,74 @@ class Writeback:
             self._thread = None
 
 
+class PrefixHasher:
+    """sha256 of a growing file, in a thread of its own, over the prefix declared final.
+
+    ``advance(end)`` says the bytes before ``end`` will not change again; the thread reads
+    (``pread``, from the page cache) and hashes them in order, overlapping the work that
+    appends the rest. ``result`` waits for everything declared and returns (digest hex,
+    size). It reads through a descriptor of its own, so the builder may close its file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = os.dup(fd)
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+        self._final = 0
+        self._stop = False
+        self._abandon = False
+        self._error: OSError | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="fetchd-archive-sha256",
+                                        daemon=True)
+        self._thread.start()
+
+    def advance(self, end: int) -> None:
+        with self._cond:
+            if end > self._final:
+                self._final = end
+                self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and self._hashed >= self._final:
+                        self._cond.wait()
+                    if self._hashed >= self._final:
+                        return  # stopped, everything declared is hashed
+                    pos, end = self._hashed, self._final
+                while pos < end and not self._abandon:  # unlocked: advance() never waits on a read
+                    chunk = os.pread(self._fd, min(1 << 20, end - pos), pos)
+                    if not chunk:
+                        raise OSError(errno.EIO, "the archive is shorter than its final prefix")
+                    self._hash.update(chunk)
+                    pos += len(chunk)
+                with self._cond:
+                    self._hashed = pos
+        except OSError as e:
+            self._error = e
+        finally:
+            os.close(self._fd)
+
+    def result(self) -> tuple[str, int]:
+        """(sha256 hex, bytes hashed) once every declared byte is hashed; OSError if a read
+        failed."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest(), self._hashed
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop after what is declared, or at once (``abandon``: the file is being thrown
+        away). Waits for the thread; idempotent."""
+        with self._cond:
+            self._stop = True
+            self._abandon = self._abandon or abandon
+            self._cond.notify()
+        self._thread.join()
+
+
 class ArchiveBuilder:
     """The archive file, appended entry by entry in layer order while frames are being made.
 
@@ -149,7 +222,9 @@ class ArchiveBuilder:
     the biggest bytes, a single-layer base image, are written once and never copied). One
     tee at a time; copies wait while a tee runs. ``spans`` records where each entry's frame
     lies in the file (the store keeps them as the frame cache). All methods are
-    thread-safe; ``write``/``pwrite`` belong to the claiming worker alone.
+    thread-safe; ``write``/``pwrite`` belong to the claiming worker alone. The file is hashed
+    as its entries are completed (``PrefixHasher``); after ``finish``, ``digest`` holds the
+    (sha256 hex, size) of the whole file.
     """
 
     def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
@@ -160,6 +235,8 @@ class ArchiveBuilder:
         # read too: spans of it are handed out (end_tee) for other packs and the cache
         self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
         self._writeback = Writeback(self.file.fileno(), writeback)
+        self._hasher = PrefixHasher(self.file.fileno())
+        self.digest: tuple[str, int] | None = None  # set by finish
         self._next = 0
         self.spans: dict[int, tuple[int, int]] = {}  # entry -> (offset, length) in the file
         # open files: a frame stays readable after a gc took its blob (commit -> lease window)
@@ -220,6 +297,7 @@ class ArchiveBuilder:
                 self.spans[entry] = (start, end - start)
                 frame = FrameBytes(os.dup(self.file.fileno()), start, end - start)
                 self._next += 1
+                self._hasher.advance(end)
             else:
                 self.file.truncate(start)
                 self.file.seek(start)
@@ -254,6 +332,7 @@ class ArchiveBuilder:
             self.spans[self._next] = (before, size)
             self._writeback.wrote(size)
             self._next += 1
+            self._hasher.advance(before + size)
         if self._next == self.count and not self._teeing:
             self._on_complete()  # every layer entry is in: only the tail is missing
 
@@ -261,15 +340,20 @@ class ArchiveBuilder:
         with self._lock:
             if self._failed or self._teeing or self._next != self.count:
                 raise Aborted
-            self.file.seek(0, os.SEEK_END)
+            end = self.file.seek(0, os.SEEK_END) + len(tail)
             write_all(self.file, tail)
             self._writeback.close()
+            self._hasher.advance(end)
             self.file.close()
+        self.digest = self._hasher.result()
+        if self.digest[1] != end:
+            raise OSError(errno.EIO, f"the archive hashed {self.digest[1]} bytes of {end}")
 
     def discard(self) -> None:
         with self._lock:
             self._failed = True
             self._writeback.close()
+            self._hasher.close(abandon=True)
             self.file.close()
             for frame in self._ready.values():
                 frame.release()

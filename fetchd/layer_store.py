@@ -541,6 +541,7 @@ class LayerStore:
         media_type: str | None = None,
         frame_spans: Sequence[tuple[str, int, int]] = (),
         lease: str | None = None,
+        hashed: tuple[Digest, int] | None = None,
     ) -> Digest:
         """Move a locally produced file into blobs/ and record ``alias`` -> its digest, and
         the ``frame_spans`` (``(key, offset, length)``) it holds (see ``get_frame``).
@@ -549,11 +550,21 @@ class LayerStore:
         can take it between its commit and the end of that lease.
 
         Hashes the file (and checks ``digest`` when given): blocking, so call it from a
-        thread (``asyncio.to_thread``) for big files. ``tmp`` is gone afterwards, also on
-        a digest mismatch.
+        thread (``asyncio.to_thread``) for big files. ``hashed``: the file's (digest, size)
+        as this process computed it from the very bytes it wrote (the packer hashes its
+        archive while assembling it): the file is not read again, only its size checked.
+        ``tmp`` is gone afterwards, also on a digest or size mismatch.
         """
         try:
-            d, size = hash_file(tmp, digest.algorithm if digest else "sha256")
+            if hashed is not None:
+                d, size = hashed
+                actual = tmp.stat().st_size
+                if actual != size:
+                    tmp.unlink(missing_ok=True)
+                    raise DigestMismatch(f"local file {tmp.name}: {actual} bytes, {size} were "
+                                         "hashed while it was written; nothing was kept")
+            else:
+                d, size = hash_file(tmp, digest.algorithm if digest else "sha256")
             if digest is not None and d != digest:
                 tmp.unlink(missing_ok=True)
                 raise DigestMismatch(

@@ -25,8 +25,9 @@ compressed, each in a slot of a ``CompressionBudget`` (the daemon shares one amo
 so CPU and zstd memory stay bounded however many images are packed at once). Cached
 frames are copied in (``copy_file_range``); the first layer still to be made when everything
 before it is in writes its output straight into the archive, so the biggest bytes (a
-single-layer base image) are written once, never copied, and hashed once (by the archive's
-commit); a layer made out of turn goes to a temporary file (unlinked once complete and opened)
+single-layer base image) are written once, never copied, and hashed once (the archive is
+hashed in a thread of its own as each entry is completed, ``archive_writer.PrefixHasher``, so
+the commit does not read it again); a layer made out of turn goes to a temporary file (unlinked once complete and opened)
 and is copied in when its turn comes. The tail frame closes the file.
 
 Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
@@ -105,7 +106,8 @@ class PackStore(Protocol):
                     alias: tuple[str, str] | None = None,
                     media_type: str | None = None,
                     frame_spans: Sequence[tuple[str, int, int]] = (),
-                    lease: str | None = None) -> Digest: ...
+                    lease: str | None = None,
+                    hashed: tuple[Digest, int] | None = None) -> Digest: ...
 
     def get_frame(self, key: str) -> BlobSpan | None: ...
 
@@ -537,10 +539,14 @@ def _finish_archive(store: PackStore, archive: ArchiveBuilder, tail: bytes, key:
                     level: int, frame_keys: dict[int, str], lease: str) -> Digest:
     # one thread: the tail is small, and the bytes are the same for any thread count >= 1
     archive.finish(compressor(level, 1).compress(tail))
+    assert archive.digest is not None
+    hexdigest, size = archive.digest
     spans = [(frame_keys[entry], offset, length)
              for entry, (offset, length) in sorted(archive.spans.items())]
+    # hashed while it was assembled: the commit does not read the archive again
     return store.commit_file(archive.path, alias=("archive", key), media_type=ARCHIVE_MEDIA_TYPE,
-                             frame_spans=spans, lease=lease)
+                             frame_spans=spans, lease=lease,
+                             hashed=(Digest("sha256", hexdigest), size))
 
 
 def _packed_already(store: PackStore, key: str, layers: int) -> PackResult | None:

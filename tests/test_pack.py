@@ -403,8 +403,12 @@ class FakeStore:
     def commit_file(self, tmp: Path, digest: Digest | None = None,
                     alias: tuple[str, str] | None = None, media_type: str | None = None,
                     frame_spans: Sequence[tuple[str, int, int]] = (),
-                    lease: str | None = None) -> Digest:
-        d = Digest.of(tmp.read_bytes())
+                    lease: str | None = None,
+                    hashed: tuple[Digest, int] | None = None) -> Digest:
+        data = tmp.read_bytes()
+        d = Digest.of(data)
+        if hashed is not None:  # the packer's own hash of what it wrote must be the file's
+            assert hashed == (d, len(data))
         tmp.replace(self.blob_path(d))
         if alias:
             self.aliases[alias] = d
@@ -478,6 +482,30 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
     archive.add_ready({0: archive_writer.FrameBytes.open(out)})
     archive.finish(b"")
     assert completed and (tmp_path / "archive.zst").read_bytes() == out.read_bytes()
+    # hashed while assembled: the cut-off tee bytes are not in the digest
+    assert archive.digest == _sha256_of_file(tmp_path / "archive.zst")
+
+
+def test_prefix_hasher_hashes_what_was_declared_and_reports_a_short_file(tmp_path: Path) -> None:
+    from fetchd import archive_writer
+
+    path = tmp_path / "growing"
+    data = bytes(range(256)) * 20000  # 5 MB: several reads of 1 MiB
+    with open(path, "w+b", buffering=0) as f:
+        hasher = archive_writer.PrefixHasher(f.fileno())
+        for end in (1, 4096, 3_000_000, len(data)):  # the file grows, then is declared final
+            f.seek(0, 2)
+            f.write(data[f.tell():end])
+            hasher.advance(end)
+        hasher.advance(10)  # never goes back
+    assert hasher.result() == (hashlib.sha256(data).hexdigest(), len(data))
+
+    with open(path, "r+b", buffering=0) as f:
+        f.truncate(100)
+        short = archive_writer.PrefixHasher(f.fileno())
+        short.advance(200)  # declared beyond what the file holds
+    with pytest.raises(OSError, match="shorter"):
+        short.result()
 
 
 def _sha256_of_file(path: Path, zstd: bool = False) -> tuple[str, int]:

@@ -190,6 +190,10 @@ class LayerStore:
         self._touched_at = time.monotonic()
         self._gc_lock = asyncio.Lock()
         self._gc_task: asyncio.Task[GcReport] | None = None
+        try:  # the daemon's loop: commits in worker threads hand the autogc check to it
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._collecting = threading.Lock()  # held by a gc thread while it uses the index
         self._usage = self._index(lambda: self.index.usage())[0]
         self._partial_bytes = sum(p.size for p in scan_partials(self))  # ingest/: partials
@@ -816,19 +820,36 @@ class LayerStore:
 
     # -- gc and verify (store_gc does the work in a thread) ----------------------------
 
-    def _maybe_autogc(self) -> None:
+    def _over_high_watermark(self) -> bool:
         limit = self.settings.max_size
-        if limit is None or self._usage + self._partial_bytes <= limit * self.settings.high_watermark:
-            return
-        if self._gc_task is not None and not self._gc_task.done():
+        return (limit is not None
+                and self._usage + self._partial_bytes > limit * self.settings.high_watermark)
+
+    def _maybe_autogc(self) -> None:
+        if not self._over_high_watermark():
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # commit_file from a thread: the next commit on the loop triggers it
-        self._gc_task = loop.create_task(self.gc())
+            # a commit in a worker thread (a pack's archive): check again on the store's loop
+            if self._loop is not None and not self._closed:
+                with contextlib.suppress(RuntimeError):  # that loop has closed
+                    self._loop.call_soon_threadsafe(self._maybe_autogc)
+            return
+        if self._gc_task is not None and not self._gc_task.done():
+            return  # it checks the watermark again when it ends
+        self._gc_task = loop.create_task(self._autogc())
         self._gc_task.add_done_callback(
             lambda t: None if t.cancelled() else t.exception())
+
+    async def _autogc(self) -> GcReport:
+        """gc down to the low watermark; again while commits that landed during one left the
+        store above the high watermark (as long as the last one freed something: what is
+        leased stays)."""
+        while True:
+            report = await self.gc()
+            if report.freed_bytes == 0 or not self._over_high_watermark():
+                return report
 
     async def gc(self, max_size: int | None = None) -> GcReport:
         """Evict LRU unleased blobs (see StoreSettings), reap stale ingests and metadata."""

@@ -426,11 +426,28 @@ async def test_automatic_gc_after_commits(tmp_path: Path) -> None:
     store = LayerStore(tmp_path / "s", StoreSettings(max_size=5 * size, high_watermark=0.9,
                                                     low_watermark=0.5))
     await _fill(store, 6, size)
-    for _ in range(100):
-        if store.usage()[0] <= 3 * size:
-            break
-        await asyncio.sleep(0.01)
+    assert store._gc_task is not None  # the 5th commit passed the high watermark
+    await store._gc_task  # ends only below the high watermark (it re-checks after each gc)
+    # evicted to the low watermark (2 blobs), plus at most the commit that landed during it
     assert store.usage()[0] <= int(2.5 * size) + size
+    store.close()
+
+
+async def test_commit_in_a_worker_thread_triggers_automatic_gc(tmp_path: Path) -> None:
+    # a pack commits its archive from a worker thread: the watermark check must still run
+    size = 100_000
+    store = LayerStore(tmp_path / "s", StoreSettings(max_size=5 * size, high_watermark=0.9,
+                                                    low_watermark=0.5))
+    await _fill(store, 4, size)
+    assert store._gc_task is None
+    tmp = store.temp_path()
+    tmp.write_bytes(blob(2 * size, seed=7)[0])
+    await asyncio.to_thread(store.commit_file, tmp)
+    for _ in range(3):  # the check was handed to the loop: let it run
+        await asyncio.sleep(0)
+    assert store._gc_task is not None
+    report = await store._gc_task
+    assert report.removed > 0 and store.usage()[0] <= int(2.5 * size)
     store.close()
 
 

@@ -317,7 +317,7 @@ class Ingest:
         if self.failure is not None:
             raise self.failure
         if self.offset != self.size:
-            held = self.offset + sum(b - a for a, b in self._extents)
+            held = self._held(self.offset)
             raise SizeMismatch(
                 f"blob {self.digest}: the fetch ended with {held} of {self.size} bytes "
                 f"({self.offset} contiguous); nothing was kept"

@@ -107,6 +107,11 @@ class BlobSink(Protocol):
     async def truncate(self, size: int) -> None: ...
 
 
+def held_bytes(sink: BlobSink) -> int:
+    """The bytes of the blob ``sink`` already holds: its prefix and the parts beyond it."""
+    return sink.offset + sum(b - a for a, b in sink.held_ranges())
+
+
 Fetch = Callable[[BlobSink], Awaitable[None]]
 
 
@@ -301,7 +306,7 @@ class LayerStore:
         seen = -1
         while not flight.task.done():
             ing = flight.ingest  # None while it waits for its turn (max_open_ingests)
-            held = ing.offset + sum(b - a for a, b in ing.held_ranges()) if ing else -1
+            held = held_bytes(ing) if ing else -1
             if held == seen and held >= 0 and window:
                 flight.preempted = True
                 flight.task.cancel()
@@ -910,6 +915,6 @@ class LayerStore:
 
 
 __all__ = [
-    "BlobInfo", "BlobSink", "Fetch", "GcReport", "ImageEntry", "LayerStore",
+    "BlobInfo", "BlobSink", "Fetch", "GcReport", "ImageEntry", "LayerStore", "held_bytes",
     "StoreSettings", "TagEntry", "VerifyReport",
 ]

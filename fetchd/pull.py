@@ -62,7 +62,7 @@ from .frame_check import (
     max_frame_size,
     member_size,
 )
-from .layer_store import LayerStore
+from .layer_store import LayerStore, held_bytes
 from .manifest import (
     Descriptor,
     ImageIndex,
@@ -964,7 +964,7 @@ class Puller:
 
             async def fetch(sink: Any, exclude: frozenset[str] = exclude, whole: bool = whole,
                             sources: list[str] = sources, resumed: list[bool] = resumed) -> None:
-                progress.done = sink.offset + sum(b - a for a, b in sink.held_ranges())
+                progress.done = held_bytes(sink)
                 resumed.append(progress.done > 0)  # bytes of unknown origin held
                 # Only this job's own transfer is its wait on a registry: joined to another
                 # job's flight, or waiting for an ingest turn, it sends no progress events and

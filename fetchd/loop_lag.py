@@ -105,11 +105,15 @@ class LoopLag:
         self._waiters.append(fut)
         return await fut
 
-    def snapshot(self, now: float | None = None) -> LagSnapshot:
-        """Max and p99 of the samples of the last ``window`` seconds."""
+    def snapshot(self, now: float | None = None, last: float | None = None) -> LagSnapshot:
+        """Max and p99 of the samples of the last ``window`` seconds, or of the last ``last``
+        seconds when that is shorter (a tool measuring one step asks for the step's length;
+        ``window_s`` is then ``last``)."""
         if now is None:
             now = self._loop.time() if self._loop is not None else 0.0
         self._expire(now)
-        lags = [lag for _, lag in self._samples]
+        window = self.window if last is None else min(max(last, 0.0), self.window)
+        cutoff = now - window
+        lags = [lag for when, lag in self._samples if when >= cutoff]
         return LagSnapshot(max(lags, default=0.0), percentile(lags, 99), len(lags),
-                           self.window, self.interval)
+                           window, self.interval)

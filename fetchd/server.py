@@ -22,6 +22,7 @@ import grp
 import inspect
 import json
 import logging
+import math
 import os
 import platform as host_platform
 import signal
@@ -404,6 +405,7 @@ async def handle_deliver(request: web.Request) -> web.Response:
 
 async def handle_status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    lag_window = _lag_window(request)
     return web.json_response({
         "version": __version__,
         "pid": os.getpid(),
@@ -416,9 +418,25 @@ async def handle_status(request: web.Request) -> web.Response:
         "store": store_usage(await _call(services.store.usage)),
         "registries": jsonable(services.registry.stats()),
         "connections": services.site.stats() if services.site is not None else None,
-        "loop_lag": services.loop_lag.snapshot().to_json(),
+        "loop_lag": services.loop_lag.snapshot(last=lag_window).to_json(),
         "fleet": _fleet_stats(services),
     })
+
+
+def _lag_window(request: web.Request) -> float | None:
+    """``?lag_window=SECONDS``: the loop lag of only the last SECONDS (a tool measuring one
+    step asks for that step's length; at most the monitor's window)."""
+    raw = request.query.get("lag_window")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise InvalidRequest(f"query lag_window must be a positive number of seconds (e.g. "
+                             f"lag_window=10), got {raw[:40]!r}")
+    return value
 
 
 async def handle_images(request: web.Request) -> web.Response:
@@ -842,7 +860,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
         stack.push_async_callback(_call, registry.close)
         puller = Puller(store, registry, config)
         services = Services(puller, store, registry, config, socket_path=socket_path,
-                            admin_gid=admin_gid)
+                            admin_gid=admin_gid,
+                            loop_lag=LoopLag(interval=config.server.loop_lag_interval))
         runner = web.AppRunner(make_app(services), handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=KEEPALIVE_TIMEOUT,
                                lingering_time=LINGERING_TIME)

@@ -144,6 +144,7 @@ BAD = [
     ('[[registries."quay.io".mirrors]]\nurl = "https://m.io"\nnss = true\n', "unknown key 'nss'"),
     ('[registries."a/b"]\n', "host"),
     ("[pack]\nmax_layer_ratio = 0.5\n", "max_layer_ratio: must be at least 1"),
+    ("[server]\nloop_lag_interval = 0\n", "loop_lag_interval: must be between 0.001 and 60"),
     ("[pack]\nmax_layer_sise = '1G'\n", "unknown key 'max_layer_sise'"),
     ("[pack]\nmax_layer_size = 'huge'\n", "expected a size"),
     ("not toml = = 1", "not valid TOML"),

@@ -34,6 +34,17 @@ def test_snapshot_reports_max_and_p99_of_the_window_only() -> None:
     assert lag.snapshot(now=100.0).max_s == 0.0
 
 
+def test_snapshot_of_the_last_seconds_only() -> None:
+    lag = LoopLag(interval=0.1, window=60.0)
+    lag.record(0.3, now=10.0)
+    lag.record(0.002, now=18.0)
+    lag.record(0.001, now=19.0)
+    last = lag.snapshot(now=20.0, last=5.0)
+    assert (last.max_s, last.samples, last.window_s) == (0.002, 2, 5.0)
+    assert lag.snapshot(now=20.0).max_s == 0.3  # the whole window still has the stall
+    assert lag.snapshot(now=20.0, last=600.0).window_s == 60.0  # never beyond the window
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         LoopLag(interval=0)

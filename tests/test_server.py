@@ -424,6 +424,25 @@ async def test_status_and_metrics_report_the_loop_lag(daemon: Daemon) -> None:
     assert float(values["fetchd_loop_lag_max_seconds"]) >= float(values["fetchd_loop_lag_p99_seconds"]) >= 0
 
 
+async def test_status_reports_the_loop_lag_of_the_last_seconds_asked(daemon: Daemon) -> None:
+    """``?lag_window=`` (a tool measuring one step): the lag of only that many seconds, so a
+    stall before the step does not count; a bad value is a clear 400."""
+    lag = daemon.services.loop_lag
+    await lag.next_sample()
+    now = asyncio.get_running_loop().time()
+    lag.record(0.5, now - 30)  # a stall 30 s ago: in the 60 s window, not in the last 10 s
+    whole = (await daemon.call("status"))["loop_lag"]
+    assert whole["max_ms"] >= 500
+    code, status = await daemon.raw("GET", "/v1/status?lag_window=10")
+    assert code == 200
+    assert status["loop_lag"]["window_s"] == 10 and status["loop_lag"]["max_ms"] < 500
+    assert status["loop_lag"]["samples"] < whole["samples"]
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        code, err = await daemon.raw("GET", f"/v1/status?lag_window={bad}")
+        assert code == 400 and err["code"] == "invalid-request"
+        assert "lag_window must be a positive number of seconds" in err["message"]
+
+
 async def test_a_fetch_pinned_to_the_resolved_digest_gives_the_tags_archive(
         daemon: Daemon, images: Catalog, registry: LocalRegistry) -> None:
     """What a client resubmits after a restart: the same request with ``digest`` from the

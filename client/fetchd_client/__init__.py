@@ -288,8 +288,12 @@ class Client:
         result = self._again("POST", API + "/deliver", {"archive_digest": archive_digest, "dest": dest})
         return self._finish_delivery(result, dest)
 
-    def status(self) -> Event:
-        return self._json("GET", API + "/status")
+    def status(self, lag_window: float | None = None) -> Event:
+        """The daemon's status; ``lag_window``: its ``loop_lag`` over only the last that
+        many seconds (e.g. the length of a step a tool measures)."""
+        if lag_window is None:
+            return self._json("GET", API + "/status")
+        return self._json("GET", API + f"/status?lag_window={float(lag_window):g}")
 
     def ls(self) -> Event:
         return self._json("GET", API + "/images")

@@ -155,6 +155,8 @@ class Ingest:
         self._floor = 0
         self._state_at = 0  # bytes held (prefix + extents) when the sidecar was last written
         self._state_lock = threading.Lock()  # sidecar writers run in threads
+        self._state_fd = -1  # the sidecar, rewritten in place (see _save_state)
+        self._state_len = 0  # its length on disk
         self._extents: list[tuple[int, int]] = []  # disjoint, sorted, all above the prefix
         self._advancing = False
         self._writes = 0  # writes in flight
@@ -375,6 +377,10 @@ class Ingest:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        with self._state_lock:
+            if self._state_fd >= 0:
+                os.close(self._state_fd)
+                self._state_fd = -1
 
     # -- progress for followers --------------------------------------------------------
 
@@ -442,14 +448,22 @@ class Ingest:
         """Record ``prefix`` (default: the hashed prefix) and the extents beyond it.
 
         Only bytes already written are recorded: ``_extents`` gets a part after its pwrite.
+        The sidecar is a hint (a resume re-hashes the prefix, the commit checks the digest):
+        it is rewritten in place with one ``pwrite``, padded with spaces (JSON ignores them)
+        to its length on disk, so a kill leaves the old record or the new one whole; it was
+        a write to a temporary file and a rename every 2 MiB, 60 per 120 MB blob.
         """
         with self._state_lock:
             held = self.offset if prefix is None else prefix
             extents = [[max(a, held), b] for a, b in list(self._extents) if b > held]
-            tmp = self.state_path.with_suffix(".state.tmp")
-            tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size,
-                                       "offset": held, "extents": extents, "uid": self.owner}))
-            os.replace(tmp, self.state_path)
+            data = json.dumps({"digest": str(self.digest), "size": self.size, "offset": held,
+                               "extents": extents, "uid": self.owner}).encode()
+            if self._state_fd < 0:
+                self._state_fd = os.open(self.state_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                                         0o644 if self.mode & 0o044 else 0o600)
+                self._state_len = os.fstat(self._state_fd).st_size
+            os.pwrite(self._state_fd, data.ljust(self._state_len), 0)
+            self._state_len = max(self._state_len, len(data))
             self._state_at = held + sum(b - a for a, b in extents)
 
     def _add_extent(self, start: int, end: int) -> None:

@@ -202,6 +202,8 @@ class LayerStore:
         self._collecting = threading.Lock()  # held by a gc thread while it uses the index
         self._usage = self._index(lambda: self.index.usage())[0]
         self._partial_bytes = sum(p.size for p in scan_partials(self))  # ingest/: partials
+        self._partial_scans = self._partial_applied = 0  # see _recount_partials
+        self._committed_bytes = 0  # by this process, ever (see gc)
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -364,8 +366,19 @@ class LayerStore:
                             cap, reaped)
             return sum(p.size for p in partials) - freed
 
-        self._partial_bytes = await asyncio.to_thread(work)
+        await self._recount_partials(work)
         self._maybe_autogc()
+
+    async def _recount_partials(self, count: Callable[[], int]) -> None:
+        """``_partial_bytes`` from ``count`` (a scan of ingest/, in a thread), unless a scan
+        that began later was applied first: a stale count (a partial since committed) never
+        overwrites a newer one."""
+        self._partial_scans += 1
+        scan = self._partial_scans
+        total = await asyncio.to_thread(count)
+        if scan > self._partial_applied:
+            self._partial_applied = scan
+            self._partial_bytes = total
 
     async def _ingest(
         self, flight: Flight, d: Digest, size: int, fetch: Fetch, media_type: str | None,
@@ -459,6 +472,7 @@ class LayerStore:
 
     def _count_commit(self, size: int) -> None:
         self._usage += size
+        self._committed_bytes += size
         self._maybe_autogc()
 
     # -- reading -----------------------------------------------------------------------
@@ -860,11 +874,13 @@ class LayerStore:
         """Evict LRU unleased blobs (see StoreSettings), reap stale ingests and metadata."""
         async with self._gc_lock:
             self.flush_uses()
+            committed = self._committed_bytes
             report = await self._store_errors("collect garbage", asyncio.to_thread(
                 self._collect, max_size))
-            self._usage = report.remaining_bytes
-            self._partial_bytes = await asyncio.to_thread(
-                lambda: sum(p.size for p in scan_partials(self)))
+            # what the index held at the end, plus this process's commits since gc began
+            # (some may be counted twice: an estimate errs on the side of another gc)
+            self._usage = report.remaining_bytes + self._committed_bytes - committed
+            await self._recount_partials(lambda: sum(p.size for p in scan_partials(self)))
             return report
 
     def _collect(self, max_size: int | None) -> GcReport:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from registry_sinks import HalfThenWait
@@ -421,13 +422,24 @@ def _with_settings(store: LayerStore, settings: StoreSettings) -> LayerStore:
     return LayerStore(store.root, settings)
 
 
+async def _settled(store: LayerStore) -> None:
+    """Until the store's background work (recounts of ingest/ after flights, gc) is done."""
+    while True:
+        pending: set[asyncio.Future[Any]] = set(store._background)
+        if store._gc_task is not None and not store._gc_task.done():
+            pending.add(store._gc_task)
+        if not pending:
+            return
+        await asyncio.wait(pending)
+
+
 async def test_automatic_gc_after_commits(tmp_path: Path) -> None:
     size = 100_000
     store = LayerStore(tmp_path / "s", StoreSettings(max_size=5 * size, high_watermark=0.9,
                                                     low_watermark=0.5))
     await _fill(store, 6, size)
     assert store._gc_task is not None  # the 5th commit passed the high watermark
-    await store._gc_task  # ends only below the high watermark (it re-checks after each gc)
+    await _settled(store)  # the gc ends only below the high watermark (it re-checks)
     # evicted to the low watermark (2 blobs), plus at most the commit that landed during it
     assert store.usage()[0] <= int(2.5 * size) + size
     store.close()
@@ -447,6 +459,7 @@ async def test_commit_in_a_worker_thread_triggers_automatic_gc(tmp_path: Path) -
         await asyncio.sleep(0)
     assert store._gc_task is not None
     report = await store._gc_task
+    await _settled(store)
     assert report.removed > 0 and store.usage()[0] <= int(2.5 * size)
     store.close()
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .archive_format import qualified_repo_tag
 from .compress_budget import CompressionBudget, check_level, usable_cpus
@@ -64,6 +64,7 @@ from .frame_check import (
 )
 from .layer_store import LayerStore, held_bytes
 from .manifest import (
+    INLINE_JSON,
     Descriptor,
     ImageIndex,
     ImageManifest,
@@ -79,6 +80,7 @@ from .registry_async import RegistryClient
 
 log = logging.getLogger("fetchd.pull")
 
+_T = TypeVar("_T")
 _PROGRESS_INTERVAL = 0.25  # seconds between progress events per layer
 
 
@@ -516,7 +518,7 @@ class Puller:
         restrict = self._restrict if private else _no_restriction
         await restrict([resolved.top_digest])
         top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline, job)
-        top = parse_manifest(top_body, resolved.media_type, where, self.max_layers)
+        top = await _parse_manifest(top_body, resolved.media_type, where, self.max_layers)
         index_digest: Digest | None = None
         manifest_digest = resolved.top_digest
         chosen = None
@@ -527,14 +529,14 @@ class Puller:
             manifest_digest = entry.digest
             await restrict([entry.digest])
             body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
-            image = parse_manifest(body, entry.media_type, where, self.max_layers)
+            image = await _parse_manifest(body, entry.media_type, where, self.max_layers)
             if isinstance(image, ImageIndex):  # nested index: one more level
                 entry = select_platform(image, req.platform, where)
                 chosen = entry.platform
                 manifest_digest = entry.digest
                 await restrict([entry.digest])
                 body = await self._manifest_bytes(ref, entry.digest, req.offline, job)
-                image = parse_manifest(body, entry.media_type, where, self.max_layers)
+                image = await _parse_manifest(body, entry.media_type, where, self.max_layers)
             if not isinstance(image, ImageManifest):
                 from .errors import ManifestInvalid
 
@@ -547,7 +549,7 @@ class Puller:
 
         await restrict([image.config.digest, *(layer.digest for layer in image.layers)])
         config_raw = await self._config_bytes(ref, image, req.offline, job)
-        config = parse_config(config_raw, where, self.max_layers)
+        config = await _off_loop(config_raw, parse_config, config_raw, where, self.max_layers)
         if chosen is None:
             chosen = config.platform
             if chosen is not None and req.platform.accepts(chosen) is None:
@@ -636,7 +638,7 @@ class Puller:
         if not media_type:  # pinned: the type the stored bytes say, if they are here
             body = await self._stored(resolved.top_digest)
             if body is not None:
-                media_type = parse_manifest(body, None, str(reference)).media_type
+                media_type = (await _parse_manifest(body, None, str(reference))).media_type
         out = {"digest": str(resolved.top_digest), "media_type": media_type,
                "cached": resolved.from_cache}
         if resolved.warning is not None:
@@ -1076,6 +1078,20 @@ def _size(path: Path) -> int | None:
 
 async def _no_restriction(digests: list[Digest], lease: str | None = None) -> None:
     pass
+
+
+async def _off_loop(body: bytes, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)``, which parses ``body``: at once when it is small, in a worker thread
+    when it is bigger than ``INLINE_JSON`` (tens of ms of parsing that the loop never waits
+    for; ``manifest.loads`` then leaves the GIL to it every few ms)."""
+    if len(body) <= INLINE_JSON:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+async def _parse_manifest(body: bytes, content_type: str | None, where: str,
+                          max_layers: int | None = None) -> ImageManifest | ImageIndex:
+    return await _off_loop(body, parse_manifest, body, content_type, where, max_layers)
 
 
 def _s(digest: Digest | None) -> str | None:

@@ -45,6 +45,7 @@ from .errors import (
 from .manifest import (
     ACCEPT,
     DOCKER_SCHEMA1,
+    INLINE_JSON,
     MAX_MANIFEST_SIZE,
     Descriptor,
     ImageIndex,
@@ -250,8 +251,12 @@ class RegistryClient:
         where = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag_or_default}"
         content_type, header, body = await self._read_manifest(ep, ref, where)
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
-        actual = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
-        if ref.digest is not None and actual != ref.digest:
+        check = (body, ref.digest, algorithm, content_type, where, self.config.server.max_layers)
+        if len(body) <= INLINE_JSON:
+            actual, parsed = _check_manifest(*check)
+        else:  # a big one (tens of ms) is hashed and parsed off the event loop
+            actual, parsed = await asyncio.to_thread(_check_manifest, *check)
+        if parsed is None:
             raise DigestMismatch(f"{where}: {ep.label} sent a manifest hashing to {actual}; "
                                  "nothing was kept. Retry; if it persists the registry is corrupt")
         header_digest = _maybe_digest(header)
@@ -259,10 +264,8 @@ class RegistryClient:
                 and header_digest != actual:
             log.warning("%s: %s says Docker-Content-Digest %s but the body hashes to %s; using %s",
                         where, ep.label, header_digest, actual, actual)
-        if content_type in DOCKER_SCHEMA1:
-            parse_manifest(b'{"schemaVersion": 1}', content_type, where)  # raises UnsupportedManifest
-        # The layer list is checked against max_layers before any per-layer work.
-        parsed = parse_manifest(body, content_type, where, self.config.server.max_layers)
+        if isinstance(parsed, FetchdError):
+            raise parsed
         return FetchedManifest(actual, parsed.media_type, body, len(body), header_digest)
 
     async def _read_manifest(self, ep: Endpoint, ref: Reference, where: str) -> tuple[str, str | None, bytes]:
@@ -651,6 +654,24 @@ def _gaps(sink: BlobSink, size: int) -> list[tuple[int, int]]:
     if pos < size:
         out.append((pos, size))
     return [(a, b) for a, b in out if a < b]
+
+
+def _check_manifest(body: bytes, expected: Digest | None, algorithm: str, content_type: str,
+                    where: str, max_layers: int
+                    ) -> tuple[Digest, ImageManifest | ImageIndex | FetchdError | None]:
+    """The body's digest and what it parses to, or the error that refuses it (returned: the
+    caller reports a wrong digest first), or None when it does not hash to ``expected``
+    (then it is not parsed at all). Schema1 is refused by its content type; the layer list
+    is checked against ``max_layers`` before any per-layer work."""
+    actual = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
+    if expected is not None and actual != expected:
+        return actual, None
+    try:
+        if content_type in DOCKER_SCHEMA1:
+            parse_manifest(b'{"schemaVersion": 1}', content_type, where)  # raises UnsupportedManifest
+        return actual, parse_manifest(body, content_type, where, max_layers)
+    except FetchdError as e:
+        return actual, e
 
 
 def _maybe_digest(text: str | None) -> Digest | None:

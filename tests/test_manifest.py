@@ -12,12 +12,14 @@ from fetchd.errors import ManifestInvalid, PlatformNotFound, UnsupportedManifest
 from fetchd.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    INLINE_JSON,
     MAX_MANIFEST_SIZE,
     OCI_INDEX,
     OCI_MANIFEST,
     ImageIndex,
     ImageManifest,
     layer_compression,
+    loads,
     parse_config,
     parse_manifest,
     select_platform,
@@ -182,3 +184,42 @@ def test_annotations_keep_only_strings() -> None:
 ])
 def test_layer_compression(media_type: str, head: bytes, want: str) -> None:
     assert layer_compression(media_type, head) == want
+
+
+def _many_layers(n: int, **extra: Any) -> dict[str, Any]:
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, **extra,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": d(0),
+                       "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": d(i), "size": i, "annotations": {"n": f"\u00e9{i}\ud83d"}}
+                       for i in range(1, n + 1)]}
+
+
+BIG = {
+    "utf-8": json.dumps(_many_layers(3000)).encode(),
+    "utf-8 unescaped, floats and constants": json.dumps(
+        _many_layers(3000, x=[1.5e300, -0.0, True, None, "\u00e9"]), ensure_ascii=False
+    ).encode("utf-8", "surrogatepass"),
+    "utf-8 with BOM": b"\xef\xbb\xbf" + json.dumps(_many_layers(3000)).encode(),
+    "utf-16": json.dumps(_many_layers(3000)).encode("utf-16-le"),
+}
+
+
+@pytest.mark.parametrize("body", BIG.values(), ids=BIG.keys())
+def test_a_big_document_decodes_as_json_loads_does(body: bytes) -> None:
+    """Bigger than INLINE_JSON: the pure-Python scanner (it lets the GIL go), same result."""
+    assert len(body) > INLINE_JSON
+    assert loads(body) == json.loads(body)
+    image = parse_manifest(body, None, "img")
+    assert isinstance(image, ImageManifest) and len(image.layers) == 3000
+
+
+@pytest.mark.parametrize("body,message", [
+    (json.dumps(_many_layers(3000)).encode()[:-1], "not valid JSON"),
+    (b" " * INLINE_JSON + b"[" * 100_000, "nested too deeply"),
+    (json.dumps(_many_layers(5000)).encode(), "5000 layers, more than the 4096"),
+], ids=["cut", "deep", "too many layers"])
+def test_a_big_bad_document_is_a_clear_error(body: bytes, message: str) -> None:
+    assert len(body) > INLINE_JSON
+    with pytest.raises(ManifestInvalid, match=message):
+        parse_manifest(body, None, "img", max_layers=4096)

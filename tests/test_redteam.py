@@ -202,6 +202,17 @@ async def test_one_uid_cannot_take_every_network_job_slot(
 # -- memory and per-layer work: layer count, job events -------------------------------------
 
 
+def huge_manifest(n: int = 20000) -> tuple[list[dict[str, Any]], bytes]:
+    """An image manifest of ``n`` layers (20000: ~2.5 MB) and its layer list."""
+    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+               "digest": "sha256:" + f"{i:064x}", "size": 1000} for i in range(n)]
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": "sha256:" + "c" * 64, "size": 2},
+                       "layers": layers}).encode()
+    return layers, body
+
+
 async def test_a_huge_layer_list_is_refused_before_any_per_layer_work(
         tmp_path: Path, fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding: a 20000-layer manifest blocked the loop with per-layer sqlite writes and
@@ -209,12 +220,7 @@ async def test_a_huge_layer_list_is_refused_before_any_per_layer_work(
     and the pull fails with a clear error, having looked at no layer."""
     import fetchd.manifest
 
-    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-               "digest": "sha256:" + f"{i:064x}", "size": 1000} for i in range(20000)]
-    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                  "digest": "sha256:" + "c" * 64, "size": 2},
-                       "layers": layers}).encode()
+    layers, body = huge_manifest()
     fake.add_manifest("huge/img", "1", body)
     described: list[object] = []
     original = fetchd.manifest.Descriptor.from_json
@@ -234,6 +240,65 @@ async def test_a_huge_layer_list_is_refused_before_any_per_layer_work(
         assert fake.requests("blob") == []
         assert d.store.blob_info(fetchd.manifest.Digest.parse(layers[0]["digest"])) is None
     finally:
+        await d.close()
+
+
+async def test_a_huge_manifest_is_parsed_off_the_event_loop_while_health_answers(
+        tmp_path: Path, fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: a 20000-layer manifest (~2.5 MB) was hashed and decoded on the event loop
+    (the C JSON decoder holds the GIL for the whole document: tens of ms, once per request).
+    Now a body bigger than manifest.INLINE_JSON is hashed and parsed in a worker thread, by
+    a decoder that leaves the GIL to the loop. Shown deterministically: the decoding is held
+    in its thread until /v1/health on the same daemon has answered; then the pull fails
+    with the layer-cap error."""
+    import threading
+
+    import aiohttp
+
+    import fetchd.manifest
+    from fetchd.server import Services, listen_unix, make_app
+
+    _, body = huge_manifest()
+    assert len(body) > fetchd.manifest.INLINE_JSON
+    fake.add_manifest("huge/img", "1", body)
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    parsing, release = asyncio.Event(), threading.Event()
+    big_parses: list[int] = []  # the thread of every decoding of the big body
+    original = fetchd.manifest.loads
+
+    def held(raw: bytes) -> Any:
+        if raw == body:
+            big_parses.append(threading.get_ident())
+            if threading.get_ident() != loop_thread:  # on the loop it would block it: not held
+                loop.call_soon_threadsafe(parsing.set)
+                release.wait()
+        return original(raw)
+
+    monkeypatch.setattr(fetchd.manifest, "loads", held)
+    d = Daemon(tmp_path)
+    runner = web.AppRunner(make_app(Services(d.puller, d.store, d.registry, d.config)))
+    await runner.setup()
+    sock_path = str(tmp_path / "fetchd.sock")
+    await web.SockSite(runner, listen_unix(sock_path, 0o600)).start()
+    try:
+        job = d.submit(f"{fake.host}/huge/img:1")
+        failed = asyncio.ensure_future(job.wait())
+        entered = asyncio.ensure_future(parsing.wait())
+        await asyncio.wait([failed, entered], return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
+        assert parsing.is_set(), "the manifest was decoded on the event loop"
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock_path)) as http:
+            async with http.get("http://fetchd/v1/health") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+        assert not failed.done()  # health answered while the decoding was still under way
+        release.set()
+        with pytest.raises(fetchd.manifest.ManifestInvalid) as err:
+            await failed
+        assert "20000 layers" in err.value.message and "max_layers" in err.value.message
+        assert big_parses and loop_thread not in big_parses
+    finally:
+        release.set()
+        await runner.cleanup()
         await d.close()
 
 

@@ -14,11 +14,13 @@ Invariants:
   (offset, length) in the file;
 - once ``discard`` ran nothing writes the file again (every use holds the lock and checks),
   so a stale descriptor never names another file;
-- a ``FrameBytes`` closes its descriptor with its last reference, exactly once;
+- a ``FrameBytes`` closes its descriptor with its last reference, exactly once; once its
+  bytes are in the archive it reads them there (``relocate``), so the frames of one archive
+  share the archive's one descriptor (``SharedFd``), whatever their number;
 - the bytes before the end of the last appended entry never change again (a tee writes, and
   patches its header frame, only after it; a failed tee cuts the file back to its start):
   ``PrefixHasher`` hashes them while later entries are still being made, so ``finish``
-  knows the archive's digest without reading it again.
+  knows the archive's digest without reading it again, and frames are read there.
 """
 
 from __future__ import annotations
@@ -46,18 +48,46 @@ def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view) or 0:]
 
 
+class SharedFd:
+    """An open descriptor shared by several ``FrameBytes`` (the archive being made, whose
+    frames are all spans of it): closed with its last reference, exactly once."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Another reference (only by a holder of one: it is never closed meanwhile)."""
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("a shared descriptor acquired after it was closed")
+            self._refs += 1
+
+    def release(self) -> None:
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("a shared descriptor released more often than acquired")
+            self._refs -= 1
+            if self._refs == 0:
+                os.close(self.fd)
+
+
 class FrameBytes:
-    """A finished layer frame: ``length`` bytes at ``offset`` of an open file (its own
+    """A finished layer frame: ``length`` bytes at an offset of an open file (its own
     temporary file, the archive being made, or a cached frame blob or archive of the store).
 
     Shared by the packs that use it and reference counted: ``acquire`` (False once closed)
     and ``release``; the file is closed with the last reference. Holding the open file keeps
-    the bytes readable whatever happens to the path (a gc, a commit renaming it).
+    the bytes readable whatever happens to the path (a gc, a commit renaming it). Once the
+    bytes are also in an archive being made, ``relocate`` reads them there and closes the
+    frame's own file: the frames a pack holds until its archive is committed then cost one
+    descriptor in all (the archive's), not one each.
     """
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self._fd = fd
-        self.offset = offset
+    def __init__(self, fd: int | SharedFd, offset: int, length: int) -> None:
+        self._file = fd if isinstance(fd, SharedFd) else SharedFd(fd)
+        self._offset = offset
         self.length = length
         self._refs = 1
         self._lock = threading.Lock()
@@ -82,26 +112,54 @@ class FrameBytes:
                 raise RuntimeError("pack frame released more often than acquired")
             self._refs -= 1
             if self._refs == 0:
-                os.close(self._fd)
+                self._file.release()
+
+    def relocate(self, file: SharedFd, offset: int) -> None:
+        """The same bytes are at ``offset`` of ``file`` (an archive they were copied into,
+        never rewritten there): read them there from now on, and drop the old file."""
+        file.acquire()
+        with self._lock:
+            if self._refs <= 0:
+                old = file
+            else:
+                old, self._file, self._offset = self._file, file, offset
+        old.release()
+
+    def _pin(self) -> tuple[SharedFd, int]:
+        """The file and offset to read now, the file held (a ``relocate`` meanwhile does not
+        close it under the reader)."""
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("pack frame read after its last release")
+            self._file.acquire()
+            return self._file, self._offset
 
     def append_to(self, dst: BinaryIO) -> None:
         """Append the bytes to ``dst`` (an unbuffered file positioned at its end)."""
-        pos, end = self.offset, self.offset + self.length
+        file, offset = self._pin()
         try:
-            while pos < end:
-                n = os.copy_file_range(self._fd, dst.fileno(), end - pos, pos)
-                if n == 0:
-                    break
-                pos += n
-        except OSError:  # no copy_file_range between these files: copy through user space
-            pass
-        dst.seek(0, os.SEEK_END)
+            _copy_span(file.fd, offset, self.length, dst)
+        finally:
+            file.release()
+
+
+def _copy_span(fd: int, offset: int, length: int, dst: BinaryIO) -> None:
+    pos, end = offset, offset + length
+    try:
         while pos < end:
-            chunk = os.pread(self._fd, min(1 << 20, end - pos), pos)
-            if not chunk:
-                raise OSError(errno.EIO, "a pack frame is shorter than recorded")
-            write_all(dst, chunk)
-            pos += len(chunk)
+            n = os.copy_file_range(fd, dst.fileno(), end - pos, pos)
+            if n == 0:
+                break
+            pos += n
+    except OSError:  # no copy_file_range between these files: copy through user space
+        pass
+    dst.seek(0, os.SEEK_END)
+    while pos < end:
+        chunk = os.pread(fd, min(1 << 20, end - pos), pos)
+        if not chunk:
+            raise OSError(errno.EIO, "a pack frame is shorter than recorded")
+        write_all(dst, chunk)
+        pos += len(chunk)
 
 
 class Writeback:
@@ -225,15 +283,26 @@ class ArchiveBuilder:
     thread-safe; ``write``/``pwrite`` belong to the claiming worker alone. The file is hashed
     as its entries are completed (``PrefixHasher``); after ``finish``, ``digest`` holds the
     (sha256 hex, size) of the whole file.
+
+    ``position`` is the next entry to append; ``on_advance(position)`` is called (from the
+    thread that appended, under the lock: it must only hand the value on) each time it
+    grows, with strictly increasing values, so a pack can slide its look-ahead window
+    without polling.
     """
 
     def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
-                 writeback: bool = False) -> None:
+                 writeback: bool = False,
+                 on_advance: Callable[[int], object] | None = None) -> None:
         self.path = path
         self.count = count
         self._on_complete = on_complete
+        self._on_advance = on_advance
+        self._announced = 0  # the last position handed to ``on_advance``
         # read too: spans of it are handed out (end_tee) for other packs and the cache
         self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        # the frames in the file are spans of this one descriptor (``FrameBytes.relocate``),
+        # which lives as long as the last of them
+        self._shared: SharedFd | None = SharedFd(os.dup(self.file.fileno()))
         self._writeback = Writeback(self.file.fileno(), writeback)
         self._hasher = PrefixHasher(self.file.fileno())
         self.digest: tuple[str, int] | None = None  # set by finish
@@ -244,6 +313,11 @@ class ArchiveBuilder:
         self._teeing = False
         self._failed = False
         self._lock = threading.Lock()
+
+    @property
+    def position(self) -> int:
+        """The entry to append next (every entry before it is in the file)."""
+        return self._next
 
     def claim(self, entry: int) -> int | None:
         """The offset where ``entry`` starts if its worker may write it here now, else None."""
@@ -295,7 +369,10 @@ class ArchiveBuilder:
             if ok:
                 end = self.file.seek(0, os.SEEK_END)
                 self.spans[entry] = (start, end - start)
-                frame = FrameBytes(os.dup(self.file.fileno()), start, end - start)
+                shared = self._shared
+                assert shared is not None  # released only by finish and discard
+                shared.acquire()
+                frame = FrameBytes(shared, start, end - start)
                 self._next += 1
                 self._hasher.advance(end)
             else:
@@ -326,6 +403,10 @@ class ArchiveBuilder:
             try:
                 before = self.file.seek(0, os.SEEK_END)
                 frame.append_to(self.file)
+                # whoever else holds it reads it here now: its own file closes (a descriptor
+                # per frame made out of turn would otherwise stay open until the commit)
+                assert self._shared is not None  # released only by finish and discard
+                frame.relocate(self._shared, before)
             finally:
                 frame.release()
             size = self.file.seek(0, os.SEEK_END) - before
@@ -333,6 +414,9 @@ class ArchiveBuilder:
             self._writeback.wrote(size)
             self._next += 1
             self._hasher.advance(before + size)
+        if self._next != self._announced and self._on_advance is not None:
+            self._announced = self._next
+            self._on_advance(self._next)
         if self._next == self.count and not self._teeing:
             self._on_complete()  # every layer entry is in: only the tail is missing
 
@@ -345,9 +429,15 @@ class ArchiveBuilder:
             self._writeback.close()
             self._hasher.advance(end)
             self.file.close()
+            self._release_shared()
         self.digest = self._hasher.result()
         if self.digest[1] != end:
             raise OSError(errno.EIO, f"the archive hashed {self.digest[1]} bytes of {end}")
+
+    def _release_shared(self) -> None:
+        if self._shared is not None:
+            self._shared.release()  # the frames handed out keep it open while they live
+            self._shared = None
 
     def discard(self) -> None:
         with self._lock:
@@ -355,6 +445,7 @@ class ArchiveBuilder:
             self._writeback.close()
             self._hasher.close(abandon=True)
             self.file.close()
+            self._release_shared()
             for frame in self._ready.values():
                 frame.release()
             self._ready.clear()

@@ -196,15 +196,20 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class PackConfig:
-    """Bounds on what a layer may expand to when it is decompressed (decompression bombs).
+    """The ``[pack]`` bounds: what a layer may expand to when it is decompressed
+    (decompression bombs), and how far a pack works ahead of its archive.
 
     A layer may expand to ``max_layer_ratio`` times its compressed size, and always to 64 MiB
     (tiny layers of empty files compress extremely well), but never beyond ``max_layer_size``.
     The decompression stops as soon as a layer passes its bound (``layer-too-large``).
+    ``window``: see ``pack.window_size``.
     """
 
     max_layer_size: int = 64 * 1024 * MiB
     max_layer_ratio: float = 100.0
+    # layers a pack works on ahead of its archive's write position (compressing, or finished
+    # and held open until the archive reaches them); 0: 4 x the compression workers, >= 16
+    window: int = 0
 
     def layer_limit(self, compressed_size: int) -> int:
         """The most bytes a layer of ``compressed_size`` bytes may expand to."""
@@ -298,6 +303,9 @@ class Config:
         pack = _build(PackConfig, _table(data, "pack", where), f"{where} [pack]")
         if pack.max_layer_ratio < 1:
             raise ConfigError(f"{where} [pack] max_layer_ratio: must be at least 1")
+        if pack.window < 0:
+            raise ConfigError(f"{where} [pack] window: must be 0 (automatic) or a number of "
+                              "layers")
         return cls(store, server, network, registries, source, fleet, pack)
 
     def registry(self, host: str) -> RegistryConfig:

@@ -30,6 +30,12 @@ hashed in a thread of its own as each entry is completed, ``archive_writer.Prefi
 the commit does not read it again); a layer made out of turn goes to a temporary file (unlinked once complete and opened)
 and is copied in when its turn comes. The tail frame closes the file.
 
+The pack works on a look-ahead window of layers (``_Window``, ``[pack] window``): a layer
+starts (looks for a frame in flight or cached, takes a slot, opens its files) only once it is
+within ``window_size`` entries of the archive's write position, and cached frames are opened
+as the window reaches them. So the files a pack holds follow the layers in progress, not the
+image's layer count (a 1000-layer image held ~1000 descriptors before).
+
 Compression may start before a layer is downloaded: with ``follow``, a layer still arriving
 is decompressed and compressed as its bytes come in (``LayerStore.open_following``).
 
@@ -47,6 +53,8 @@ Invariants:
   the archive is not made;
 - compressions run in slots of a ``CompressionBudget`` (CPU and zstd memory bounded across
   all packs that share it); a pack that ends (also cancelled) has no worker left running;
+- a layer outside its pack's window holds nothing: no slot, no file, no single-flight entry
+  (so no pack ever waits for a layer that waits for another pack's window);
 - the bytes depend only on (config, layers, name:tag, level): libzstd is pinned through
   python-zstandard 0.25.0, compression always runs with ``threads >= 1`` (the same bytes for
   any thread count), frames carry a checksum and never a content size;
@@ -81,7 +89,7 @@ from .manifest import ImageManifest, parse_config
 
 __all__ = [
     "ARCHIVE_MEDIA_TYPE", "FRAME_MEDIA_TYPE", "FollowSource", "PackResult", "PackStore",
-    "ProgressSink", "archive_key", "frame_key", "pack_image",
+    "ProgressSink", "archive_key", "frame_key", "pack_image", "window_size",
 ]
 
 ARCHIVE_MEDIA_TYPE = "application/x-docker-archive+zstd"
@@ -479,8 +487,10 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     holder = f"pack {where}"
     loop = asyncio.get_running_loop()
     complete = asyncio.Event()
+    window = _Window(window_size(limits, budget.workers))
     archive = ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
-                              lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store))
+                              lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store),
+                              on_advance=_advance_from_thread(loop, window))
 
     # every frame of the archive is cached as a span of it, also those reused from others:
     # a frame lives as long as the newest archive that holds it
@@ -503,11 +513,12 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             for job in jobs:
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                                  "reused": job.diff_id in frames})
+            cached = {job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames}
             # cached frames at the head go in first, so the first new layer can tee
-            await asyncio.to_thread(_add_cached, store, archive, {
-                job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames})
+            await _feed_cached(store, archive, window, cached, first=True)
             made, compressed = await _build_frames(store, todo, level, budget, where, progress,
-                                                   archive, follow, owner, limits)
+                                                   archive, follow, owner, limits, window,
+                                                   cached)
             try:
                 _emit(progress, {"state": "assemble", "layers": len(jobs)})
                 digest = await finisher
@@ -515,6 +526,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                 for frame in made:
                     frame.release()
     except BaseException:
+        window.close()
         finisher.cancel()
         archive.discard()
         raise
@@ -578,18 +590,115 @@ def _add_cached(store: PackStore, archive: ArchiveBuilder,
     archive.add_ready(opened)
 
 
+class _Window:
+    """Which entries of one archive may be worked on now: those less than ``size`` entries
+    past its write position (``ArchiveBuilder.position``, the next entry to append).
+
+    A layer takes a compression slot, opens its files or holds a finished frame only inside
+    the window, so a pack holds descriptors for at most ``size`` layers whatever its layer
+    count (the frames made out of turn wait, open, for the archive to reach them). The
+    archive's thread reports each advance (``ArchiveBuilder(on_advance=...)`` through
+    ``loop.call_soon_threadsafe``): no polling, O(1) per entry that enters.
+
+    No deadlock: the window advances when the entry at the write position is in, and that
+    entry never waits for anything outside its pack's window. A layer outside it has taken
+    nothing (no slot, no single-flight entry: other packs do not wait for it), and what an
+    entry inside waits for (its download, a slot, another pack's frame in flight, which is
+    inside that pack's window) progresses without this window moving. ``close`` (the pack
+    fails or stops) releases every waiter with ``Aborted``.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.position = 0
+        self._closed = False
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    def admits(self, entry: int) -> bool:
+        return entry < self.position + self.size
+
+    async def reach(self, entry: int) -> None:
+        """Return once ``entry`` is inside the window; Aborted once the window is closed."""
+        if self._closed:
+            raise Aborted
+        if self.admits(entry):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(entry, []).append(fut)
+        await fut  # cancelled: the future is dropped with the others when the entry enters
+
+    def advance(self, position: int) -> None:
+        """On the event loop: the archive's write position is now ``position``."""
+        if position <= self.position:
+            return
+        entered = range(self.position + self.size, position + self.size)
+        self.position = position
+        for entry in entered:
+            for fut in self._waiters.pop(entry, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def close(self) -> None:
+        """The pack stops: every waiter (and every later ``reach``) raises Aborted."""
+        self._closed = True
+        waiters, self._waiters = self._waiters, {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(Aborted())
+                    fut.exception()  # retrieved: the waiter raises it, or was cancelled
+
+
+def window_size(limits: PackConfig, workers: int) -> int:
+    """Layers a pack works on ahead of its archive's write position: ``[pack] window``, or
+    by default 4 x the compression workers and at least 16 (room for every core while a
+    few layers wait for their downloads, and for layers of very different sizes)."""
+    return limits.window if limits.window > 0 else max(16, 4 * workers)
+
+
+def _advance_from_thread(loop: asyncio.AbstractEventLoop, window: _Window
+                         ) -> Callable[[int], None]:
+    def advance(position: int) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(window.advance, position)
+    return advance
+
+
+async def _feed_cached(store: PackStore, archive: ArchiveBuilder, window: _Window,
+                       cached: dict[int, BlobSpan | Path], first: bool = False) -> None:
+    """Cached frames (by entry, taken out of ``cached`` as they go in) into the archive,
+    each opened only once its entry is inside the window: a batch per advance, opened in a
+    worker thread. ``first``: only the batch the window admits now (the head, before any
+    layer starts, so the first layer to make can write straight into the archive)."""
+    entries = sorted(cached)
+    i = 0
+    while i < len(entries):
+        await window.reach(entries[i])
+        batch: dict[int, BlobSpan | Path] = {}
+        while i < len(entries) and window.admits(entries[i]):
+            batch[entries[i]] = cached.pop(entries[i])
+            i += 1
+        await asyncio.to_thread(_add_cached, store, archive, batch)
+        if first:
+            return
+
+
 async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
                         archive: ArchiveBuilder, follow: FollowSource | None,
-                        owner: object, limits: PackConfig) -> tuple[list[FrameBytes], int]:
+                        owner: object, limits: PackConfig, window: _Window,
+                        cached: dict[int, BlobSpan | Path]) -> tuple[list[FrameBytes], int]:
     """Make the missing layer frames, each in a slot of ``budget`` taken for ``owner`` once
-    the layer has bytes to compress, and get them into the archive. Returns the frames this call made (references the caller releases once the
-    archive is committed) and how many layers it compressed itself (the others were being
-    made by a concurrent pack of another image and were waited for, or found cached).
+    the layer is inside ``window`` and has bytes to compress, and get them into the
+    archive, with the ``cached`` frames not yet in (``_feed_cached``). Returns the frames
+    this call made (references the caller releases once the archive is committed) and how
+    many layers it compressed itself (the others were being made by a concurrent pack of
+    another image and were waited for, or found cached).
 
     On the first failure the other layers stop early and that first failure is raised; so
-    does cancellation (the worker threads notice ``abort`` within one chunk). The frames
-    that ended cleanly before a failure are kept as frame blobs (``_keep_frames``).
+    does cancellation (the worker threads notice ``abort`` within one chunk; the window is
+    closed, so layers waiting for it stop too). The frames that ended cleanly before a
+    failure are kept as frame blobs (``_keep_frames``).
     """
     abort = threading.Event()
     finished: list[tuple[LayerJob, FrameBytes]] = []  # made, then cancelled: see ``one``
@@ -616,6 +725,16 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
             await follow.wait_for_bytes(digest, min(size, _START_BYTES))
 
     async def one(job: LayerJob) -> tuple[FrameBytes | None, bool]:
+        try:
+            # Nothing before this: outside the window a layer holds no file, no slot and no
+            # single-flight entry (another pack waiting for it could wait on this window)
+            await window.reach(job.entry)
+            return await make(job)
+        except BaseException:
+            window.close()  # the pack fails: the layers waiting for the window stop too
+            raise
+
+    async def make(job: LayerJob) -> tuple[FrameBytes | None, bool]:
         key = frame_key(job.diff_id, level)
         while True:
             other = flights.get(key)
@@ -678,22 +797,38 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
             if flights.get(key) is fut:
                 del flights[key]
 
+    async def feed() -> None:
+        try:
+            await _feed_cached(store, archive, window, cached)
+        except BaseException:
+            abort.set()
+            window.close()
+            raise
+
     tasks = [asyncio.ensure_future(one(job)) for job in todo]
-    if not tasks:
+    feeding = [asyncio.ensure_future(feed())] if cached else []
+    for feeder in feeding:
+        feeder.add_done_callback(_retrieve)
+    if not tasks and not feeding:
         return [], 0
     try:
-        await asyncio.wait(tasks)
+        await asyncio.wait([*tasks, *feeding])
     except asyncio.CancelledError:
         # The pull cancels its pack when a download fails: the frames that ended cleanly
         # stay cached all the same (every task ends: ``one`` waits for its worker).
         abort.set()
+        window.close()
         for task in tasks:
             task.cancel()
+        for feeder in feeding:
+            feeder.cancel()
         await asyncio.shield(_settle(store, level, todo, tasks, keep=True, finished=finished))
         raise
     results = [asyncio.CancelledError() if t.cancelled() else t.exception() or t.result()
                for t in tasks]
     errors = [r for r in results if isinstance(r, BaseException)]
+    errors += [e for t in feeding if (e := asyncio.CancelledError() if t.cancelled()
+                                      else t.exception()) is not None]
     real = [e for e in errors if not isinstance(e, Aborted | asyncio.CancelledError)]
     if errors:
         abort.set()

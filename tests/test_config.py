@@ -147,6 +147,8 @@ BAD = [
     ("[server]\nloop_lag_interval = 0\n", "loop_lag_interval: must be between 0.001 and 60"),
     ("[pack]\nmax_layer_sise = '1G'\n", "unknown key 'max_layer_sise'"),
     ("[pack]\nmax_layer_size = 'huge'\n", "expected a size"),
+    ("[pack]\nwindow = -1\n", "window: must be 0"),
+    ("[pack]\nwindow = '8'\n", "expected int"),
     ("not toml = = 1", "not valid TOML"),
 ]
 
@@ -180,3 +182,8 @@ def test_pack_bounds_how_far_a_layer_may_expand(tmp_path: Path) -> None:
     assert pack.layer_limit(10 << 20) == 500 << 20  # 50 times the compressed size ...
     assert pack.layer_limit(100 << 20) == 1 << 30  # ... never beyond max_layer_size
     assert Config.from_dict({}, env={}).pack.layer_limit(1 << 30) == 64 << 30  # the defaults
+
+
+def test_pack_window_is_read(tmp_path: Path) -> None:
+    assert load(tmp_path, "[pack]\nwindow = 8\n").pack.window == 8
+    assert Config.from_dict({}, env={}).pack.window == 0  # automatic: see pack.window_size

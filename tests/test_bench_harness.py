@@ -199,3 +199,25 @@ def test_scale_refuses_an_unknown_section() -> None:
 
     with pytest.raises(SystemExit):
         scale.parse_args(["--sections", "store,nonsense"])
+
+
+def test_starvation_stall_steps_run_and_report_their_targets() -> None:
+    """The loop-stall steps of bench.starvation (quick: a 20 MB image, 3 refusals): every
+    20000-layer manifest is refused with the layer-cap error, the cold pull downloads its
+    layer, both steps carry the daemon's lag over the step and the health probe's figures,
+    and both targets are evaluated (timings are the bench's business, not asserted)."""
+    from bench import starvation
+
+    result = starvation.run(True, lambda line: None, ("stall",))
+    stall = result["stall"]
+    assert stall["reject"]["answers"] == ["manifest-invalid"] * 3
+    assert stall["manifest_layers"] == 20000 and stall["manifest_bytes"] > 1_000_000
+    assert stall["cold_big"]["blobs_downloaded"] == 1
+    for step in (stall["reject"], stall["cold_big"]):
+        assert step["loop_lag_max_ms"] >= step["loop_lag_p99_ms"] >= 0
+        assert step["loop_lag_samples"] >= 1
+        assert step["health_samples"] >= 0 and step["health_errors"] == 0
+    rows = {name: met for name, _, _, met in starvation.targets(result)}
+    assert set(rows) == {"loop stall, 20000-layer manifest refused",
+                         "loop stall, cold pull of the big image"}
+    assert all(met in (True, False) for met in rows.values())

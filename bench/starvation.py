@@ -129,12 +129,11 @@ class Tarpit:
             self.held -= 1
         return resp
 
-    def release(self) -> None:
-        """Let every held request end (the tarpit's clients then fail); it keeps serving."""
-        assert self._release is not None
-        self._loop.call_soon_threadsafe(self._release.set)
-
     def stop(self) -> None:
+        """Release the held requests and stop serving (idempotent)."""
+        if not self._thread.is_alive():
+            return
+
         async def stop() -> None:
             assert self._release is not None
             self._release.set()
@@ -169,19 +168,23 @@ def _timed(fn: Callable[[], Any]) -> float:
 def run(quick: bool, log: Callable[[str], None], steps: tuple[str, ...] = ("tarpit", "stall")
         ) -> dict[str, Any]:
     """The ``steps`` asked for (``tarpit``: tarpit and idle connections; ``stall``: the loop's
-    longest stall), each against its own daemon; one registry and one tarpit for all."""
+    longest stall), each against its own daemons and tarpit; one registry for all."""
     out: dict[str, Any] = {"quick": quick}
     with LocalRegistry() as reg, tempfile.TemporaryDirectory(prefix="fetchd-starve-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
-        tarpit = Tarpit()
-        try:
-            if "tarpit" in steps:
-                out.update(run_tarpit(reg, tarpit, work, quick, log))
-            if "stall" in steps:
-                out["stall"] = run_stall(reg, tarpit, work, quick, log)
-        finally:
-            tarpit.stop()
+        for step, measure in (("tarpit", run_tarpit), ("stall", run_stall)):
+            if step not in steps:
+                continue
+            tarpit = Tarpit()  # one of its own per step: the tarpit step ends by stopping it
+            try:
+                figures = measure(reg, tarpit, work, quick, log)
+            finally:
+                tarpit.stop()
+            if step == "stall":
+                out["stall"] = figures
+            else:
+                out.update(figures)
     return out
 
 
@@ -243,7 +246,7 @@ def run_tarpit(reg: LocalRegistry, tarpit: Tarpit, work: Path, quick: bool,
             f"{statistics.median(status) * 1000:.1f} ms")
         holder.stdin.close()
         holder.wait(30)
-        tarpit.release()
+        tarpit.stop()  # its clients fail at once (connection refused)
         for proc in stuck:
             proc.wait(60)
     return {

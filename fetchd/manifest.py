@@ -6,7 +6,6 @@ Pure: takes bytes, returns frozen values. Schema1 is refused with a clear error.
 from __future__ import annotations
 
 import json
-import json.scanner
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +37,19 @@ LAYER_PLAIN_TYPES = ("application/vnd.oci.image.layer.v1.tar",
                      "application/vnd.docker.image.rootfs.diff.tar")
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
-# A JSON document up to this size is decoded at C speed (~1 ms). The C decoder holds the GIL
-# for a whole document, so a bigger one (a 20000-layer manifest is ~3 MB: 10-30 ms) is
-# decoded by the json module's pure-Python scanner instead, which lets other threads (the
-# event loop's) run every few ms. Async callers parse a bigger body in a worker thread.
+# A JSON document up to this size is decoded where it is (under a millisecond). A bigger one
+# (a 20000-layer manifest is ~3 MB: 10-30 ms) is decoded by async callers in a worker thread,
+# and ``loads`` then makes the C decoder call back into Python at every JSON object, where
+# the interpreter can hand the GIL to the event loop; the C decoder alone would hold it for
+# the whole document, blocking the loop even from a thread.
 INLINE_JSON = 256 * 1024
+# ... and before a bigger document is decoded at all, its JSON values are bounded by what a
+# manifest or config of ``max_layers`` layers can need: decoding cost follows the number of
+# values (600k nested arrays in 2.4 MB: 200-450 ms), not the byte size. Counted at C speed
+# as commas and brackets (an upper bound: those inside strings count too).
+VALUES_PER_LAYER = 64
+CONTAINERS_PER_LAYER = 16
+SPARE_LAYERS = 64
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 
 
@@ -117,16 +124,33 @@ class ImageConfig:
     data: dict[str, Any] = field(repr=False, compare=False, hash=False, default_factory=dict)
 
 
+def _same(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj
+
+
 def loads(body: bytes) -> Any:
-    """``json.loads(body)``; a body bigger than ``INLINE_JSON`` is decoded by the pure-Python
-    scanner (same result, several times slower, but it never holds the GIL for more than a
-    switch interval). Big bodies: call it from a worker thread."""
+    """``json.loads(body)``. For a body bigger than ``INLINE_JSON`` the decoder calls back
+    into Python at every object (same result, ~10% slower): a point where a worker thread
+    running it gives the GIL to the event loop when the loop asks for it."""
     if len(body) <= INLINE_JSON:
         return json.loads(body)
-    text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads does
-    decoder = json.JSONDecoder()
-    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
-    return decoder.decode(text)
+    return json.loads(body, object_hook=_same)
+
+
+def _check_values(body: bytes, max_layers: int | None, what: str, where: str) -> None:
+    """Refuse a big document with more JSON values than ``max_layers`` layers can need,
+    before decoding it (see ``VALUES_PER_LAYER``)."""
+    if max_layers is None or len(body) <= INLINE_JSON:
+        return
+    slots = max_layers + SPARE_LAYERS
+    values = body.count(b",") + 1
+    containers = body.count(b"[") + body.count(b"{")
+    if values > VALUES_PER_LAYER * slots or containers > CONTAINERS_PER_LAYER * slots:
+        raise ManifestInvalid(
+            f"{where}: the {what} holds about {values} JSON values in {containers} arrays and "
+            f"objects, more than one of at most {max_layers} layers needs ([server] "
+            "max_layers); nothing was fetched. The registry sent something else than an "
+            "image's metadata: check the image")
 
 
 def parse_manifest(body: bytes, content_type: str | None, where: str,
@@ -134,11 +158,13 @@ def parse_manifest(body: bytes, content_type: str | None, where: str,
     """Parse a manifest or index. ``where`` names it in errors (e.g. 'docker.io/library/debian:12').
 
     ``max_layers`` caps the layer list (and an index's entries): a longer list is refused
-    before any of its entries is looked at. A body bigger than ``INLINE_JSON`` takes tens of
-    ms: async callers run it in a worker thread (it then leaves the GIL to the loop).
+    before any of its entries is looked at, and a big body's JSON values before it is
+    decoded. A body bigger than ``INLINE_JSON`` takes tens of ms: async callers run it in a
+    worker thread (it then leaves the GIL to the loop at every object).
     """
     if len(body) > MAX_MANIFEST_SIZE:
         raise ManifestInvalid(f"{where}: manifest of {len(body)} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
+    _check_values(body, max_layers, "manifest", where)
     try:
         obj = loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -197,6 +223,7 @@ def _check_count(n: int, limit: int | None, what: str, where: str) -> None:
 def parse_config(raw: bytes, where: str, max_layers: int | None = None) -> ImageConfig:
     """The image config's diff_ids and platform; as ``parse_manifest``, a body bigger than
     ``INLINE_JSON`` belongs in a worker thread."""
+    _check_values(raw, max_layers, "image config", where)
     try:
         obj = loads(raw)
         listed = obj["rootfs"]["diff_ids"]

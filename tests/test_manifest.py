@@ -207,19 +207,53 @@ BIG = {
 
 @pytest.mark.parametrize("body", BIG.values(), ids=BIG.keys())
 def test_a_big_document_decodes_as_json_loads_does(body: bytes) -> None:
-    """Bigger than INLINE_JSON: the pure-Python scanner (it lets the GIL go), same result."""
+    """Bigger than INLINE_JSON: decoded with a callback per object (where a worker thread
+    lets the GIL go), with the same result as json.loads."""
     assert len(body) > INLINE_JSON
     assert loads(body) == json.loads(body)
-    image = parse_manifest(body, None, "img")
+    image = parse_manifest(body, None, "img", max_layers=4096)
     assert isinstance(image, ImageManifest) and len(image.layers) == 3000
 
 
 @pytest.mark.parametrize("body,message", [
     (json.dumps(_many_layers(3000)).encode()[:-1], "not valid JSON"),
-    (b" " * INLINE_JSON + b"[" * 100_000, "nested too deeply"),
+    (b" " * INLINE_JSON + b"[" * 50_000, "nested too deeply"),
     (json.dumps(_many_layers(5000)).encode(), "5000 layers, more than the 4096"),
 ], ids=["cut", "deep", "too many layers"])
 def test_a_big_bad_document_is_a_clear_error(body: bytes, message: str) -> None:
     assert len(body) > INLINE_JSON
     with pytest.raises(ManifestInvalid, match=message):
         parse_manifest(body, None, "img", max_layers=4096)
+
+
+# Cheap to send, costly to decode: hundreds of thousands of JSON values in a few MB.
+FLOODS = {
+    "nested arrays": json.dumps({"schemaVersion": 2, "layers": [[1]] * 600_000}).encode(),
+    "strings": json.dumps({"schemaVersion": 2, "layers": ["ab"] * 600_000}).encode(),
+    "objects": json.dumps({"schemaVersion": 2, "layers": [{}] * 600_000}).encode(),
+}
+
+
+@pytest.mark.parametrize("body", FLOODS.values(), ids=FLOODS.keys())
+def test_a_flood_of_json_values_is_refused_before_it_is_decoded(
+        body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fetchd.manifest
+
+    decoded: list[int] = []
+    monkeypatch.setattr(fetchd.manifest, "loads", lambda raw: decoded.append(len(raw)))
+    with pytest.raises(ManifestInvalid, match="JSON values .* more than one of at most 4096 "
+                                              r"layers needs \(\[server\] max_layers\)"):
+        parse_manifest(body, None, "img", max_layers=4096)
+    with pytest.raises(ManifestInvalid, match="the image config holds about"):
+        parse_config(body, "img", max_layers=4096)
+    assert decoded == []
+
+
+def test_the_value_bound_follows_max_layers() -> None:
+    """A 20000-layer manifest passes the value bound (its layer count is the error), and so
+    does any manifest once max_layers admits its layers."""
+    body = json.dumps(_many_layers(20000)).encode()
+    with pytest.raises(ManifestInvalid, match="20000 layers, more than the 4096"):
+        parse_manifest(body, None, "img", max_layers=4096)
+    image = parse_manifest(body, None, "img", max_layers=20000)
+    assert isinstance(image, ImageManifest) and len(image.layers) == 20000

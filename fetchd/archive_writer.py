@@ -20,7 +20,10 @@ Invariants:
 - the bytes before the end of the last appended entry never change again (a tee writes, and
   patches its header frame, only after it; a failed tee cuts the file back to its start):
   ``PrefixHasher`` hashes them while later entries are still being made, so ``finish``
-  knows the archive's digest without reading it again, and frames are read there.
+  knows the archive's digest without reading it again, and frames are read there;
+- a ``GivenFrame`` that is the archive's first entry becomes the archive file itself: its
+  bytes are neither copied nor hashed again (its writer's hash is continued); a discard
+  before ``finish`` leaves it exactly as it was given.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _WRITEBACK_EVERY = 32 << 20
 
@@ -46,6 +50,22 @@ def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[f.write(view) or 0:]
+
+
+@dataclass(frozen=True)
+class GivenFrame:
+    """A finished, verified layer frame in a file of its own, from outside the pack (the
+    fleet's frame cache) of ``length`` bytes (verified; a file of another size is refused).
+    ``sha256``: a hashlib object holding the hash of exactly those bytes, computed as they
+    were written (only ever copied, never updated), or None.
+
+    As an archive's first entry the file *becomes* the archive (``ArchiveBuilder(head=)``):
+    appended to and committed, so it is gone afterwards; a pack that fails before the
+    archive was finished cuts it back to its own bytes, for a retry."""
+
+    path: Path
+    length: int
+    sha256: Any = None
 
 
 class SharedFd:
@@ -210,13 +230,15 @@ class PrefixHasher:
     (``pread``, from the page cache) and hashes them in order, overlapping the work that
     appends the rest. ``result`` waits for everything declared and returns (digest hex,
     size). It reads through a descriptor of its own, so the builder may close its file.
+    ``start``: (a hashlib object, n) when the file's first n bytes are already hashed (a
+    copy of it is continued from byte n).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, start: tuple[Any, int] | None = None) -> None:
         self._fd = os.dup(fd)
-        self._hash = hashlib.sha256()
-        self._hashed = 0
-        self._final = 0
+        self._hash = start[0].copy() if start is not None else hashlib.sha256()
+        self._hashed = start[1] if start is not None else 0
+        self._final = self._hashed
         self._stop = False
         self._abandon = False
         self._error: OSError | None = None
@@ -292,27 +314,49 @@ class ArchiveBuilder:
 
     def __init__(self, path: Path, count: int, on_complete: Callable[[], object],
                  writeback: bool = False,
-                 on_advance: Callable[[int], object] | None = None) -> None:
-        self.path = path
+                 on_advance: Callable[[int], object] | None = None,
+                 head: GivenFrame | None = None) -> None:
         self.count = count
         self._on_complete = on_complete
         self._on_advance = on_advance
         self._announced = 0  # the last position handed to ``on_advance``
-        # read too: spans of it are handed out (end_tee) for other packs and the cache
-        self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        self.digest: tuple[str, int] | None = None  # set by finish
+        self._next = 0
+        self.spans: dict[int, tuple[int, int]] = {}  # entry -> (offset, length) in the file
+        self._head: int | None = None  # with ``head``: its length (discard cuts back to it)
+        self._finished = False
+        start: tuple[Any, int] | None = None
+        if head is None:
+            self.path = path
+            # read too: spans of it are handed out (end_tee) for other packs and the cache
+            self.file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+        else:
+            # the given first frame is the archive's start: appended to, never copied, and
+            # its hash continued
+            self.path = head.path
+            self.file = open(head.path, "r+b", buffering=0)  # noqa: SIM115 -- closed in finish/discard
+            length = self.file.seek(0, os.SEEK_END)
+            if length != head.length:
+                self.file.close()
+                raise OSError(errno.EIO, f"the given frame {head.path.name} has {length} "
+                                         f"bytes, not the {head.length} verified")
+            self._head = length
+            self.spans[0] = (0, length)
+            self._next = 1
+            start = (head.sha256, length) if head.sha256 is not None else None
         # the frames in the file are spans of this one descriptor (``FrameBytes.relocate``),
         # which lives as long as the last of them
         self._shared: SharedFd | None = SharedFd(os.dup(self.file.fileno()))
         self._writeback = Writeback(self.file.fileno(), writeback)
-        self._hasher = PrefixHasher(self.file.fileno())
-        self.digest: tuple[str, int] | None = None  # set by finish
-        self._next = 0
-        self.spans: dict[int, tuple[int, int]] = {}  # entry -> (offset, length) in the file
+        self._hasher = PrefixHasher(self.file.fileno(), start)
+        self._hasher.advance(self._head or 0)  # a head without its hash: read once
         # open files: a frame stays readable after a gc took its blob (commit -> lease window)
         self._ready: dict[int, FrameBytes] = {}
         self._teeing = False
         self._failed = False
         self._lock = threading.Lock()
+        if self._next == self.count:
+            self._on_complete()  # the given head is the only entry: only the tail is missing
 
     @property
     def position(self) -> int:
@@ -428,6 +472,7 @@ class ArchiveBuilder:
             write_all(self.file, tail)
             self._writeback.close()
             self._hasher.advance(end)
+            self._finished = True
             self.file.close()
             self._release_shared()
         self.digest = self._hasher.result()
@@ -440,17 +485,24 @@ class ArchiveBuilder:
             self._shared = None
 
     def discard(self) -> None:
+        """Give up: the file is removed, or (a given head, the archive not yet finished)
+        cut back to the head's own bytes and left to its owner."""
         with self._lock:
             self._failed = True
             self._writeback.close()
             self._hasher.close(abandon=True)
+            keep = self._head is not None and not self._finished
+            if keep and not self.file.closed:
+                with contextlib.suppress(OSError):
+                    self.file.truncate(self._head)
             self.file.close()
             self._release_shared()
             for frame in self._ready.values():
                 frame.release()
             self._ready.clear()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if not keep:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
 class FrameSink:

@@ -38,6 +38,17 @@ class Digest:
         return cls(algorithm, hexpart)
 
     @classmethod
+    def from_header(cls, text: str | None) -> Digest | None:
+        """A digest a server named in a header (``Docker-Content-Digest``); None when there
+        is none or it is malformed (a header is a claim to check, never an error)."""
+        if not text:
+            return None
+        try:
+            return cls.parse(text.strip())
+        except InvalidReference:
+            return None
+
+    @classmethod
     def of(cls, data: bytes) -> Digest:
         return cls("sha256", hashlib.sha256(data).hexdigest())
 

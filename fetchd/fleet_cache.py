@@ -15,7 +15,7 @@ returns is trusted: the caller verifies a frame in full (``frame_check``) before
 reports the outcome (``hit`` / ``reject``).
 
 Invariants:
-- a lookup is one HEAD of the tag plus one GET of the manifest, within ``[fleet] timeout``; a
+- a lookup is one GET of the tag's manifest, within ``[fleet] timeout``; a
   fetch reads at most the entry's size, each read within ``timeout``; any failure is a miss
   for the caller (counted, logged), never an error of the pull. A timeout or a connection
   failure takes the cache out of use for ``cooldown`` seconds;
@@ -215,7 +215,7 @@ class FrameCache:
 
     async def lookup(self, key: FrameKey) -> FrameEntry | None:
         """The cache's entry for ``key``, or None (a miss, a failure, a malformed entry: each
-        counted). One HEAD of the tag, then the manifest by its digest, within ``timeout``."""
+        counted). One GET of the tag's manifest, within ``timeout``."""
         if not self.available():
             return None
         try:
@@ -249,24 +249,21 @@ class FrameCache:
             return None
 
     async def _manifest(self, tag: str) -> bytes | None:
-        path = f"/v2/{self._ref.repository}/manifests/{tag}"
-        async with self._t.open(self._ep, self._ref, "HEAD", path, what="frame lookup",
-                                headers={"Accept": MANIFEST_TYPE}, ok=(200, 404),
-                                retries=0) as resp:
-            if resp.status == 404:
-                return None
-            digest = _digest(resp.headers.get("Docker-Content-Digest"))
-        target = str(digest) if digest is not None else tag
+        """The manifest under ``tag`` (None: 404), in one round trip: a lookup is on the
+        critical path of every layer of a pull. The body is checked against the
+        Docker-Content-Digest the same answer names (a sha256 one), as far as that goes:
+        nothing in it is trusted, the frame it names is verified in full."""
         async with self._t.open(self._ep, self._ref, "GET",
-                                f"/v2/{self._ref.repository}/manifests/{target}",
-                                what="frame manifest", headers={"Accept": MANIFEST_TYPE},
+                                f"/v2/{self._ref.repository}/manifests/{tag}",
+                                what="frame lookup", headers={"Accept": MANIFEST_TYPE},
                                 ok=(200, 404), retries=0) as resp:
             if resp.status == 404:
-                return None  # deleted between the two requests
+                return None
+            digest = Digest.from_header(resp.headers.get("Docker-Content-Digest"))
             body = await read_capped(resp.content, MAX_MANIFEST + 1)
         if len(body) > MAX_MANIFEST:
             raise EntryInvalid(f"manifest of more than {MAX_MANIFEST} bytes")
-        if digest is not None and Digest("sha256", hashlib.sha256(body).hexdigest()) != digest:
+        if digest is not None and digest.algorithm == "sha256" and Digest.of(body) != digest:
             raise EntryInvalid("manifest does not hash to its Docker-Content-Digest")
         return body
 
@@ -442,7 +439,8 @@ class FrameDownload:
     another thread while it grows (``reader``), so checking overlaps the transfer.
 
     ``finish`` ends it (``failed``: readers raise FetchFailed instead of seeing the end).
-    ``digest`` is the sha256 of everything written, once finished without failure.
+    ``digest`` is the sha256 of everything written, once finished without failure, and
+    ``sha256()`` a copy of that hash's state (to continue it over what follows the frame).
     """
 
     def __init__(self, path: Path) -> None:
@@ -482,6 +480,11 @@ class FrameDownload:
                 self.digest = Digest("sha256", self._hash.hexdigest())
             self._cond.notify_all()
         self._file.close()
+
+    def sha256(self) -> Any:
+        """A copy of the hash of everything written (a hashlib object), once finished."""
+        assert self.digest is not None, "the download has not finished cleanly"
+        return self._hash.copy()
 
     def wait_done(self) -> int:
         """In a reader's thread: until the download ended; its size (FetchFailed if it failed)."""
@@ -629,15 +632,6 @@ def _entry(key: FrameKey, body: bytes) -> FrameEntry:
     if not isinstance(layer_size, str) or not layer_size.isdigit() or len(layer_size) > 20:
         raise EntryInvalid("annotation size is not a number")
     return FrameEntry(key, digest, size, int(layer_size))
-
-
-def _digest(text: str | None) -> Digest | None:
-    if not text:
-        return None
-    with contextlib.suppress(InvalidReference):
-        d = Digest.parse(text.strip())
-        return d if d.algorithm == "sha256" else None
-    return None
 
 
 def _safe(key: FrameKey) -> str:

@@ -28,7 +28,9 @@ before it is in writes its output straight into the archive, so the biggest byte
 single-layer base image) are written once, never copied, and hashed once (the archive is
 hashed in a thread of its own as each entry is completed, ``archive_writer.PrefixHasher``, so
 the commit does not read it again); a layer made out of turn goes to a temporary file (unlinked once complete and opened)
-and is copied in when its turn comes. The tail frame closes the file.
+and is copied in when its turn comes. A verified frame from the fleet's frame cache at the
+archive's start *is* the archive's start (its file appended to, its hash continued). The tail
+frame closes the file.
 
 The pack works on a look-ahead window of layers (``_Window``, ``[pack] window``): a layer
 starts (looks for a frame in flight or cached, takes a slot, opens its files) only once it is
@@ -79,7 +81,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar, cast
 import zstandard
 
 from .archive_format import archive_tail, qualified_repo_tag
-from .archive_writer import Aborted, ArchiveBuilder, FrameBytes
+from .archive_writer import Aborted, ArchiveBuilder, FrameBytes, GivenFrame
 from .compress_budget import CompressionBudget, CompressionSlot, check_level, compressor
 from .config import PackConfig
 from .digest import BlobSpan, Digest
@@ -413,13 +415,15 @@ async def pack_image(store: PackStore, manifest: ImageManifest, config_raw: byte
                      budget: CompressionBudget | None = None,
                      follow: FollowSource | None = None,
                      lease: str | None = None,
-                     frames: Mapping[Digest, Path] | None = None,
+                     frames: Mapping[Digest, GivenFrame] | None = None,
                      owner: object = None, limits: PackConfig = DEFAULT_LIMITS) -> PackResult:
     """The image as a zstd docker-archive in the store (made now, or found in the cache).
 
     ``frames``: frame files from outside the store, per diff_id, already verified to be
     exactly this level's frame of that layer (``frame_check``; the fleet's frame cache): used
-    like cached frames, their layers are not read. The caller keeps (and removes) the files.
+    like cached frames, their layers are not read. The first entry's file becomes the
+    archive (``ArchiveBuilder(head=)``: not copied, and its hash continued, not computed
+    again); the caller removes what is left of the files (``missing_ok``).
 
     The layer blobs of ``manifest`` must be in the store (the caller leases them), or, with
     ``follow``, be downloading into it: a layer not in the store when its compression starts
@@ -459,7 +463,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                       level: int, *, budget: CompressionBudget, progress: ProgressSink | None,
                       image_name: str, manifest_digest: Digest | None,
                       follow: FollowSource | None, lease: str | None,
-                      given: Mapping[Digest, Path], owner: object,
+                      given: Mapping[Digest, GivenFrame], owner: object,
                       limits: PackConfig) -> PackResult:
     check_level(level)
     where = image_name or repo_tag
@@ -481,16 +485,18 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
                          "reused": True})
         return reused
 
-    frames: dict[Digest, BlobSpan | Path] = {
+    frames: dict[Digest, BlobSpan | GivenFrame] = {
         **await asyncio.to_thread(_cached_frames, store, jobs, level), **given}  # index reads
     todo = [job for job in jobs if job.diff_id not in frames]
     holder = f"pack {where}"
     loop = asyncio.get_running_loop()
     complete = asyncio.Event()
     window = _Window(window_size(limits, budget.workers))
+    head = frames.get(jobs[0].diff_id)  # entry 0 (jobs are in entry order)
+    head = head if isinstance(head, GivenFrame) else None
     archive = ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
                               lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store),
-                              on_advance=_advance_from_thread(loop, window))
+                              on_advance=_advance_from_thread(loop, window), head=head)
 
     # every frame of the archive is cached as a span of it, also those reused from others:
     # a frame lives as long as the newest archive that holds it
@@ -513,7 +519,8 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             for job in jobs:
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                                  "reused": job.diff_id in frames})
-            cached = {job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames}
+            cached = {job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames
+                      and not (head is not None and job.entry == 0)}  # the head is in
             # cached frames at the head go in first, so the first new layer can tee
             await _feed_cached(store, archive, window, cached, first=True)
             made, compressed = await _build_frames(store, todo, level, budget, where, progress,
@@ -574,13 +581,14 @@ def _packed_already(store: PackStore, key: str, layers: int) -> PackResult | Non
 
 
 def _add_cached(store: PackStore, archive: ArchiveBuilder,
-                frames: Mapping[int, BlobSpan | Path]) -> None:
+                frames: Mapping[int, BlobSpan | GivenFrame]) -> None:
     """Cached frames (spans of the store, or given frame files) into the archive (opened
     now: FileNotFoundError if a gc took one)."""
     opened: dict[int, FrameBytes] = {}
     try:
         for entry, span in frames.items():
-            opened[entry] = (FrameBytes.open(span) if isinstance(span, Path) else
+            opened[entry] = (FrameBytes.open(span.path, 0, span.length)
+                             if isinstance(span, GivenFrame) else
                              FrameBytes.open(store.blob_path(span.digest), span.offset,
                                              span.length))
     except BaseException:
@@ -665,7 +673,7 @@ def _advance_from_thread(loop: asyncio.AbstractEventLoop, window: _Window
 
 
 async def _feed_cached(store: PackStore, archive: ArchiveBuilder, window: _Window,
-                       cached: dict[int, BlobSpan | Path], first: bool = False) -> None:
+                       cached: dict[int, BlobSpan | GivenFrame], first: bool = False) -> None:
     """Cached frames (by entry, taken out of ``cached`` as they go in) into the archive,
     each opened only once its entry is inside the window: a batch per advance, opened in a
     worker thread. ``first``: only the batch the window admits now (the head, before any
@@ -674,7 +682,7 @@ async def _feed_cached(store: PackStore, archive: ArchiveBuilder, window: _Windo
     i = 0
     while i < len(entries):
         await window.reach(entries[i])
-        batch: dict[int, BlobSpan | Path] = {}
+        batch: dict[int, BlobSpan | GivenFrame] = {}
         while i < len(entries) and window.admits(entries[i]):
             batch[entries[i]] = cached.pop(entries[i])
             i += 1
@@ -687,7 +695,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
                         budget: CompressionBudget, where: str, progress: ProgressSink | None,
                         archive: ArchiveBuilder, follow: FollowSource | None,
                         owner: object, limits: PackConfig, window: _Window,
-                        cached: dict[int, BlobSpan | Path]) -> tuple[list[FrameBytes], int]:
+                        cached: dict[int, BlobSpan | GivenFrame]) -> tuple[list[FrameBytes], int]:
     """Make the missing layer frames, each in a slot of ``budget`` taken for ``owner`` once
     the layer is inside ``window`` and has bytes to compress, and get them into the
     archive, with the ``cached`` frames not yet in (``_feed_cached``). Returns the frames

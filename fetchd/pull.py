@@ -32,12 +32,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from .archive_format import qualified_repo_tag
+from .archive_writer import GivenFrame
 from .compress_budget import CompressionBudget, check_level, usable_cpus
 from .config import Config
 from .digest import Digest
@@ -578,15 +579,15 @@ class Puller:
                     [image.config.digest, *(layer.digest for layer in image.layers), *frames],
                     f"pull {where}") as lease:
                 await restrict([], lease)  # the archive committed under it
-                fleet_frames: dict[Digest, Path] = {}
+                fleet_frames: dict[Digest, GivenFrame] = {}
                 try:
                     # never for a private registry: its layers must not leave this host
                     if self.fleet is not None and not req.offline and not private:
                         fleet_frames, push = await self._from_fleet(job, image, config.diff_ids,
-                                                                    req.level)
+                                                                    req.level, found)
                         from_fleet = len(fleet_frames)
                     needed = await self._needed_layers(job, ref, image, config.diff_ids, req,
-                                                       skip=set(fleet_frames))
+                                                       found, skip=set(fleet_frames))
                     downloaded = len(needed)
                     packed = await self._download_and_pack(job, ref, image, needed, config_raw,
                                                            repo_tag, manifest_digest, lease,
@@ -594,7 +595,7 @@ class Puller:
                 finally:
                     self.store.end_restriction(lease)
                     if fleet_frames:  # verified frame files: now in the archive (or not needed)
-                        await asyncio.to_thread(_unlink_all, list(fleet_frames.values()))
+                        await asyncio.to_thread(_unlink_all, [f.path for f in fleet_frames.values()])
             archive = packed.digest
             size = packed.size
             pack_stats = (packed.frames_compressed, packed.frames_reused)
@@ -725,7 +726,7 @@ class Puller:
     async def _download_and_pack(self, job: Job, ref: Reference, image: ImageManifest,
                                  needed: list[Any], config_raw: bytes, repo_tag: str,
                                  manifest_digest: Digest, lease: str,
-                                 frames: dict[Digest, Path] | None = None) -> PackResult:
+                                 frames: dict[Digest, GivenFrame] | None = None) -> PackResult:
         """Download ``needed`` and pack the image at once; the packed archive.
 
         The pack follows the downloads (see ``pack_image``). When a download fails, the pack
@@ -789,17 +790,17 @@ class Puller:
     # -- the fleet's frame cache ---------------------------------------------------------------
 
     async def _from_fleet(self, job: Job, image: ImageManifest, diff_ids: tuple[Digest, ...],
-                          level: int) -> tuple[dict[Digest, Path], list[FrameKey]]:
+                          level: int, local: Mapping[str, Any]
+                          ) -> tuple[dict[Digest, GivenFrame], list[FrameKey]]:
         """Frames of this image's layers from the fleet's frame cache, before any layer
         download: each found entry is downloaded and verified in full as it arrives
-        (``check_frame``; its digest against the entry's). Returns the verified frame files
-        by diff_id (temporary files the caller removes; the pack takes them as cached frames
-        and those layers are not downloaded), and the keys to push once the pack made their
-        frames (misses and rejected entries). Never raises for the cache's sake."""
+        (``check_frame``; its digest against the entry's). ``local``: the frames the store
+        has (``get_frames``; those layers are not looked up). Returns the verified frame
+        files by diff_id (temporary files the caller removes; the pack takes them as cached
+        frames and those layers are not downloaded), and the keys to push once the pack made
+        their frames (misses and rejected entries). Never raises for the cache's sake."""
         assert self.fleet is not None
         fleet = self.fleet
-        local = await asyncio.to_thread(self.store.get_frames,
-                                        [frame_key(d, level) for d in diff_ids])
         todo: dict[Digest, tuple[FrameKey, Descriptor]] = {}
         for layer, diff_id in zip(image.layers, diff_ids, strict=False):
             if diff_id in todo or diff_id.algorithm != "sha256":
@@ -814,7 +815,7 @@ class Puller:
                  if path is not None}
         return taken, [key for key, _ in todo.values() if key.diff_id not in taken]
 
-    async def _fleet_frame(self, job: Job, key: FrameKey, layer: Descriptor) -> Path | None:
+    async def _fleet_frame(self, job: Job, key: FrameKey, layer: Descriptor) -> GivenFrame | None:
         """One layer's frame from the cache, verified: its file, or None (a miss, a failure
         or a bad entry; nothing is kept then)."""
         assert self.fleet is not None
@@ -871,7 +872,8 @@ class Puller:
         fleet.hit(key, entry.size)
         job.push({"event": "layer", "digest": str(layer.digest), "diff_id": str(key.diff_id),
                   "size": entry.size, "state": "frame-fleet"})
-        return tmp
+        # the hash of its bytes goes with it: as the archive's start, it is continued
+        return GivenFrame(tmp, entry.size, download.sha256())
 
     def _push_frames(self, keys: list[FrameKey]) -> None:
         """Hand the frames this pull made for ``keys`` to the cache's background pushes."""
@@ -900,14 +902,16 @@ class Puller:
 
     async def _needed_layers(self, job: Job, ref: Reference, image: ImageManifest,
                              diff_ids: tuple[Digest, ...], req: FetchRequest,
+                             frames: Mapping[str, Any],
                              skip: set[Digest] | None = None) -> list[Any]:
         """The distinct layers to download: those whose frame at this level is not cached
-        (nor in ``skip``: diff_ids whose frames came from the fleet's frame cache) and whose
-        blob is not in the store. NetworkDisabled if there are any offline.
+        (not in ``frames``, the job's one ``get_frames`` read, whose frames its lease
+        holds; nor in ``skip``: diff_ids whose frames came from the fleet's frame cache) and
+        whose blob is not in the store. NetworkDisabled if there are any offline.
 
-        The index work for all layers (their diff_ids recorded in one transaction, their
-        frames looked up in one read) and the presence checks run in one worker thread:
-        a 1000-layer image costs the event loop nothing per layer but the events."""
+        The index work for all layers (their diff_ids recorded in one transaction) and the
+        presence checks run in one worker thread: a 1000-layer image costs the event loop
+        nothing per layer but the events."""
         skip = skip or set()
         pairs = [(layer, diff_ids[i] if i < len(diff_ids) else None)
                  for i, layer in enumerate(image.layers)]
@@ -915,16 +919,14 @@ class Puller:
         keys = [frame_key(diff_id, req.level) if diff_id is not None else None
                 for layer, diff_id in pairs if diff_id not in skip]
 
-        def look() -> tuple[dict[str, Any], set[Digest]]:
+        def look() -> set[Digest]:
             # the diff_id only: a layer list is no authority on any blob's media type
             self.store.record_blob_infos(
                 (layer.digest, None, diff_id) for layer, diff_id in pairs if diff_id is not None)
-            frames = self.store.get_frames(k for k in keys if k is not None)
-            present = {layer.digest for layer, key in zip(layers, keys, strict=True)
-                       if key not in frames and self.store.has(layer.digest)}
-            return frames, present
+            return {layer.digest for layer, key in zip(layers, keys, strict=True)
+                    if key not in frames and self.store.has(layer.digest)}
 
-        frames, present = await asyncio.to_thread(look)
+        present = await asyncio.to_thread(look)
         needed = []
         for layer, key in zip(layers, keys, strict=True):
             if key is not None and key in frames:

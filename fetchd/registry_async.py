@@ -36,7 +36,6 @@ from .digest import Digest, Verifier
 from .errors import (
     DigestMismatch,
     FetchdError,
-    InvalidReference,
     ManifestInvalid,
     RegistryError,
     RegistryStalled,
@@ -259,7 +258,7 @@ class RegistryClient:
         if parsed is None:
             raise DigestMismatch(f"{where}: {ep.label} sent a manifest hashing to {actual}; "
                                  "nothing was kept. Retry; if it persists the registry is corrupt")
-        header_digest = _maybe_digest(header)
+        header_digest = Digest.from_header(header)
         if ref.digest is None and header_digest is not None and header_digest.algorithm == "sha256" \
                 and header_digest != actual:
             log.warning("%s: %s says Docker-Content-Digest %s but the body hashes to %s; using %s",
@@ -316,7 +315,7 @@ class RegistryClient:
         async with self._t.open(ep, ref, "HEAD", ep.path(ref, "manifests", ref.target),
                                 what="manifest", headers={"Accept": ACCEPT},
                                 retries=retries) as resp:
-            digest = _maybe_digest(resp.headers.get("Docker-Content-Digest")) or ref.digest
+            digest = Digest.from_header(resp.headers.get("Docker-Content-Digest")) or ref.digest
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             size = resp.content_length or 0
         if digest is None:
@@ -672,14 +671,3 @@ def _check_manifest(body: bytes, expected: Digest | None, algorithm: str, conten
         return actual, parse_manifest(body, content_type, where, max_layers)
     except FetchdError as e:
         return actual, e
-
-
-def _maybe_digest(text: str | None) -> Digest | None:
-    if not text:
-        return None
-    try:
-        return Digest.parse(text.strip())
-    except InvalidReference:
-        return None
-
-

@@ -294,7 +294,8 @@ class EvilCache:
     ``500`` (every request), ``stall`` (holds every request until the test ends),
     ``stall-blob`` (answers lookups, holds every frame download), ``wrong-digest`` (the
     right frame under a manifest naming another digest for it), ``huge-size`` (the right frame,
-    its layer claimed 10 TB: decompressing it up to there would take hours).
+    its layer claimed 10 TB: decompressing it up to there would take hours),
+    ``manifest-digest`` (the right entry, its Docker-Content-Digest naming other bytes).
     """
 
     def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
@@ -304,6 +305,7 @@ class EvilCache:
         self.manifests: dict[str, bytes] = {}
         self.requests = 0
         self.blob_gets = 0
+        self.manifest_reads: list[str] = []  # "METHOD last-path-segment"
         self.release = asyncio.Event()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/{REPO}"
@@ -342,11 +344,14 @@ class EvilCache:
         if self.mode == "500":
             return web.Response(status=500, text="boom")
         parts = request.path.split("/")
+        if "manifests" in parts and request.method in ("GET", "HEAD"):
+            self.manifest_reads.append(f"{request.method} {parts[-1]}")
         if "manifests" in parts:
             body = self._entry(parts[-1])
             if body is None:
                 return web.Response(status=404)
-            headers = {"Docker-Content-Digest": str(Digest.of(body)),
+            named = body + b" " if self.mode == "manifest-digest" else body
+            headers = {"Docker-Content-Digest": str(Digest.of(named)),
                        "Content-Type": MANIFEST_TYPE}
             return web.Response(body=None if request.method == "HEAD" else body,
                                 headers=headers)
@@ -383,7 +388,7 @@ def _frames_of(host: Host, image: CatalogImage, platform: Platform) -> dict[Dige
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "other-layer", "truncated", "wrong-digest",
-                                  "huge-size", "500", "stall", "stall-blob"])
+                                  "huge-size", "manifest-digest", "500", "stall", "stall-blob"])
 async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
     mode: str, images: Catalog, proxy_factory: Callable[..., RegistryProxy],
     make_host: Callable[..., Host],
@@ -413,7 +418,10 @@ async def test_a_hostile_cache_costs_a_fallback_never_a_wrong_archive(
         assert stats["rejected"] == 0
     else:
         assert stats["rejected"] == len(layers) and stats["found"] == len(layers)
-    if mode == "huge-size":  # refused before any byte of the frame was asked for
+        # a lookup is one request: the manifest by its tag
+        tags = {FrameKey(d, 3, ZSTD_VERSION, FRAME_FORMAT).tag for d in layers}
+        assert sorted(evil.manifest_reads) == sorted(f"GET {tag}" for tag in tags)
+    if mode in ("huge-size", "manifest-digest"):  # refused before any byte of the frame
         assert evil.blob_gets == 0
     for diff_id in layers:  # no frame from the cache was kept: the store's own came from the pack
         assert host.store.get_alias("frame", frame_key(diff_id, 3)) is None

@@ -486,6 +486,61 @@ def test_pax_sized_header_frame_is_prepended(tmp_path: Path, monkeypatch: pytest
     assert archive.digest == _sha256_of_file(tmp_path / "archive.zst")
 
 
+def _given(path: Path, data: bytes, hashed: bool = True) -> Any:
+    from fetchd import archive_writer
+
+    path.write_bytes(data)
+    return archive_writer.GivenFrame(path, len(data), hashlib.sha256(data) if hashed else None)
+
+
+@pytest.mark.parametrize("hashed", [True, False], ids=["its-hash-continued", "hashed-here"])
+def test_a_given_first_frame_becomes_the_archive(tmp_path: Path, hashed: bool) -> None:
+    from fetchd import archive_writer
+
+    first, second = b"first frame " * 1000, b"second frame " * 500
+    head = _given(tmp_path / "head.zst", first, hashed)
+    other = _given(tmp_path / "second.zst", second)
+    completed: list[bool] = []
+    archive = archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 2,
+                                            lambda: completed.append(True), head=head)
+    assert archive.path == head.path and not (tmp_path / "archive.zst").exists()
+    archive.add_ready({1: archive_writer.FrameBytes.open(other.path, 0, other.length)})
+    archive.finish(b"tail")
+    want = first + second + b"tail"
+    assert completed and head.path.read_bytes() == want
+    assert archive.spans == {0: (0, len(first)), 1: (len(first), len(second))}
+    assert archive.digest == (Digest.of(want).hex, len(want))
+    if hashed:  # the given hash object was copied, not updated
+        assert head.sha256.hexdigest() == Digest.of(first).hex
+
+
+def test_a_given_frame_alone_is_the_whole_archive_but_its_tail(tmp_path: Path) -> None:
+    from fetchd import archive_writer
+
+    head = _given(tmp_path / "head.zst", b"the only layer " * 100)
+    completed: list[bool] = []
+    archive = archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 1,
+                                            lambda: completed.append(True), head=head)
+    assert completed  # nothing to wait for: the tail may follow at once
+    archive.finish(b"tail")
+    assert archive.digest == (Digest.of(b"the only layer " * 100 + b"tail").hex, 1504)
+
+
+def test_a_failed_pack_leaves_its_given_head_as_it_was(tmp_path: Path) -> None:
+    from fetchd import archive_writer
+
+    data = b"first frame " * 1000
+    head = _given(tmp_path / "head.zst", data)
+    archive = archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 3, lambda: None, head=head)
+    archive.add_ready({1: archive_writer.FrameBytes.open(_given(tmp_path / "b", b"x" * 99).path)})
+    archive.discard()
+    assert head.path.read_bytes() == data  # cut back for a retry: its own bytes only
+    # a head whose file no longer has the verified length is refused
+    head.path.write_bytes(data + b"more")
+    with pytest.raises(OSError, match="not the 12000 verified"):
+        archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 2, lambda: None, head=head)
+
+
 def test_prefix_hasher_hashes_what_was_declared_and_reports_a_short_file(tmp_path: Path) -> None:
     from fetchd import archive_writer
 

@@ -259,8 +259,8 @@ class PrefixHasher:
                 with self._cond:
                     while not self._stop and self._hashed >= self._final:
                         self._cond.wait()
-                    if self._hashed >= self._final:
-                        return  # stopped, everything declared is hashed
+                    if self._hashed >= self._final or self._abandon:
+                        return  # stopped: everything declared is hashed, or nothing more will be
                     pos, end = self._hashed, self._final
                 while pos < end and not self._abandon:  # unlocked: advance() never waits on a read
                     chunk = os.pread(self._fd, min(1 << 20, end - pos), pos)

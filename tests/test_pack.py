@@ -563,6 +563,22 @@ def test_prefix_hasher_hashes_what_was_declared_and_reports_a_short_file(tmp_pat
         short.result()
 
 
+def test_prefix_hasher_abandoned_while_reading_ends(tmp_path: Path) -> None:
+    # a pack discarded while its archive's prefix is being hashed: close(abandon=True) must
+    # return (the thread used to spin for ever once it stopped mid-read: its loop went on
+    # with the prefix still unhashed); a few rounds, so one lands while the thread reads
+    from fetchd import archive_writer
+
+    path = tmp_path / "archive"
+    path.write_bytes(bytes(range(256)) * (64 << 12))  # 64 MiB: tens of ms of reading
+    with open(path, "rb", buffering=0) as f:
+        for _ in range(5):
+            hasher = archive_writer.PrefixHasher(f.fileno())
+            hasher.advance(64 << 20)
+            hasher.close(abandon=True)
+            assert not hasher._thread.is_alive()
+
+
 def _sha256_of_file(path: Path, zstd: bool = False) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0

@@ -9,7 +9,7 @@ they work, so several layers decompress in parallel threads.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import igzip_lib
@@ -103,10 +103,17 @@ def _check_trailing_zeros(src: BinaryIO, rest: bytes, what: str, chunk_size: int
         rest = src.read(chunk_size)
 
 
-class _Prefixed:
-    """A reader that first returns ``head``, then the rest of ``src`` (for the zstd reader)."""
+class Readable(Protocol):
+    """Anything read as a stream: ``read(n)`` returns at most ``n`` bytes, b"" at the end."""
 
-    def __init__(self, head: bytes, src: BinaryIO) -> None:
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Prefixed:
+    """A reader that first returns ``head``, then the rest of ``src``: bytes already taken
+    from a stream, put back in front of it."""
+
+    def __init__(self, head: bytes, src: Readable) -> None:
         self.head = head
         self.src = src
 
@@ -124,7 +131,7 @@ def _unzstd(src: BinaryIO, head: bytes, what: str, chunk_size: int) -> Iterator[
     # Layers made with ``zstd --long`` need windows beyond the 128 MiB default; 512 MiB covers
     # --long=29 while keeping a hostile layer from making us allocate gigabytes.
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << 29)
-    reader = dctx.stream_reader(cast(IO[bytes], _Prefixed(head, src)), read_size=chunk_size, read_across_frames=True,
+    reader = dctx.stream_reader(cast(IO[bytes], Prefixed(head, src)), read_size=chunk_size, read_across_frames=True,
                                 closefd=False)
     try:
         while chunk := reader.read(chunk_size):

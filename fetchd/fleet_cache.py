@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -291,11 +290,11 @@ class FrameCache:
                             pending.append(chunk)
                             held += len(chunk)
                             if held >= _CHUNK:  # one thread hop per MiB, not per read
-                                await asyncio.to_thread(download.write, _joined(pending))
+                                await asyncio.to_thread(download.write, *pending)
                                 pending.clear()
                                 held = 0
                         if pending:
-                            await asyncio.to_thread(download.write, _joined(pending))
+                            await asyncio.to_thread(download.write, *pending)
             except FetchFailed:
                 raise
             except (TimeoutError, FetchdError, *TRANSIENT) as e:
@@ -457,18 +456,25 @@ class FrameDownload:
     async def create(cls, path: Path) -> FrameDownload:
         return await asyncio.to_thread(cls, path)
 
-    def write(self, chunk: bytes) -> None:
-        """In a worker thread: append ``chunk``. Under the lock ``finish`` takes: a write whose
-        awaiting task was cancelled (its thread runs on) never meets a closed descriptor,
-        or another file's that reused its number (FetchFailed once finished)."""
+    def write(self, *chunks: bytes) -> None:
+        """In a worker thread: append ``chunks`` (one ``writev``: they are not joined first).
+        Under the lock ``finish`` takes: a write whose awaiting task was cancelled (its
+        thread runs on) never meets a closed descriptor, or another file's that reused its
+        number (FetchFailed once finished)."""
         with self._cond:
             if self.done:
                 raise FetchFailed("the download was ended")
-            view = memoryview(chunk)
-            while view:
-                view = view[self._file.write(view) or 0:]
-            self._hash.update(chunk)
-            self.written += len(chunk)
+            fd = self._file.fileno()
+            views = [memoryview(c) for c in chunks if c]
+            while views:
+                n = os.writev(fd, views)
+                while views and n >= len(views[0]):
+                    n -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][n:]
+            for chunk in chunks:
+                self._hash.update(chunk)
+                self.written += len(chunk)
             self._cond.notify_all()
 
     def finish(self, failed: bool = False) -> None:
@@ -495,10 +501,10 @@ class FrameDownload:
                 raise FetchFailed("the download failed", counted=True)
             return self.written
 
-    def reader(self) -> BinaryIO:
+    def reader(self) -> _GrowingReader:
         """A blocking reader of the bytes from the start, for a worker thread: ``read`` waits
         for bytes not yet written; it returns b"" only at the end of a finished download."""
-        return cast(BinaryIO, _GrowingReader(self))
+        return _GrowingReader(self)
 
     def _available(self, pos: int) -> int:
         with self._cond:
@@ -509,28 +515,30 @@ class FrameDownload:
             return self.written - pos
 
 
-class _GrowingReader(io.RawIOBase):
+class _GrowingReader:
+    """``read(n)``: at most ``n`` bytes (every byte written so far if ``n`` < 0), the bytes of
+    one ``pread`` as they are (no copy through a buffer of Python's io)."""
+
     def __init__(self, download: FrameDownload) -> None:
         self._download = download
-        self._fd = os.open(download.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd: int | None = os.open(download.path, os.O_RDONLY | os.O_CLOEXEC)
         self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self._download._available(self._pos))
+    def read(self, n: int = -1) -> bytes:
+        if self._fd is None:
+            raise ValueError("read of a closed frame reader")
+        available = self._download._available(self._pos)
+        n = available if n < 0 else min(n, available)
         if n <= 0:
-            return 0
+            return b""
         data = os.pread(self._fd, n, self._pos)
-        b[:len(data)] = data
         self._pos += len(data)
-        return len(data)
+        return data
 
     def close(self) -> None:
-        if not self.closed:
+        if self._fd is not None:
             os.close(self._fd)
-        super().close()
+            self._fd = None
 
 
 class FetchFailed(Exception):
@@ -564,10 +572,6 @@ class _Bucket:
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     while chunk := await resp.content.readany():
         yield chunk
-
-
-def _joined(parts: list[bytes]) -> bytes:
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _hash_span(f: BinaryIO, offset: int, length: int) -> Digest:

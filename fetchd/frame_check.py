@@ -9,9 +9,9 @@ before it may enter the store or an archive (``check_frame``):
   writes (checksum on, no content size, no dictionary, the level's window); its blocks are
   walked to the end of the file: no truncation, no trailing bytes, no reserved block types,
   no block above zstd's 128 KiB limit;
-- it decompresses (checksum verified by zstd) to exactly ``size`` bytes hashing to the
-  diff_id, followed by the member's zero padding; output beyond that is refused at once
-  (no decompression bomb).
+- it decompresses (checksum verified by zstd; ``decompress.decompressed_chunks``, bounded)
+  to exactly ``size`` bytes hashing to the diff_id, followed by the member's zero padding;
+  output beyond that is refused at once (no decompression bomb).
 
 What it cannot see: whether another compressor *of the same window* made those bytes. Such a
 frame yields the same archive content but not the same archive bytes as other hosts; the
@@ -25,17 +25,18 @@ the frame bytes for the same (layer, level, zstd) would change.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
 import zstandard
 
 from .archive_format import layer_member_header, padding
 from .compress_budget import check_level
+from .decompress import CorruptLayer, Prefixed, Readable, decompressed_chunks
 from .digest import Digest
+from .errors import LayerTooLarge
 from .layer_frame import ZSTD_MAGIC, Sha256Thread, raw_zstd_frame
 
 FRAME_FORMAT = 1
@@ -94,7 +95,7 @@ def max_frame_size(size: int) -> int:
 
 
 def check_frame(path: Path, diff_id: Digest, level: int, size: int, *,
-                source: BinaryIO | None = None,
+                source: Readable | None = None,
                 complete: Callable[[], int] | None = None) -> None:
     """Raise FrameRejected unless ``path`` holds exactly a frame of the layer ``diff_id``
     (``size`` bytes uncompressed) at ``level`` as this host writes it (see the module doc).
@@ -111,14 +112,14 @@ def check_frame(path: Path, diff_id: Digest, level: int, size: int, *,
     header = raw_zstd_frame(layer_member_header(diff_id, size))
     expect = content_frame_header(level)
     with contextlib.ExitStack() as stack:
-        src = source if source is not None else stack.enter_context(open(path, "rb"))
+        src: Readable = source if source is not None else stack.enter_context(open(path, "rb"))
         if _read_exact(src, len(header)) != header:
             raise FrameRejected("the header frame is not this layer's tar member header")
         start = len(header)
         if _read_exact(src, len(expect)) != expect:
             raise FrameRejected(f"the content frame's header is not zstd level {level}'s "
                                 "(checksum, no content size, window)")
-        _check_content(cast(BinaryIO, _Prefixed(expect, src)), diff_id, size)
+        _check_content(Prefixed(expect, src), diff_id, size)
     total = complete() if complete is not None else os.path.getsize(path)
     if total > max_frame_size(size):
         raise FrameRejected(f"{total} bytes is more than any frame of a {size}-byte layer")
@@ -129,33 +130,13 @@ def check_frame(path: Path, diff_id: Digest, level: int, size: int, *,
         os.close(fd)
 
 
-def _read_exact(src: BinaryIO, n: int) -> bytes:
+def _read_exact(src: Readable, n: int) -> bytes:
     """``n`` bytes (fewer only at the end of ``src``)."""
     parts: list[bytes] = []
     while n > 0 and (chunk := src.read(n)):
         parts.append(chunk)
         n -= len(chunk)
     return b"".join(parts)
-
-
-class _Prefixed(io.RawIOBase):
-    """``prefix`` then the rest of ``src``: the content frame from its magic number on."""
-
-    def __init__(self, prefix: bytes, src: BinaryIO) -> None:
-        self._prefix, self._src = prefix, src
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self._prefix:
-            n = min(len(b), len(self._prefix))
-            b[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        data = self._src.read(len(b))
-        b[:len(data)] = data
-        return len(data)
 
 
 def _walk_blocks(fd: int, pos: int, total: int) -> None:
@@ -182,26 +163,28 @@ def _walk_blocks(fd: int, pos: int, total: int) -> None:
         raise FrameRejected(f"{total - pos} bytes after the content frame")
 
 
-def _check_content(f: BinaryIO, diff_id: Digest, size: int) -> None:
+def _check_content(f: Prefixed, diff_id: Digest, size: int) -> None:
+    """The content frame (``f`` from its magic number on) decompresses to the member's
+    content hashing to ``diff_id`` and its zero padding, and to nothing more (the output is
+    bounded there; bytes after the frame are the block walk's to refuse)."""
     pad = len(padding(size))
     want = size + pad
     hasher = Sha256Thread()
     seen = 0
     tail = bytearray()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            f, read_size=_CHUNK, read_across_frames=False)
-        while chunk := reader.read(_CHUNK):
-            if seen + len(chunk) > want:
-                raise FrameRejected(f"decompresses to more than the {want} bytes of the member")
+        for chunk in decompressed_chunks(cast(BinaryIO, f), "application/zstd", what="frame",
+                                         chunk_size=_CHUNK, max_size=want):
             content = max(0, min(len(chunk), size - seen))
             if content:
                 hasher.update(chunk[:content] if content < len(chunk) else chunk)
             if content < len(chunk):
                 tail += chunk[content:]
             seen += len(chunk)
-    except zstandard.ZstdError as e:
-        raise FrameRejected(f"does not decompress: {e}") from e
+    except LayerTooLarge as e:
+        raise FrameRejected(f"decompresses to more than the {want} bytes of the member") from e
+    except CorruptLayer as e:
+        raise FrameRejected(f"does not decompress: {e.message}") from e
     finally:
         actual = Digest("sha256", hasher.hexdigest())
     if seen != want:

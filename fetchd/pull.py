@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -580,19 +580,29 @@ class Puller:
                     f"pull {where}") as lease:
                 await restrict([], lease)  # the archive committed under it
                 fleet_frames: dict[Digest, GivenFrame] = {}
+                early = _EarlyDownloads(self, job, ref)
                 try:
+                    needed = await self._needed_layers(job, ref, image, config.diff_ids, req,
+                                                       found)
                     # never for a private registry: its layers must not leave this host
                     if self.fleet is not None and not req.offline and not private:
-                        fleet_frames, push = await self._from_fleet(job, image, config.diff_ids,
-                                                                    req.level, found)
+                        # a layer the cache cannot give starts downloading at once, beside
+                        # the lookups and frame downloads still going on
+                        early.allow(needed)
+                        fleet_frames, push = await self._from_fleet(
+                            job, image, config.diff_ids, req.level, found, early.start)
                         from_fleet = len(fleet_frames)
-                    needed = await self._needed_layers(job, ref, image, config.diff_ids, req,
-                                                       found, skip=set(fleet_frames))
+                        ids = dict(zip((layer.digest for layer in image.layers),
+                                       config.diff_ids, strict=False))
+                        needed = [layer for layer in needed
+                                  if ids.get(layer.digest) not in fleet_frames]
+                        await early.online()
                     downloaded = len(needed)
                     packed = await self._download_and_pack(job, ref, image, needed, config_raw,
                                                            repo_tag, manifest_digest, lease,
-                                                           fleet_frames)
+                                                           fleet_frames, early.tasks)
                 finally:
+                    await early.cancel()
                     self.store.end_restriction(lease)
                     if fleet_frames:  # verified frame files: now in the archive (or not needed)
                         await asyncio.to_thread(_unlink_all, [f.path for f in fleet_frames.values()])
@@ -726,8 +736,11 @@ class Puller:
     async def _download_and_pack(self, job: Job, ref: Reference, image: ImageManifest,
                                  needed: list[Any], config_raw: bytes, repo_tag: str,
                                  manifest_digest: Digest, lease: str,
-                                 frames: dict[Digest, GivenFrame] | None = None) -> PackResult:
-        """Download ``needed`` and pack the image at once; the packed archive.
+                                 frames: dict[Digest, GivenFrame] | None = None,
+                                 started: dict[Digest, asyncio.Future[None]] | None = None
+                                 ) -> PackResult:
+        """Download ``needed`` and pack the image at once; the packed archive. ``started``:
+        downloads of some of them already running (taken out of it here).
 
         The pack follows the downloads (see ``pack_image``). When a download fails, the pack
         is cancelled and the download's error raised: no archive. When the pack fails while
@@ -742,8 +755,12 @@ class Puller:
             await self._online(job)
         # Blobs are fetched in the order pack reads them: this job's before later jobs',
         # its first layer before its second (ranges of one host take turns by this order).
-        downloads = asyncio.gather(*(self._download(job, ref, layer, job.seq * 1024 + i)
-                                     for i, layer in enumerate(needed)))
+        started = started if started is not None else {}
+        transfers: list[Awaitable[None]] = [
+            started.pop(layer.digest) if layer.digest in started
+            else self._download(job, ref, layer, job.seq * 1024 + i)
+            for i, layer in enumerate(needed)]
+        downloads = asyncio.gather(*transfers)
         follower = _Follower(self.store) if needed else None
 
         def pack(follow: bool) -> asyncio.Task[PackResult]:
@@ -790,7 +807,8 @@ class Puller:
     # -- the fleet's frame cache ---------------------------------------------------------------
 
     async def _from_fleet(self, job: Job, image: ImageManifest, diff_ids: tuple[Digest, ...],
-                          level: int, local: Mapping[str, Any]
+                          level: int, local: Mapping[str, Any],
+                          on_miss: Callable[[Descriptor], object] = lambda layer: None,
                           ) -> tuple[dict[Digest, GivenFrame], list[FrameKey]]:
         """Frames of this image's layers from the fleet's frame cache, before any layer
         download: each found entry is downloaded and verified in full as it arrives
@@ -798,7 +816,9 @@ class Puller:
         has (``get_frames``; those layers are not looked up). Returns the verified frame
         files by diff_id (temporary files the caller removes; the pack takes them as cached
         frames and those layers are not downloaded), and the keys to push once the pack made
-        their frames (misses and rejected entries). Never raises for the cache's sake."""
+        their frames (misses and rejected entries). ``on_miss(layer)`` as soon as a layer's
+        frame is known not to come (a miss, a failure, a rejected entry), while the others
+        go on. Never raises for the cache's sake."""
         assert self.fleet is not None
         fleet = self.fleet
         todo: dict[Digest, tuple[FrameKey, Descriptor]] = {}
@@ -809,8 +829,13 @@ class Puller:
                 todo[diff_id] = (fleet.key(diff_id, level), layer)
         if not todo or not fleet.available():
             return {}, []
-        results = await asyncio.gather(*(self._fleet_frame(job, key, layer)
-                                         for key, layer in todo.values()))
+        async def one(key: FrameKey, layer: Descriptor) -> GivenFrame | None:
+            got = await self._fleet_frame(job, key, layer)
+            if got is None:
+                on_miss(layer)
+            return got
+
+        results = await asyncio.gather(*(one(key, layer) for key, layer in todo.values()))
         taken = {key.diff_id: path for (key, _), path in zip(todo.values(), results, strict=True)
                  if path is not None}
         return taken, [key for key, _ in todo.values() if key.diff_id not in taken]
@@ -1007,6 +1032,54 @@ class Puller:
                     f"{ref.registry} sent wrong bytes for layer {digest} of {ref.repository} "
                     f"({e.code}); nothing was kept, fetching it again from byte 0")})
         job.push({"event": "layer", "digest": str(digest), "size": size, "state": "done"})
+
+
+class _EarlyDownloads:
+    """Downloads of the layers the fleet's frame cache cannot give (a miss, a failed request,
+    a rejected entry), started as soon as that is known instead of after every lookup and
+    frame download of the pull: ``start(layer)``, for layers ``allow``ed (the ones to
+    download), once each. The first takes the job's network slot for all (``online``).
+    ``tasks`` go to the pack's downloads (``_download_and_pack(started=)``, which takes them
+    out); ``cancel`` stops what was not handed on (the pull failed or was cancelled)."""
+
+    def __init__(self, puller: Puller, job: Job, ref: Reference) -> None:
+        self._puller, self._job, self._ref = puller, job, ref
+        self._allowed: dict[Digest, tuple[int, Descriptor]] = {}
+        self.tasks: dict[Digest, asyncio.Future[None]] = {}
+        self._online: asyncio.Future[None] | None = None
+
+    def allow(self, needed: list[Descriptor]) -> None:
+        self._allowed = {layer.digest: (i, layer) for i, layer in enumerate(needed)}
+
+    def start(self, layer: Descriptor) -> None:
+        allowed = self._allowed.pop(layer.digest, None)
+        if allowed is None:
+            return
+        if self._online is None:
+            self._online = asyncio.ensure_future(self._puller._online(self._job))
+        # the priority _download_and_pack would give it: the order pack reads them
+        self.tasks[layer.digest] = asyncio.ensure_future(
+            self._run(allowed[1], self._job.seq * 1024 + allowed[0]))
+
+    async def _run(self, layer: Descriptor, priority: int) -> None:
+        await self.online()
+        await self._puller._download(self._job, self._ref, layer, priority)
+
+    async def online(self) -> None:
+        """Once the job holds its network slot (at once if no download started early)."""
+        if self._online is not None:
+            await asyncio.shield(self._online)  # one waiter cancelled cancels not the others
+
+    async def cancel(self) -> None:
+        pending = [*self.tasks.values(), *([self._online] if self._online is not None else [])]
+        self.tasks.clear()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for task in pending:
+            if not task.cancelled():
+                task.exception()  # retrieved: the pull's own error (if any) is the one raised
 
 
 class _Follower:

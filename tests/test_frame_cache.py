@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -295,12 +295,15 @@ class EvilCache:
     ``stall-blob`` (answers lookups, holds every frame download), ``wrong-digest`` (the
     right frame under a manifest naming another digest for it), ``huge-size`` (the right frame,
     its layer claimed 10 TB: decompressing it up to there would take hours),
-    ``manifest-digest`` (the right entry, its Docker-Content-Digest naming other bytes).
+    ``manifest-digest`` (the right entry, its Docker-Content-Digest naming other bytes),
+    ``good`` (the right entries). ``gate``: awaited before any frame blob is served.
     """
 
-    def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str) -> None:
+    def __init__(self, frames: dict[Digest, tuple[bytes, int]], mode: str,
+                 gate: Callable[[], Awaitable[None]] | None = None) -> None:
         self.frames = frames  # diff_id -> (frame bytes, layer size), real frames
         self.mode = mode
+        self.gate = gate
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, bytes] = {}
         self.requests = 0
@@ -357,6 +360,8 @@ class EvilCache:
                                 headers=headers)
         if "blobs" in parts:
             self.blob_gets += request.method == "GET"
+            if self.gate is not None:
+                await self.gate()
         if "blobs" in parts and parts[-1] in self.blobs:
             return web.Response(body=self.blobs[parts[-1]])
         return web.Response(status=404)
@@ -460,3 +465,39 @@ async def test_the_frame_of_an_empty_layer_is_not_pushed(tmp_path: Path) -> None
         assert stats["push_skipped"] == 1 and stats["pushes"] == 0 and stats["push_errors"] == 0
     finally:
         await fleet.close()
+
+
+async def test_a_miss_downloads_while_a_hit_is_still_arriving(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy],
+    make_host: Callable[..., Host],
+) -> None:
+    # The cache has the first layer's frame only, and serves it only once the upstream saw
+    # the download of a layer it lacks: that download must start as soon as its lookup
+    # missed, not after the hit's frame (which would wait for it: the frame download would
+    # time out and the hit be lost).
+    image = images["shared-b"]
+    part = image.platform(AMD64)
+    upstream = proxy_factory()
+    reference = make_host("ref")
+    want = await reference.pull(image.ref(upstream.host), AMD64)
+    first, missed = part.layers[0], part.layers[1:]
+    held = upstream.hold(f"/blobs/{missed[0].digest}")
+
+    async def gate() -> None:
+        await asyncio.to_thread(held.reached.wait, 120)  # bounded: no thread left behind
+        held.release()
+
+    evil = EvilCache({first.diff_id: _frames_of(reference, image, AMD64)[first.diff_id]},
+                     "good", gate=gate)
+    async with evil.running():
+        host = make_host("h", evil.url)
+        upstream.reset_stats()
+        got = await host.pull(image.ref(upstream.host), AMD64)
+        held.release()
+    assert _archive(got) == _archive(want)
+    assert got.frames_fleet == 1 and got.blobs_downloaded == len(missed)
+    assert upstream.blob_gets(first.digest) == 0
+    assert all(upstream.blob_gets(layer.digest) >= 1 for layer in missed)
+    stats = host.fleet.stats()
+    assert stats["hits"] == 1 and stats["misses"] == len(missed) and stats["timeouts"] == 0
+    assert host.store_is_clean()

@@ -263,8 +263,6 @@ def run_tarpit(reg: LocalRegistry, tarpit: Tarpit, work: Path, quick: bool,
     }
 
 
-
-
 STALL_TARGET_MS = 50.0
 
 
@@ -310,7 +308,7 @@ def _step(daemon: Daemon, work: Callable[[], Any]) -> tuple[float, dict[str, Any
 def run_stall(reg: LocalRegistry, tarpit: Tarpit, work: Path, quick: bool,
               log: Callable[[str], None]) -> dict[str, Any]:
     """The event loop's longest stall (a) while the daemon refuses a ``HUGE_LAYERS``-layer
-    manifest (``server.max_layers``), a few times in a row, and (b) during a cold pull of the
+    manifest (``server.max_layers``) ten times in a row (``--quick``: three), and (b) during a cold pull of the
     big image (one ~160 MB gzip layer; ``--quick``: a 20 MB one), each on a daemon of its own
     that samples its lag every 5 ms."""
     host = ti.registry_url(reg).split("://", 1)[1]

@@ -190,6 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         config = with_overrides(Config.load(args.config), socket_path=args.socket, store=args.store,
                                 shutdown_grace=args.shutdown_grace)
+        tune_garbage_collector()
         asyncio.run(serve(config))
     except FetchdError as e:
         _fail(e.message)
@@ -200,6 +201,30 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+GC_YOUNG_THRESHOLD = 10_000  # allocations between two collections of the youngest objects
+
+
+def tune_garbage_collector() -> None:
+    """Keep the cyclic garbage collector's pauses on the event loop short.
+
+    A full collection scans every tracked object and runs in whichever thread allocates
+    when it is due, mostly the event loop's. In a 1000-layer pull (issue 14) one took ~25 ms
+    of the loop, however little garbage there was, and the default young threshold (700)
+    made it due every ~70k allocations. So: the objects of the daemon's start (modules,
+    classes, functions, most of them aiohttp's and the standard library's) are frozen (they
+    live as long as the process; a collection scans only what the daemon made since: jobs,
+    tasks, connections), and the youngest generation is collected every ``GC_YOUNG_THRESHOLD``
+    allocations, so full collections come ~14 times less often (young collections of 10k
+    objects take ~1-2 ms). Garbage in cycles lives a little longer: a few MB at most.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number

@@ -351,3 +351,15 @@ def test_json_output_is_json_with_hostile_text_escaped(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert json.loads(out) == answer
     assert "\n" in out.strip() and not any(c in out for c in "\x1b\x07\u202e")
+
+
+def test_serve_keeps_the_garbage_collectors_pauses_short() -> None:
+    """fetchd serve freezes its start-up objects and collects young objects less often
+    (issue 14: a full collection took ~25 ms of the event loop in a 1000-layer pull)."""
+    code = ("import gc; from fetchd.cli import tune_garbage_collector, GC_YOUNG_THRESHOLD; "
+            "before = gc.get_threshold(); tune_garbage_collector(); "
+            "print(gc.get_freeze_count() > 10000, gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, "
+            "gc.get_threshold()[1:] == before[1:])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["True", "True", "True"]

@@ -84,6 +84,11 @@ class SharedFd:
                 raise RuntimeError("a shared descriptor acquired after it was closed")
             self._refs += 1
 
+    def shared(self) -> bool:
+        """Whether another holder than the caller's one reference holds it."""
+        with self._lock:
+            return self._refs > 1
+
     def release(self) -> None:
         with self._lock:
             if self._refs <= 0:
@@ -484,6 +489,25 @@ class ArchiveBuilder:
             self._shared.release()  # the frames handed out keep it open while they live
             self._shared = None
 
+    def _cut_back(self) -> None:
+        """The given head's path back to the head's own bytes, for its owner's retry. The
+        frames handed out past the head (teed or copied in: other packs share them, a failed
+        pack keeps them) are spans of this file and must stay readable: while any is held,
+        the head is copied to a new file that takes the path, and this one (unlinked) lives
+        on for them; else the file is cut in place."""
+        assert self._head is not None
+        tmp = self.path.with_name(self.path.name + ".head")
+        try:
+            if self._shared is None or not self._shared.shared():
+                self.file.truncate(self._head)
+                return
+            with open(tmp, "wb", buffering=0) as out:
+                _copy_span(self.file.fileno(), 0, self._head, out)
+            os.replace(tmp, self.path)
+        except OSError:  # best effort: the owner's retry checks the head's length
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def discard(self) -> None:
         """Give up: the file is removed, or (a given head, the archive not yet finished)
         cut back to the head's own bytes and left to its owner."""
@@ -493,8 +517,7 @@ class ArchiveBuilder:
             self._hasher.close(abandon=True)
             keep = self._head is not None and not self._finished
             if keep and not self.file.closed:
-                with contextlib.suppress(OSError):
-                    self.file.truncate(self._head)
+                self._cut_back()
             self.file.close()
             self._release_shared()
             for frame in self._ready.values():

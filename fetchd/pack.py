@@ -490,6 +490,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
     archive = ArchiveBuilder(store.temp_path(".docker-archive.zst"), len(jobs),
                               lambda: loop.call_soon_threadsafe(complete.set), _fsyncs(store),
                               on_advance=_advance_from_thread(loop, window), head=head)
+    window.advance(archive.position)  # a given head is in already
 
     # every frame of the archive is cached as a span of it, also those reused from others:
     # a frame lives as long as the newest archive that holds it

@@ -541,6 +541,28 @@ def test_a_failed_pack_leaves_its_given_head_as_it_was(tmp_path: Path) -> None:
         archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 2, lambda: None, head=head)
 
 
+def test_frames_past_a_given_head_stay_readable_when_the_pack_fails(tmp_path: Path) -> None:
+    """A frame copied into an archive is read from the archive from then on (one descriptor
+    for all of them); the pack fails and cuts its given head back: a pack sharing the frame,
+    and the failed pack keeping it as a frame blob, still read its bytes."""
+    from fetchd import archive_writer
+
+    data, second = b"first frame " * 1000, b"second frame " * 700
+    head = _given(tmp_path / "head.zst", data)
+    archive = archive_writer.ArchiveBuilder(tmp_path / "archive.zst", 3, lambda: None, head=head)
+    frame = archive_writer.FrameBytes.open(_given(tmp_path / "b", second).path)
+    assert frame.acquire()  # held by another pack: one reference for it, one for the archive
+    archive.add_ready({1: frame})  # copied in: read from the archive from now on
+    (tmp_path / "b").unlink()
+    archive.discard()
+    assert head.path.read_bytes() == data  # cut back for a retry: its own bytes only
+    with open(tmp_path / "copy", "wb", buffering=0) as out:
+        frame.append_to(out)
+    frame.release()
+    assert (tmp_path / "copy").read_bytes() == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "head.zst"]
+
+
 def test_prefix_hasher_hashes_what_was_declared_and_reports_a_short_file(tmp_path: Path) -> None:
     from fetchd import archive_writer
 

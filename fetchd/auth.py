@@ -42,6 +42,10 @@ DOCKER_HUB_HELPER_URL = "https://index.docker.io/v1/"
 IDENTITY_TOKEN_USER = "<token>"  # docker's marker: the password is an OAuth refresh token
 DEFAULT_EXPIRES_IN = 60
 MAX_TOKEN_BODY = 1024 * 1024
+# A token answer is one object of a few strings and numbers. One with more JSON values than
+# this (commas and brackets, counted at C speed) is not decoded: decoding follows the number
+# of values, not bytes (1 MiB of nested arrays holds the event loop for ~50 ms).
+MAX_TOKEN_VALUES = 256
 HELPER_TIMEOUT = 30.0
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -234,6 +238,12 @@ async def fetch_token(
         )
     if status != 200 or len(body) > MAX_TOKEN_BODY:
         raise RegistryError(f"registry {registry}: token server {parts.netloc} answered {status}")
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > MAX_TOKEN_VALUES:
+        raise RegistryError(
+            f"registry {registry}: token server {parts.netloc} answered with about {values} "
+            f"JSON values (a token answer has a few; at most {MAX_TOKEN_VALUES} are read): "
+            "it is not a token server, check the registry")
     try:
         data = json.loads(body)
         token = data.get("token") or data.get("access_token")

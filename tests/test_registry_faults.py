@@ -650,6 +650,22 @@ async def test_token_server_failure_is_retried(fake) -> None:
     assert fake.tokens_issued == 1 and len(sleeps) == 1
 
 
+@pytest.mark.parametrize("body", [b"[" + b"[1]," * 200_000 + b"1]",
+                                  b'{"token": "t", "x": [' + b"{}," * 200_000 + b"1]}"],
+                         ids=["arrays", "objects"])
+async def test_a_token_answer_flooded_with_json_values_is_not_decoded(fake, body: bytes) -> None:
+    """Issue 13: decoding cost follows the number of JSON values (1 MiB of nested arrays: ~50
+    ms holding the event loop); a token answer has a few, so one with hundreds is refused
+    unread, naming the token server."""
+    fake.auth = "bearer"
+    fake.fault("token", Fault(status=200, body=body))
+    async with make_client(retries=0) as client:
+        with pytest.raises(RegistryError, match=r"answered with about \d+ JSON values .a "
+                                                "token answer has a few; at most 256 are read"):
+            await client.get_manifest(ref(fake))
+    assert fake.tokens_issued == 0
+
+
 class _Loopback(aiohttp.abc.AbstractResolver):
     """Resolves every name to 127.0.0.1: a 'remote' registry that stays on this machine."""
 

@@ -451,19 +451,24 @@ class FrameDownload:
         self.done = False
         self.failed = False
         self.digest: Digest | None = None
+        self._writing = False  # a write is between its check of ``done`` and its end
 
     @classmethod
     async def create(cls, path: Path) -> FrameDownload:
         return await asyncio.to_thread(cls, path)
 
     def write(self, *chunks: bytes) -> None:
-        """In a worker thread: append ``chunks`` (one ``writev``: they are not joined first).
-        Under the lock ``finish`` takes: a write whose awaiting task was cancelled (its
-        thread runs on) never meets a closed descriptor, or another file's that reused its
-        number (FetchFailed once finished)."""
+        """In a worker thread, one at a time: append ``chunks`` (one ``writev``: they are not
+        joined first). The write and the hash run outside the lock (readers take bytes
+        already written meanwhile), but ``finish`` waits for a write in progress: a write
+        whose awaiting task was cancelled (its thread runs on) never meets a closed
+        descriptor, or another file's that reused its number (FetchFailed once finished)."""
         with self._cond:
             if self.done:
                 raise FetchFailed("the download was ended")
+            self._writing = True
+        wrote = 0
+        try:
             fd = self._file.fileno()
             views = [memoryview(c) for c in chunks if c]
             while views:
@@ -474,11 +479,17 @@ class FrameDownload:
                     views[0] = views[0][n:]
             for chunk in chunks:
                 self._hash.update(chunk)
-                self.written += len(chunk)
-            self._cond.notify_all()
+            wrote = sum(len(chunk) for chunk in chunks)
+        finally:
+            with self._cond:
+                self._writing = False
+                self.written += wrote  # readers see only bytes written and hashed
+                self._cond.notify_all()
 
     def finish(self, failed: bool = False) -> None:
         with self._cond:
+            while self._writing:  # at most one write's time (the last one, cancelled)
+                self._cond.wait()
             if self.done:
                 return
             self.done, self.failed = True, failed

@@ -448,6 +448,44 @@ def test_a_write_that_arrives_after_the_download_ended_is_refused(tmp_path: Path
     assert (tmp_path / "frame").read_bytes() == b"abc" and download.written == 3
 
 
+def test_readers_take_written_bytes_while_a_write_runs_and_finish_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write (and its hash) runs outside the download's lock: a reader takes the bytes
+    already there meanwhile; ``finish`` (the fetch cancelled) waits for the write in its
+    thread before it closes the file, so that write never meets a closed descriptor."""
+    import os
+    import threading
+
+    from fetchd import fleet_cache
+
+    download = fleet_cache.FrameDownload(tmp_path / "frame")
+    download.write(b"abc")
+    entered, go = threading.Event(), threading.Event()
+    writev = os.writev
+
+    def slow_writev(fd: int, buffers: Any) -> int:
+        entered.set()
+        go.wait(60)
+        return writev(fd, buffers)
+
+    monkeypatch.setattr(fleet_cache.os, "writev", slow_writev)
+    writer = threading.Thread(target=download.write, args=(b"def",))
+    writer.start()
+    assert entered.wait(60)
+    reader = download.reader()
+    assert reader.read(10) == b"abc"  # not held up by the write in progress
+    finisher = threading.Thread(target=download.finish, kwargs={"failed": True})
+    finisher.start()
+    finisher.join(0.2)
+    assert finisher.is_alive()  # waits for the write
+    go.set()
+    writer.join(60)
+    finisher.join(60)
+    reader.close()
+    assert not finisher.is_alive() and download.done and download.written == 6
+    assert (tmp_path / "frame").read_bytes() == b"abcdef"
+
+
 async def test_the_frame_of_an_empty_layer_is_not_pushed(tmp_path: Path) -> None:
     """zstd sizes an empty frame's window for its empty input, so no host would accept it
     (frame_check pins the level's header): it is skipped, not pushed to be rejected by all."""

@@ -40,6 +40,7 @@ from .manifest import Descriptor
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEADER_FRAME_SIZE = 4 + 1 + 2 + 3 + BLOCK  # magic, descriptor, content size, block header, data
 _PROGRESS_INTERVAL = 0.25
+HASH_THREAD_FROM = 4 << 20  # blob bytes from which a layer's sha256 runs in a thread of its own
 
 DEFAULT_LIMITS = PackConfig()  # the [pack] defaults: how far a layer may expand
 
@@ -89,7 +90,10 @@ def make_layer_frame(src: BinaryIO, out_path: Path, job: LayerJob, level: int, t
     content passes ``limits.layer_limit`` of the blob's size (a decompression bomb).
     """
     what = f"layer {job.descriptor.digest} of {image_name or 'image'}"
-    hasher = Sha256Thread() if threads > 1 else _Sha256Inline()
+    # a thread of its own pays off for big layers only: for a small one its start costs
+    # more than the hashing (a thread per layer of a 1000-layer image of small layers)
+    hasher = (Sha256Thread() if threads > 1 and job.descriptor.size >= HASH_THREAD_FROM
+              else _Sha256Inline())
     size = 0
     last = time.monotonic()
     start = archive.claim(job.entry) if archive is not None else None

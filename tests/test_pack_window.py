@@ -243,3 +243,31 @@ async def test_frame_workers_are_threads_kept_for_the_next_layer(
     assert len(set(workers)) <= 8  # at most the compressions at once, and a few in hand-over
     assert not any(t.name == "fetchd-pack" for t in threading.enumerate())
     assert result.digest == (await _reference(reference, part, "x:1")).digest
+
+
+async def test_only_big_layers_hash_in_a_thread_of_their_own(
+        stores: tuple[LayerStore, LayerStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hashing thread per layer cost a thread start for every small layer of a many-layer
+    image; the bytes are the same either way."""
+    import random
+
+    from fetchd import layer_frame
+
+    started: list[int] = []
+
+    class Counted(layer_frame.Sha256Thread):
+        def __init__(self) -> None:
+            started.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(layer_frame, "Sha256Thread", Counted)
+    store, reference = stores
+    big = make_layer(random.Random(5).randbytes(layer_frame.HASH_THREAD_FROM + 1), "gzip")
+    part = _image([*_layers("small", 6), big])
+    assert big.size > layer_frame.HASH_THREAD_FROM
+    for data in (part.config_bytes, *(layer.read() for layer in part.layers)):
+        _put(store, data)
+    result = await pack_image(store, _manifest(part), part.config_bytes, "x:1", 3,
+                              budget=CompressionBudget(workers=2))
+    assert len(started) == 1  # the big layer's (two zstd threads: the hash beside them)
+    assert result.digest == (await _reference(reference, part, "x:1")).digest

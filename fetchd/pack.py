@@ -727,12 +727,15 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
     loop = asyncio.get_running_loop()
 
     def source(digest: Digest) -> Callable[[], AbstractContextManager[Any]]:
-        if follow is None or store.blob_path(digest).is_file():
+        if follow is None:
             return lambda: store.open_blob(digest)
         src = follow
 
         def following() -> AbstractContextManager[Any]:
-            # still downloading: the worker thread reads the bytes as they arrive
+            # in the worker thread (a stat per layer is no work for the event loop): the
+            # blob, or, still downloading, a reader of the bytes as they arrive
+            if store.blob_path(digest).is_file():
+                return store.open_blob(digest)
             reader = src.open_following(digest, abort)
             if reader is not None:
                 return reader
@@ -741,8 +744,9 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
 
     async def bytes_to_compress(digest: Digest, size: int) -> None:
         # A layer asks for a slot only once it has bytes to compress: a download that has
-        # not started or trickles keeps no slot from the others.
-        if follow is not None and not store.blob_path(digest).is_file():
+        # not started or trickles keeps no slot from the others (a blob in the store, or
+        # one not downloading here, returns at once: no stat on the loop)
+        if follow is not None:
             await follow.wait_for_bytes(digest, min(size, _START_BYTES))
 
     async def one(job: LayerJob) -> tuple[FrameBytes | None, bool]:

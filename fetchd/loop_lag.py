@@ -3,7 +3,8 @@
 Every ``interval`` seconds a callback is due; the time between when it was due and when the
 loop ran it is the loop's lag at that moment (a handler or a callback that blocked the loop
 for 300 ms shows as ~300 ms). ``LoopLag`` keeps the samples of the last ``window`` seconds
-and reports their maximum and 99th percentile (``snapshot``), for ``status`` and /metrics.
+and reports their maximum and 99th percentile (``snapshot``), for ``status`` and /metrics,
+or those of a shorter recent span (``snapshot(last=...)``: a benchmark's step).
 
 Invariants: the monitor never blocks the loop itself (one ``call_later`` per sample, O(1)
 work, the percentile is computed on request over at most ``window / interval`` samples); a

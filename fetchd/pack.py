@@ -70,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -903,28 +904,60 @@ def _flights(store: PackStore) -> dict[str, asyncio.Future[FrameBytes]]:
         return {}
 
 
-# Frame workers run in threads of their own, not the loop's default executor (a frame worker
-# may block for as long as its layer downloads, and the downloads' own file writes go through
-# that executor). They are kept for the next layer: starting a thread blocks the event loop
-# until the new thread runs (about 1 ms on a loaded host), once per layer of a 1000-layer
-# image before. Threads are made as needed: as many as frames were ever made at once (at
-# most the compressions a budget lets hold slots, running or parked), idle ones wait.
-_WORKERS: concurrent.futures.ThreadPoolExecutor | None = None
-_BUSY, _IDLE = "fetchd-pack", "fetchd-pack-idle"  # a worker's name says whether it works
+class _Workers:
+    """Threads for frame workers, kept for the next layer.
+
+    Not the loop's default executor: a frame worker may block for as long as its layer
+    downloads, and the downloads' own file writes go through that executor. Not a thread
+    per layer: starting a thread blocks the event loop until the new thread runs (about
+    1 ms on a loaded host, once per layer of a 1000-layer image before). A thread counts as
+    idle again *before* its worker's outcome is handed over (``done``), so the next layer
+    never starts a thread while one is about to be free (a ThreadPoolExecutor marks it idle
+    only after): there are as many threads as frames were ever made at once (at most the
+    compressions a budget lets hold slots, running or parked). Idle threads wait; they are
+    daemon threads. Each is named ``fetchd-pack`` while it works, ``fetchd-pack-idle`` else.
+    """
+
+    BUSY, IDLE = "fetchd-pack", "fetchd-pack-idle"
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.started = 0  # threads started so far
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in an idle thread, or a new one; ``job`` calls ``done()`` before it
+        hands its outcome over."""
+        with self._lock:
+            new = self._idle == 0
+            if new:
+                self.started += 1
+            else:
+                self._idle -= 1
+        self._jobs.put(job)
+        if new:
+            threading.Thread(target=self._run, name=self.IDLE, daemon=True).start()
+
+    def done(self) -> None:
+        """From a job's thread: it takes the next job (the caller's last step follows)."""
+        threading.current_thread().name = self.IDLE
+        with self._lock:
+            self._idle += 1
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            threading.current_thread().name = self.BUSY
+            job()
 
 
-def _workers() -> concurrent.futures.ThreadPoolExecutor:
-    global _WORKERS
-    if _WORKERS is None:
-        _WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=1024,
-                                                         thread_name_prefix=_IDLE)
-    return _WORKERS
+_WORKERS = _Workers()
 
 
 async def _in_thread(fn: Callable[..., _R], *args: Any) -> _R:
-    """``fn(*args)`` in a frame worker thread. When this returns (or raises ``fn``'s
-    error), ``fn`` has returned and its thread is idle again (named ``fetchd-pack-idle``;
-    ``fetchd-pack`` while it works)."""
+    """``fn(*args)`` in a frame worker thread (``_Workers``). When this returns (or raises
+    ``fn``'s error), ``fn`` has returned and its thread is idle again."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[_R] = loop.create_future()
 
@@ -937,20 +970,18 @@ async def _in_thread(fn: Callable[..., _R], *args: Any) -> _R:
             fut.set_exception(value)
 
     def run() -> None:
-        thread = threading.current_thread()
-        thread.name = _BUSY
         outcome: tuple[bool, Any]
         try:
             outcome = (True, fn(*args))
         except BaseException as e:  # noqa: BLE001 -- handed to the awaiting task
             outcome = (False, e)
         # idle before the awaiting task hears of it: "the pack ended" means "no worker of
-        # it still works", whatever the scheduling
-        thread.name = _IDLE
+        # it still works", and the next layer finds this thread free, whatever the scheduling
+        _WORKERS.done()
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, *outcome)
 
-    _workers().submit(run)
+    _WORKERS.submit(run)
     return await fut
 
 

@@ -12,6 +12,7 @@ lets them stall it, cut it or make it serve wrong bytes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -108,6 +109,25 @@ def _stored_ok(store: LayerStore, digest: Digest) -> bool:
 # --------------------------------------------------------------------------- pull-through cache
 
 
+async def _stored_by_cache(cache: LocalRegistry, blobs: list[tuple[Digest, int]]) -> None:
+    """Until the pull-through cache has written every blob to its storage: distribution
+    streams a missed blob to its client while it stores it from a fetch of its own, and a
+    blob asked for before that ends goes to the upstream again (its cost, not fetchd's)."""
+    def data(d: Digest) -> Path:
+        return (cache.root / "docker/registry/v2/blobs" / d.algorithm / d.hex[:2] / d.hex
+                / "data")
+
+    def stored(d: Digest, size: int) -> bool:
+        try:
+            return data(d).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    # another process writes them: nothing to await but its files (the test timeout bounds it)
+    while not all(stored(d, size) for d, size in blobs):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
 @asynccontextmanager
 async def _pull_through(registry_factory: Callable[..., LocalRegistry], upstream: RegistryProxy,
                         ) -> AsyncIterator[LocalRegistry]:
@@ -146,6 +166,7 @@ async def test_pull_through_cache_second_host_adds_no_upstream_traffic(
 
         # host b, same image by tag: the cache only revalidates the tag (a HEAD, free on
         # Docker Hub); no manifest GET and no blob reaches the upstream.
+        await _stored_by_cache(cache, blobs)
         b = make_host("b", upstream.host, mirrors)
         upstream.reset_stats()
         second = await b.pull(image.ref(upstream.host), ARM64_V8)

@@ -141,7 +141,11 @@ async def test_layers_made_ahead_of_the_archive_stay_within_the_window(
     await download
     result = await packing
     assert len(done) == len(part.layers)
-    assert max(open_frames) <= window - 1  # never more frame files open than the window
+    # Never more frame files open than the window: each layer in it holds at most one (its
+    # frame being written, or done and waiting for its turn). The layer at the archive's
+    # write position usually writes straight into the archive, but one that starts while its
+    # predecessor is still being copied in writes a file of its own (seen under load).
+    assert max(open_frames) <= window
     assert result.digest == (await _reference(reference, part, "x:1")).digest
     assert list(store.tmp_dir.iterdir()) == []
 

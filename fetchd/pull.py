@@ -5,7 +5,8 @@ level, name:tag and offline flag) share one job, so a layer crosses the network 
 many builds ask at the same moment. Jobs run as the Puller's own tasks: a client that goes away
 never cancels work that others still wait for.
 
-Flow of a job: resolve the tag (tag cache, then HEAD) -> top manifest (store first) -> platform
+Flow of a job: resolve the tag (tag cache, then HEAD; GET by tag when never seen) -> top manifest
+(store first) -> platform
 entry of an index -> manifest -> config -> layers whose zstd frame at this level is not cached
 yet (each fetched once into the store, single-flight per digest) -> ``pack_image`` under a lease
 -> ``FetchResult``. The pack starts as soon as the config is known: a layer still downloading is
@@ -158,6 +159,7 @@ class _Resolved:
     media_type: str
     from_cache: bool
     warning: str | None = None  # set when a stale cache entry stood in for an unreachable registry
+    body: bytes | None = None  # the manifest's bytes when a GET by tag resolved it (not stored yet)
 
 
 class Job:
@@ -511,14 +513,16 @@ class Puller:
         req = job.request
         ref = req.reference
         where = str(ref)
-        resolved = await self.resolve_digest(ref, offline=req.offline, job=job)
+        resolved = await self.resolve_digest(ref, offline=req.offline, job=job, want_body=True)
         # What the tag means for this request from now on: a client that submits the request
         # again (the daemon restarted) pins this digest, so it gets what it would have got.
         job.push({"event": "resolved", "digest": str(resolved.top_digest)})
         private = self.config.registry(ref.registry).private
         restrict = self._restrict if private else _no_restriction
         await restrict([resolved.top_digest])
-        top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline, job)
+        top_body = await self._manifest_bytes(ref, resolved.top_digest, req.offline, job,
+                                              fetched=resolved.body,
+                                              media_type=resolved.media_type)
         top = await _parse_manifest(top_body, resolved.media_type, where, self.max_layers)
         index_digest: Digest | None = None
         manifest_digest = resolved.top_digest
@@ -657,7 +661,14 @@ class Puller:
         return out
 
     async def resolve_digest(self, ref: Reference, *, offline: bool, job: Job | None = None,
-                             max_age: float | None = None) -> _Resolved:
+                             max_age: float | None = None, want_body: bool = False) -> _Resolved:
+        """The digest a reference means now: pinned, from the tag cache (within its TTL), or
+        asked of the registry. Revalidating a tag the cache knows is a HEAD (free on Docker
+        Hub, and the manifest is most likely stored already); a tag never resolved before,
+        asked ``want_body`` (a pull needs the manifest next), is one GET by tag instead of a
+        HEAD and then a GET by digest: its bytes come back in ``body``, hashed, not stored.
+        Not with a ``digest_only`` mirror: tags then go upstream, where only a HEAD is free,
+        and the manifest comes from the mirror by digest."""
         if ref.digest is not None:
             # No media type from the index: any image's layer list may name this digest with
             # any type (blob_info is a hint, never trusted). parse_manifest takes the type from
@@ -678,7 +689,12 @@ class Puller:
             # With a cached answer to fall back on, one quick retry at most: a build should
             # not sit through minutes of backoff (or a 429's Retry-After) for a HEAD.
             with _on_network(job):
-                head = await self.registry.head_manifest(ref, retries=None if cached is None else 1)
+                if cached is None and want_body and not any(
+                        m.digest_only for m in self.config.registry(ref.registry).mirrors):
+                    head = await self.registry.get_manifest(ref)
+                else:
+                    head = await self.registry.head_manifest(
+                        ref, retries=None if cached is None else 1)
         except _UNREACHABLE as e:
             if cached is None:
                 raise type(e)(
@@ -692,7 +708,7 @@ class Puller:
                 job.push({"event": "warning", "message": warning})
             return _Resolved(cached.digest, cached.media_type, True, warning)
         await asyncio.to_thread(self.store.record_tag, ref.name, tag, head.digest, head.media_type)
-        return _Resolved(head.digest, head.media_type, False)
+        return _Resolved(head.digest, head.media_type, False, body=head.body or None)
 
     async def _stored(self, digest: Digest) -> bytes | None:
         """A small blob's bytes from the store; None when absent (or collected meanwhile)."""
@@ -702,7 +718,13 @@ class Puller:
             return None
 
     async def _manifest_bytes(self, ref: Reference, digest: Digest, offline: bool,
-                              job: Job | None = None) -> bytes:
+                              job: Job | None = None, fetched: bytes | None = None,
+                              media_type: str = "") -> bytes:
+        """The manifest ``digest`` from the store, else ``fetched`` (its bytes, hashed to
+        ``digest`` by the resolve), else from the registry; committed to the store."""
+        if fetched is not None:
+            await asyncio.to_thread(self.store.commit_bytes, fetched, digest, media_type or None)
+            return fetched
         stored = await self._stored(digest)
         if stored is not None:
             return stored
@@ -712,10 +734,9 @@ class Puller:
             )
         await self._online(job)
         with _on_network(job):
-            fetched = await self.registry.get_manifest(ref.with_digest(digest))
-        await asyncio.to_thread(self.store.commit_bytes, fetched.body, digest,
-                                fetched.media_type or None)
-        return fetched.body
+            got = await self.registry.get_manifest(ref.with_digest(digest))
+        await asyncio.to_thread(self.store.commit_bytes, got.body, digest, got.media_type or None)
+        return got.body
 
     async def _config_bytes(self, ref: Reference, image: ImageManifest, offline: bool,
                             job: Job | None = None) -> bytes:

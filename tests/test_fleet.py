@@ -298,6 +298,26 @@ async def test_digest_only_mirror_never_sees_a_tag(
 # --------------------------------------------------------------------------- tag cache
 
 
+async def test_a_new_tag_is_one_get_and_a_known_one_is_revalidated_with_a_head(
+    images: Catalog, proxy_factory: Callable[..., RegistryProxy], make_host: Callable[..., Host],
+) -> None:
+    image = images["multi-oci"]
+    upstream = proxy_factory()
+    host = make_host("h", upstream.host, tag_cache_ttl=0)  # every pull asks the registry
+    first = await host.pull(image.ref(upstream.host), ARM64_V8)
+    # never resolved: one GET by tag brings the index (not a HEAD, then a GET by digest)
+    assert upstream.count(f"/manifests/{image.tag}$", "GET") == 1
+    assert upstream.count(f"/manifests/{image.tag}$", "HEAD") == 0
+    assert upstream.count(f"/manifests/{image.digest}$") == 0
+    upstream.reset_stats()
+    second = await host.pull(image.ref(upstream.host), ARM64_V8)
+    # known: a HEAD (free on Docker Hub) revalidates it, the index is the stored one
+    assert upstream.count(f"/manifests/{image.tag}$", "HEAD") == 1
+    assert upstream.count("/manifests/") == 1 and upstream.count("/blobs/") == 0
+    assert second.archive_digest == first.archive_digest
+
+
+
 @asynccontextmanager
 async def _answering(host: str, status: int) -> AsyncIterator[None]:
     """A server on ``host`` (``ip:port``) answering every request with ``status``.

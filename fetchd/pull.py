@@ -675,7 +675,7 @@ class Puller:
             # the verified bytes themselves: their mediaType, else their structure.
             return _Resolved(ref.digest, "", True)
         tag = ref.tag_or_default
-        cached = self.store.lookup_tag(ref.name, tag)
+        cached = await asyncio.to_thread(self.store.lookup_tag, ref.name, tag)  # index read
         ttl = self.tag_cache_ttl if max_age is None else max_age
         if cached is not None and (offline or time.time() - cached.resolved_at < ttl):
             return _Resolved(cached.digest, cached.media_type, True)

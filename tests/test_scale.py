@@ -280,7 +280,7 @@ async def test_a_many_layer_pull_holds_few_files_and_leaves_the_index_to_threads
     store = LayerStore(tmp_path / "store", StoreSettings(fsync=False, max_open_ingests=8))
     on_loop: list[str] = []
     loop_thread = threading.current_thread()
-    for name in ("set_info", "set_infos", "get_alias", "get_frame_span", "frames"):
+    for name in ("set_info", "set_infos", "get_alias", "get_frame_span", "frames", "get_tag"):
         method = getattr(store.index, name)
 
         def spy(*args: Any, _m: Any = method, _n: str = name) -> Any:
@@ -309,6 +309,7 @@ async def test_a_many_layer_pull_holds_few_files_and_leaves_the_index_to_threads
     # the per-layer index work ran in worker threads; what is left on the loop does not
     # grow with the layer count (a lookup of the archive alias, the lease's own rows)
     assert len(on_loop) <= 5, on_loop
+    assert "get_tag" not in on_loop  # the tag cache is read in a thread too
 
 
 async def test_lock_tries_run_off_the_loop_and_a_cancelled_wait_holds_nothing(

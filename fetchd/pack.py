@@ -92,7 +92,7 @@ from .manifest import ImageManifest, parse_config
 
 __all__ = [
     "ARCHIVE_MEDIA_TYPE", "FRAME_MEDIA_TYPE", "FollowSource", "PackResult", "PackStore",
-    "ProgressSink", "archive_key", "frame_key", "pack_image", "window_size",
+    "STAGGER", "ProgressSink", "archive_key", "frame_key", "pack_image", "window_size",
 ]
 
 ARCHIVE_MEDIA_TYPE = "application/x-docker-archive+zstd"
@@ -176,7 +176,7 @@ class FollowSource(Protocol):
         or the download ended, or the source cannot tell (then the reader waits)."""
         ...
 
-_STAGGER = 64  # per-layer steps (events, tasks started) per turn of the event loop
+STAGGER = 64  # per-layer steps (events, tasks started) per turn of the event loop (pull too)
 _WAKE = 0.05  # seconds between looks at ``abort`` while a reader waits for bytes
 _START_BYTES = 64 << 10  # a following layer asks for a slot once this much (or all) is in
 
@@ -514,7 +514,7 @@ async def _pack_image(store: PackStore, manifest: ImageManifest, config_raw: byt
             for i, job in enumerate(jobs, 1):
                 _emit(progress, {"state": "layer", "diff_id": str(job.diff_id),
                                  "reused": job.diff_id in frames})
-                if i % _STAGGER == 0:
+                if i % STAGGER == 0:
                     await asyncio.sleep(0)  # a turn of the loop for others now and then
             cached = {job.entry: frames[job.diff_id] for job in jobs if job.diff_id in frames
                       and not (head is not None and job.entry == 0)}  # the head is in
@@ -840,7 +840,7 @@ async def _build_frames(store: PackStore, todo: Sequence[LayerJob], level: int,
     try:
         for i, job in enumerate(todo, 1):
             tasks.append(asyncio.ensure_future(one(job)))
-            if i % _STAGGER == 0:
+            if i % STAGGER == 0:
                 # the first steps of a thousand tasks in one turn held the loop for ms
                 await asyncio.sleep(0)
         await asyncio.wait([*tasks, *feeding])

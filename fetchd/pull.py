@@ -75,7 +75,7 @@ from .manifest import (
     parse_manifest,
     select_platform,
 )
-from .pack import PackResult, archive_key, frame_key, pack_image
+from .pack import STAGGER, PackResult, archive_key, frame_key, pack_image
 from .platform import Platform
 from .reference import Reference
 from .registry_async import RegistryClient
@@ -691,9 +691,9 @@ class Puller:
             with _on_network(job):
                 if cached is None and want_body and not any(
                         m.digest_only for m in self.config.registry(ref.registry).mirrors):
-                    head = await self.registry.get_manifest(ref)
+                    answer = await self.registry.get_manifest(ref)
                 else:
-                    head = await self.registry.head_manifest(
+                    answer = await self.registry.head_manifest(
                         ref, retries=None if cached is None else 1)
         except _UNREACHABLE as e:
             if cached is None:
@@ -707,8 +707,9 @@ class Puller:
             if job is not None:
                 job.push({"event": "warning", "message": warning})
             return _Resolved(cached.digest, cached.media_type, True, warning)
-        await asyncio.to_thread(self.store.record_tag, ref.name, tag, head.digest, head.media_type)
-        return _Resolved(head.digest, head.media_type, False, body=head.body or None)
+        await asyncio.to_thread(self.store.record_tag, ref.name, tag, answer.digest,
+                                answer.media_type)
+        return _Resolved(answer.digest, answer.media_type, False, body=answer.body or None)
 
     async def _stored(self, digest: Digest) -> bytes | None:
         """A small blob's bytes from the store; None when absent (or collected meanwhile)."""
@@ -1138,11 +1139,8 @@ class _LayerProgress:
                            "bytes": self.done, "total": self.total})
 
 
-_STAGGER = 64  # tasks started per turn of the event loop by _gather_staggered
-
-
 async def _gather_staggered(coros: Iterator[Coroutine[Any, Any, _T]]) -> list[_T]:
-    """``asyncio.gather`` of ``coros``, started ``_STAGGER`` at a time, a turn of the event
+    """``asyncio.gather`` of ``coros``, started ``STAGGER`` at a time, a turn of the event
     loop apart: a thousand tasks started at once run their first steps in one turn (18 ms of
     the loop for the downloads of a 1000-layer image). Like gather, the first error is
     raised and the other tasks go on; cancelling this cancels every task it started (and
@@ -1151,7 +1149,7 @@ async def _gather_staggered(coros: Iterator[Coroutine[Any, Any, _T]]) -> list[_T
     try:
         for i, coro in enumerate(coros, 1):
             tasks.append(asyncio.ensure_future(coro))
-            if i % _STAGGER == 0:
+            if i % STAGGER == 0:
                 await asyncio.sleep(0)
     except BaseException:
         for task in tasks:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -620,7 +621,11 @@ class LayerStore:
     def commit_bytes(
         self, data: bytes, digest: Digest | None = None, media_type: str | None = None
     ) -> Digest:
-        """``commit_file`` for content held in memory (a manifest, a config). Blocking."""
+        """``commit_file`` for content held in memory (a manifest, a config), hashed in
+        memory (the file is not read back). Blocking."""
+        hasher = digest.hasher() if digest is not None else hashlib.sha256()
+        hasher.update(data)
+        hashed = (Digest(digest.algorithm if digest else "sha256", hasher.hexdigest()), len(data))
         tmp = self.temp_path()
         try:
             tmp.write_bytes(data)
@@ -628,7 +633,7 @@ class LayerStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise store_error(e, self.root, f"write {digest or 'a blob'}") from e
-        return self.commit_file(tmp, digest, media_type=media_type)
+        return self.commit_file(tmp, digest, media_type=media_type, hashed=hashed)
 
     async def acommit_file(
         self,

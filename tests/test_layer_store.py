@@ -670,6 +670,10 @@ async def test_cancel_while_a_partial_is_rehashed_waits_and_leaks_no_descriptor(
 def test_commit_bytes_and_disk_full(store: LayerStore, monkeypatch: pytest.MonkeyPatch) -> None:
     d = store.commit_bytes(b'{"config": 1}', Digest.of(b'{"config": 1}'), "application/json")
     assert store.blob_path(d).read_bytes() == b'{"config": 1}'
+    # bytes that are not what their digest says are refused, and nothing is kept
+    with pytest.raises(DigestMismatch):
+        store.commit_bytes(b"other", Digest.of(b"manifest"))
+    assert list(store.tmp_dir.iterdir()) == [] and not store.has(Digest.of(b"manifest"))
 
     def full(self: Path, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))

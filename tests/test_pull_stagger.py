@@ -45,8 +45,8 @@ async def test_tasks_start_a_bounded_number_per_turn_and_results_keep_their_orde
         turns.stop()
     assert results == [i * i for i in range(1000)]
     per_turn = collections.Counter(started)
-    assert max(per_turn.values()) <= pull._STAGGER
-    assert len(per_turn) >= 1000 // pull._STAGGER
+    assert max(per_turn.values()) <= pull.STAGGER
+    assert len(per_turn) >= 1000 // pull.STAGGER
 
 
 async def test_the_first_error_is_raised_and_the_others_go_on() -> None:

@@ -191,6 +191,12 @@ async def test_one_uid_cannot_take_every_network_job_slot(
         reference = serve_image(fake, "app/img", "1", small_image("per-uid"))
         stuck = [d.submit(f"{tarpit.host}/evil/img:{i}", uid=ATTACKER) for i in range(4)]
         await tarpit.holding(2)
+        # A job is "running" until it asks for a network slot (its tag is looked up in the
+        # store first, in a worker thread): until all four asked, with or without a slot.
+        slots = d.puller._slots
+        while slots.held + slots.waiting() < 4:  # noqa: ASYNC110 -- no event for "asked"
+            await asyncio.sleep(0.005)
+        assert slots.held == 2 and slots.waiting() == 2
         assert sorted(job.state for job in stuck) == ["queued", "queued", "running", "running"]
         result = await d.submit(reference).wait()  # needs the network: a free slot
         assert result.blobs_downloaded == 2
